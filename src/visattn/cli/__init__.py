@@ -1,0 +1,1 @@
+"""Command-line tools: ``visattn bench | info | show | train``."""

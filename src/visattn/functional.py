@@ -1,0 +1,272 @@
+"""Public functional API: ``na1d``, ``na2d``, ``na3d`` and rank-generic ``neighborhood_attention``.
+
+Argument names and order follow NATTEN 0.21 (``query, key, value, kernel_size, stride, dilation,
+is_causal, scale, additional_keys, additional_values, ..., backend, ..., return_lse``), so code written
+for NATTEN runs unchanged. Validation happens once here; backends receive a checked
+:class:`~visattn.backends.base.Problem`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from .backends import Extras, Problem, Result, select_backend
+from .backends.base import lse_dtype
+from .spec import BoolOrTuple, IntOrTuple, NASpec, make_spec, neighbor_table
+
+__all__ = ["na1d", "na2d", "na3d", "na_av", "neighborhood_attention", "merge_attentions"]
+
+# NATTEN's performance knobs: accepted so NATTEN call sites run unchanged, and ignored (our backends
+# choose their own tiles). Anything else is an error rather than silently dropped.
+_NATTEN_TUNING_KWARGS = frozenset({
+    "attention_kwargs", "q_tile_shape", "kv_tile_shape", "backward_q_tile_shape", "backward_kv_tile_shape",
+    "backward_kv_splits", "backward_use_pt_reduction", "run_persistent_kernel", "kernel_schedule",
+    "torch_compile",
+})
+
+Output = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+def _check_tensors(fn: str, rank: Optional[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}.")
+    r = q.dim() - 3
+    if rank is not None and r != rank:
+        raise ValueError(
+            f"{fn}: query has shape {tuple(q.shape)} ({q.dim()} dims) but {fn} expects "
+            f"[B, {', '.join('S%d' % i for i in range(rank))}, heads, head_dim] ({rank + 3} dims). "
+            f"The layout is heads-last; use na{max(r, 1)}d for {max(r, 1)} spatial axes."
+        )
+    if r not in (1, 2, 3):
+        raise ValueError(f"{fn}: query has {q.dim()} dims; expected [B, *spatial, heads, head_dim] with 1-3 "
+                         f"spatial axes (4-6 dims).")
+    for name, t in (("key", k), ("value", v)):
+        if t.dim() != q.dim():
+            raise ValueError(f"{fn}: {name} has {t.dim()} dims but query has {q.dim()}; all must be "
+                             f"[B, *spatial, heads, head_dim].")
+        if t.shape[: r + 1] != q.shape[: r + 1]:
+            raise ValueError(f"{fn}: {name} batch/spatial shape {tuple(t.shape[: r + 1])} differs from "
+                             f"query's {tuple(q.shape[: r + 1])}.")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name}.dtype={t.dtype} but query.dtype={q.dtype}; cast them to one dtype.")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}; move them to one device.")
+    if not q.is_floating_point():
+        raise TypeError(f"{fn}: query.dtype={q.dtype}; attention needs a floating-point dtype.")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{fn}: key head_dim={k.shape[-1]} differs from query head_dim={q.shape[-1]}.")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"{fn}: value has {v.shape[-2]} heads but key has {k.shape[-2]}; they must match.")
+    if q.shape[-2] % k.shape[-2] != 0:
+        raise ValueError(f"{fn}: query has {q.shape[-2]} heads, key/value {k.shape[-2]}; for GQA/MQA the kv "
+                         f"heads must divide the query heads.")
+    return r
+
+
+def _check_extras(fn: str, q: torch.Tensor, spec: NASpec, heads: int, extras: Extras) -> None:
+    B, S = q.shape[0], spec.spatial
+    if extras.rpb is not None:
+        want = (heads, *(2 * k - 1 for k in spec.requested_kernel_size))
+        if tuple(extras.rpb.shape) != want:
+            raise ValueError(f"{fn}: rpb has shape {tuple(extras.rpb.shape)}; expected [heads, 2*k-1 per axis] "
+                             f"= {want} for kernel_size={spec.requested_kernel_size}.")
+    if extras.attn_bias is not None:
+        want = (B, *S, heads, spec.window_size)
+        if tuple(extras.attn_bias.shape) != want:
+            raise ValueError(f"{fn}: attn_bias has shape {tuple(extras.attn_bias.shape)}; expected "
+                             f"[B, *spatial, heads, prod(kernel_size)] = {want} (kernel_size as used: "
+                             f"{spec.kernel_size}).")
+    m = extras.key_padding_mask
+    if m is not None:
+        if m.dtype != torch.bool or tuple(m.shape) != (B, *S):
+            raise ValueError(f"{fn}: key_padding_mask must be a bool tensor of shape [B, *spatial] = "
+                             f"{(B, *S)} (True = ignore that key), got {m.dtype} {tuple(m.shape)}.")
+
+
+def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query against the same ``N`` extra tokens. ``q [B, *S, H, D]``, ``k/v [B, N, H_kv, D]``.
+
+    Returns ``out [B, *S, H, D_v]`` and ``lse [B, *S, H]``.
+    """
+    B, H, G = q.shape[0], q.shape[-2], q.shape[-2] // k.shape[-2]
+    cdt = lse_dtype(q.dtype)
+    qf = q.reshape(B, -1, H, q.shape[-1]).to(cdt)
+    kf = k.to(cdt).repeat_interleave(G, dim=2)
+    vf = v.to(cdt).repeat_interleave(G, dim=2)
+    logits = torch.einsum("bqhd,bnhd->bqhn", qf, kf) * scale
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.einsum("bqhn,bnhd->bqhd", torch.exp(logits - lse.unsqueeze(-1)), vf)
+    return out.reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype), lse.reshape(q.shape[:-1])
+
+
+def merge_attentions(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over disjoint key sets into attention over their union.
+
+    ``outputs[i] [..., H, D_v]`` and ``lses[i] [..., H]`` from the same queries; returns the merged
+    ``(out, lse)``. Exact: ``out = sum_i exp(lse_i - lse) * out_i`` with ``lse = logsumexp_i lse_i``.
+    Differentiable; a part with ``lse = -inf`` (no keys) contributes nothing.
+    """
+    if len(outputs) != len(lses) or not outputs:
+        raise ValueError(f"merge_attentions: got {len(outputs)} outputs and {len(lses)} lses; pass equally many, >= 1.")
+    lse_all = torch.stack([l.float() if l.dtype in (torch.float16, torch.bfloat16) else l for l in lses])
+    lse = torch.logsumexp(lse_all, dim=0)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    weights = torch.exp(lse_all - safe)  # exp(-inf) = 0 for empty parts
+    out = sum(w.unsqueeze(-1) * o.to(w.dtype) for w, o in zip(weights, outputs))
+    return out.to(outputs[0].dtype), lse
+
+
+def neighborhood_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+    scale: Optional[float] = None,
+    additional_keys: Optional[torch.Tensor] = None,
+    additional_values: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+    return_lse: bool = False,
+    rpb: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    return_attn: bool = False,
+    _fn: str = "neighborhood_attention",
+    _rank: Optional[int] = None,
+    **natten_kwargs,
+) -> Output:
+    """Generalized neighborhood attention over 1-3 spatial axes (heads-last layout).
+
+    Shapes: ``query [B, *S, H, D]``, ``key [B, *S, H_kv, D]``, ``value [B, *S, H_kv, D_v]`` with
+    ``H_kv`` dividing ``H`` (GQA/MQA). Per-axis ``kernel_size``, ``stride``, ``dilation``,
+    ``is_causal`` (an int/bool or a tuple). ``scale`` defaults to ``D ** -0.5``.
+
+    * ``additional_keys/values [B, N, H_kv, D(_v)]``: extra global tokens every query also attends
+      to, in one softmax with its neighbourhood.
+    * ``rpb [H, 2k0-1, ...]``: relative positional bias (NAT/DiNAT), indexed by key minus query
+      position within the dilation group.
+    * ``attn_bias [B, *S, H, K]``: additive logits per neighbourhood slot; ``key_padding_mask
+      [B, *S]`` bool, True = ignore that key. A query left with no key outputs zeros and LSE -inf.
+    * ``backend``: ``None`` picks the fastest that supports the call; a name forces it.
+
+    Returns ``out [B, *S, H, D_v]``; with ``return_lse`` also ``lse [B, *S, H]``; with
+    ``return_attn`` also the probabilities ``[B, *S, H, K (+ N)]`` in neighbourhood-slot order
+    (row-major over axes, see :mod:`visattn.spec`), extra tokens last. Order: ``(out, lse, attn)``.
+
+    Raises ``TypeError``/``ValueError`` naming the argument and the fix on any inconsistent input.
+    """
+    fn = _fn
+    unknown = set(natten_kwargs) - _NATTEN_TUNING_KWARGS
+    if unknown:
+        raise TypeError(f"{fn}: unexpected keyword argument(s) {sorted(unknown)}.")
+    rank = _check_tensors(fn, _rank, query, key, value)
+    spec = make_spec(fn, tuple(query.shape[1 : rank + 1]), kernel_size, stride, dilation, is_causal)
+    B, H, Hkv, D, Dv = query.shape[0], query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
+    if scale is None:
+        scale = D ** -0.5
+    extras = Extras(rpb=rpb, attn_bias=attn_bias, key_padding_mask=key_padding_mask)
+    _check_extras(fn, query, spec, H, extras)
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError(f"{fn}: pass both additional_keys and additional_values, or neither.")
+    if additional_keys is not None:
+        ak, av = additional_keys, additional_values
+        if ak.dim() != 4 or ak.shape[0] != B or ak.shape[2] != Hkv or ak.shape[3] != D or \
+                av.shape[:3] != ak.shape[:3] or av.shape[3] != Dv:
+            raise ValueError(f"{fn}: additional_keys/values must be [B, N, H_kv, D] / [B, N, H_kv, D_v] = "
+                             f"[{B}, N, {Hkv}, {D}] / [{B}, N, {Hkv}, {Dv}], got {tuple(ak.shape)} / {tuple(av.shape)}.")
+    if any(L == 0 for L in spec.spatial) or B == 0:
+        return _empty(query, Dv, spec, return_lse, return_attn, additional_keys)
+
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, rpb, attn_bias, additional_keys, additional_values))
+    problem = Problem(
+        spec=spec, batch=B, heads=H, heads_kv=Hkv, dim=D, dim_v=Dv, dtype=query.dtype, device=query.device,
+        scale=float(scale), requires_grad=grad, has_rpb=rpb is not None, has_attn_bias=attn_bias is not None,
+        has_key_padding_mask=key_padding_mask is not None, return_attn=return_attn,
+    )
+    impl = select_backend(problem, backend, fn)
+    k_, v_ = key, value
+    if Hkv != H and not impl.supports_gqa:
+        k_, v_ = key.repeat_interleave(H // Hkv, dim=-2), value.repeat_interleave(H // Hkv, dim=-2)
+    res: Result = impl.forward(query, k_, v_, problem, extras)
+    out, lse, attn = res.out, res.lse, res.attn
+    if additional_keys is not None:
+        out_x, lse_x = _dense_attention(query, additional_keys, additional_values, float(scale))
+        out, lse_new = merge_attentions([out, out_x], [lse, lse_x])
+        if return_attn:
+            safe = torch.where(torch.isfinite(lse_new), lse_new, torch.zeros_like(lse_new))
+            cdt = lse_new.dtype
+            logits_x = _extra_logits(query, additional_keys, float(scale)).to(cdt)
+            attn = torch.cat([attn.to(cdt) * torch.exp(lse.to(cdt) - safe).unsqueeze(-1),
+                              torch.exp(logits_x - safe.unsqueeze(-1))], dim=-1).to(query.dtype)
+        lse = lse_new
+    result = (out,) + ((lse,) if return_lse else ()) + ((attn,) if return_attn else ())
+    return result[0] if len(result) == 1 else result
+
+
+def _extra_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled logits of every query against the extra tokens: ``[B, *S, H, N]``."""
+    G = q.shape[-2] // k.shape[-2]
+    kf = k.to(lse_dtype(q.dtype)).repeat_interleave(G, dim=2)
+    return torch.einsum("b...hd,bnhd->b...hn", q.to(kf.dtype), kf) * scale
+
+
+def _empty(q: torch.Tensor, dim_v: int, spec: NASpec, return_lse: bool, return_attn: bool,
+           extra: Optional[torch.Tensor]) -> Output:
+    """Zero-size batch or axis: empty outputs of the right shapes (keeps the autograd graph)."""
+    out = q.new_zeros(*q.shape[:-1], dim_v) + 0 * q.sum()
+    lse = q.new_full(q.shape[:-1], float("-inf"), dtype=lse_dtype(q.dtype))
+    n = spec.window_size + (0 if extra is None else extra.shape[1])
+    attn = q.new_zeros(*q.shape[:-1], n)
+    result = (out,) + ((lse,) if return_lse else ()) + ((attn,) if return_attn else ())
+    return result[0] if len(result) == 1 else result
+
+
+def _ranked(rank: int):
+    def fn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
+           stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
+           scale: Optional[float] = None, additional_keys: Optional[torch.Tensor] = None,
+           additional_values: Optional[torch.Tensor] = None, **kwargs) -> Output:
+        return neighborhood_attention(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                                      additional_keys, additional_values, _fn=f"na{rank}d", _rank=rank, **kwargs)
+
+    fn.__name__ = fn.__qualname__ = f"na{rank}d"
+    fn.__doc__ = (f"{rank}-D neighborhood attention: ``query [B, {', '.join('S%d' % i for i in range(rank))}, H, D]``.\n\n"
+                  f"Same arguments and returns as :func:`neighborhood_attention`, with exactly {rank} spatial axes.")
+    return fn
+
+
+na1d = _ranked(1)
+na2d = _ranked(2)
+na3d = _ranked(3)
+
+
+def na_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+          dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False) -> torch.Tensor:
+    """Apply neighbourhood weights to values: ``out[q] = sum_j attn[q, j] * value[neighbour_j(q)]``.
+
+    ``attn [B, *S, H, K]`` in neighbourhood-slot order (as returned with ``return_attn=True``, extra
+    tokens removed), ``value [B, *S, H_kv, D_v]``; returns ``[B, *S, H, D_v]``. Used after editing
+    weights (attention dropout, pruning). Gathers ``O(tokens * K * H * D_v)`` memory: a
+    convenience path, not a fast one.
+    """
+    fn = "na_av"
+    rank = value.dim() - 3
+    spec = make_spec(fn, tuple(value.shape[1: rank + 1]), kernel_size, stride, dilation, is_causal)
+    B, H, Hkv, Dv = value.shape[0], attn.shape[-2], value.shape[-2], value.shape[-1]
+    want = (B, *spec.spatial, H, spec.window_size)
+    if tuple(attn.shape) != want:
+        raise ValueError(f"{fn}: attn has shape {tuple(attn.shape)}; expected [B, *spatial, heads, prod(kernel_size)] = {want}.")
+    if H % Hkv:
+        raise ValueError(f"{fn}: attn has {H} heads, value {Hkv}; the value heads must divide them.")
+    index, valid, _ = (t.to(value.device) for t in neighbor_table(spec))
+    vf = value.reshape(B, -1, Hkv, Dv).repeat_interleave(H // Hkv, dim=2)[:, index]  # [B, N, K, H, Dv]
+    w = attn.reshape(B, -1, H, spec.window_size) * valid[None, :, None, :]
+    return torch.einsum("bnhk,bnkhd->bnhd", w.to(vf.dtype), vf).reshape(*value.shape[:-2], H, Dv)

@@ -1,0 +1,250 @@
+"""The window rules of generalized neighborhood attention, in one place.
+
+Every backend derives its neighbourhoods from this module (or is tested against the oracle that
+does). The rules follow NATTEN 0.21 exactly; see ``shared/DESIGN.md`` section 2 and the README.
+
+Along one axis of length ``L`` with kernel ``k``, stride ``s``, dilation ``d`` and causal flag ``c``,
+a query at coordinate ``x`` belongs to dilation group ``g = x % d`` at group position ``p = x // d``;
+the group has ``n = ceil((L - g) / d)`` members and keys come only from the same group, at coordinate
+``g + d * t`` for a group position ``t``.
+
+* non-causal: the stride-group leader ``min((p // s) * s + s // 2, n - 1)``, clamped to
+  ``[k // 2, n - 1 - (k - 1 - k // 2)]``, is the window centre; keys ``t`` in
+  ``[centre - k // 2, centre + k - 1 - k // 2]``: always exactly ``k`` keys (windows shift at
+  borders, they are never padded);
+* causal: leader ``min((p // s) * s + s - 1, n - 1)``; keys ``t`` with ``t <= p`` and
+  ``leader - t < k``.
+
+The neighbourhood *slot* of key ``t`` is ``t - base`` where ``base`` is the window's first
+position (``centre - k // 2``, or ``leader - k + 1`` when causal, which may be negative); slots
+run ``0..k-1`` per axis, and a multi-axis neighbourhood is the row-major product of the axes' slots.
+
+Variable resolution: NATTEN refuses ``k * d > L``. We define it instead (see :func:`fit_axis`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence, Union
+
+import torch
+
+IntOrTuple = Union[int, Sequence[int]]
+BoolOrTuple = Union[bool, Sequence[bool]]
+
+__all__ = [
+    "AxisWindows",
+    "NASpec",
+    "axis_windows",
+    "fit_axis",
+    "make_spec",
+    "neighbor_table",
+    "na_flops",
+]
+
+
+def _as_tuple(fn: str, name: str, value, rank: int, kind: type) -> tuple:
+    """Normalize an int/bool or a per-axis sequence to a ``rank``-tuple, with a helpful error."""
+    if isinstance(value, (list, tuple)):
+        values = tuple(value)
+        if len(values) != rank:
+            raise ValueError(
+                f"{fn}: {name}={value!r} has {len(values)} entries but the input has {rank} spatial "
+                f"axes; pass one value or a tuple of {rank}."
+            )
+    else:
+        values = (value,) * rank
+    out = []
+    for v in values:
+        if kind is bool:
+            if not isinstance(v, (bool, int)) or isinstance(v, float):
+                raise TypeError(f"{fn}: {name}={value!r} must be a bool or a tuple of {rank} bools.")
+            out.append(bool(v))
+        else:
+            if isinstance(v, bool) or not isinstance(v, int):
+                if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+                    v = int(v)
+                else:
+                    raise TypeError(
+                        f"{fn}: {name}={value!r} must be a positive int or a tuple of {rank} positive "
+                        f"ints, got {type(v).__name__}."
+                    )
+            if v < 1:
+                raise ValueError(f"{fn}: {name}={value!r} must be >= 1 on every axis.")
+            out.append(int(v))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class NASpec:
+    """Per-axis arguments of one neighborhood-attention call, after normalization.
+
+    ``kernel_size`` etc. are the *effective* values for ``spatial`` (after :func:`fit_axis`);
+    ``requested_kernel_size`` keeps what the caller asked for, which fixes the size of a relative
+    positional bias table (``2 * requested - 1`` per axis).
+    """
+
+    spatial: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    requested_kernel_size: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def window_size(self) -> int:
+        """Number of neighbourhood slots per query (``prod(kernel_size)``)."""
+        return math.prod(self.kernel_size)
+
+    def axes(self):
+        """Yield ``(L, k, s, d, causal)`` per axis."""
+        return zip(self.spatial, self.kernel_size, self.stride, self.dilation, self.is_causal)
+
+
+def fit_axis(length: int, kernel: int, stride: int, dilation: int) -> tuple[int, int, int]:
+    """Variable-resolution rule: the ``(kernel, stride, dilation)`` actually used on a short axis.
+
+    * ``kernel * dilation <= length``: unchanged (NATTEN's domain, identical results);
+    * ``kernel <= length < kernel * dilation``: dilation drops to ``length // kernel``, the largest
+      that fits, so the window keeps ``kernel`` keys and spreads as far as the axis allows;
+    * ``length < kernel``: the window is the whole axis (``kernel = length``, dilation 1), i.e. full
+      attention along that axis.
+
+    Stride is capped at the new kernel. A DiNAT layer trained at 224 thus runs at any resolution.
+    """
+    if kernel > length:
+        kernel, dilation = length, 1
+    elif kernel * dilation > length:
+        dilation = length // kernel
+    return kernel, min(stride, kernel), dilation
+
+
+def make_spec(
+    fn: str,
+    spatial: Sequence[int],
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple = 1,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
+) -> NASpec:
+    """Validate and normalize per-axis arguments for an input with spatial shape ``spatial``.
+
+    Raises ``TypeError``/``ValueError`` naming ``fn``, the argument, its value and the fix.
+    """
+    rank = len(spatial)
+    ks = _as_tuple(fn, "kernel_size", kernel_size, rank, int)
+    st = _as_tuple(fn, "stride", stride, rank, int)
+    dl = _as_tuple(fn, "dilation", dilation, rank, int)
+    ca = _as_tuple(fn, "is_causal", is_causal, rank, bool)
+    for axis, (k, s) in enumerate(zip(ks, st)):
+        if s > k:
+            raise ValueError(
+                f"{fn}: stride={st} exceeds kernel_size={ks} on axis {axis} ({s} > {k}); queries "
+                f"between windows would see no keys. Use stride <= kernel_size (stride == kernel_size "
+                f"is blocked/window attention)."
+            )
+    eff = [fit_axis(L, k, s, d) if L > 0 else (k, s, d) for L, k, s, d in zip(spatial, ks, st, dl)]
+    return NASpec(
+        spatial=tuple(int(L) for L in spatial),
+        kernel_size=tuple(e[0] for e in eff),
+        stride=tuple(e[1] for e in eff),
+        dilation=tuple(e[2] for e in eff),
+        is_causal=ca,
+        requested_kernel_size=ks,
+    )
+
+
+@dataclass(frozen=True)
+class AxisWindows:
+    """Neighbourhoods of all ``L`` query coordinates along one axis; each field is ``[L]`` int64.
+
+    Query ``x`` sees keys at coordinates ``group[x] + d * t`` for group positions ``t`` in
+    ``[lo[x], hi[x]]``; key ``t`` fills slot ``t - base[x]`` of the ``k`` slots; ``pos[x]`` is the
+    query's own group position (relative positions are ``t - pos[x]``).
+    """
+
+    length: int
+    kernel: int
+    dilation: int
+    group: torch.Tensor
+    pos: torch.Tensor
+    base: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    def group_size(self) -> torch.Tensor:
+        """``[L]``: number of coordinates in each query's dilation group."""
+        return (self.length - self.group + self.dilation - 1) // self.dilation
+
+
+@lru_cache(maxsize=256)
+def axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> AxisWindows:
+    """Apply the window rules (module docstring) to every coordinate of one axis (CPU tensors)."""
+    x = torch.arange(length, dtype=torch.int64)
+    g = x % dilation
+    p = x // dilation
+    n = (length - g + dilation - 1) // dilation
+    if causal:
+        leader = torch.minimum((p // stride) * stride + stride - 1, n - 1)
+        base = leader - kernel + 1
+        lo = base.clamp(min=0)
+        hi = p
+    else:
+        left = kernel // 2
+        right = kernel - 1 - left
+        leader = torch.minimum((p // stride) * stride + stride // 2, n - 1)
+        centre = torch.maximum(torch.minimum(leader, n - 1 - right), torch.full_like(leader, left))
+        base = centre - left
+        lo = base
+        hi = centre + right
+    return AxisWindows(length, kernel, dilation, g, p, base, lo, hi)
+
+
+def spec_windows(spec: NASpec) -> list[AxisWindows]:
+    """:func:`axis_windows` for every axis of ``spec``."""
+    return [axis_windows(L, k, s, d, c) for L, k, s, d, c in spec.axes()]
+
+
+@lru_cache(maxsize=64)
+def neighbor_table(spec: NASpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Explicit neighbourhoods of every query, flattened row-major over the spatial axes.
+
+    Returns ``(index, valid, rel)``: ``index [N, K]`` flat key token of each slot (0 where the slot
+    is empty), ``valid [N, K]`` bool, and ``rel [N, K]`` the flat index into a relative-position
+    table of shape ``(2*rk-1, ...)`` (``rk`` = requested kernel) of key minus query group positions.
+    ``N = prod(spatial)``, ``K = prod(kernel_size)``.
+    """
+    index = torch.zeros((1, 1), dtype=torch.int64)
+    valid = torch.ones((1, 1), dtype=torch.bool)
+    rel = torch.zeros((1, 1), dtype=torch.int64)
+    for w, rk in zip(spec_windows(spec), spec.requested_kernel_size):
+        t = w.base[:, None] + torch.arange(w.kernel)[None, :]  # [L, k] group positions
+        ok = (t >= w.lo[:, None]) & (t <= w.hi[:, None])
+        coord = torch.where(ok, w.group[:, None] + w.dilation * t, 0)
+        r = torch.where(ok, t - w.pos[:, None] + rk - 1, 0)
+        L, k = coord.shape
+        # Row-major product: previous axes are the slow dimension of both N and K.
+        index = (index[:, None, :, None] * L + coord[None, :, None, :]).reshape(-1, index.shape[1] * k)
+        rel = (rel[:, None, :, None] * (2 * rk - 1) + r[None, :, None, :]).reshape(-1, rel.shape[1] * k)
+        valid = (valid[:, None, :, None] & ok[None, :, None, :]).reshape(-1, valid.shape[1] * k)
+    return index, valid, rel
+
+
+def na_flops(spec: NASpec, batch: int, heads: int, dim: int, dim_v: int | None = None) -> int:
+    """Forward FLOPs of the useful work: ``2 * tokens * K * H * (D + D_v)`` (QK^T and PV).
+
+    Counts every slot, ``K = prod(kernel_size)``, as NATTEN and the papers do (causal windows near
+    the start have fewer real keys). Backward is conventionally counted as 2x this.
+    """
+    dim_v = dim if dim_v is None else dim_v
+    return 2 * batch * spec.num_tokens * spec.window_size * heads * (dim + dim_v)

@@ -1,0 +1,81 @@
+"""The shared case sweep for backend parity: ranks 1-3, odd/even/irregular sizes, per-axis
+kernel/stride/dilation/causal, GQA, extra KV, D_v != D. Every backend runs all of these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    spatial: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    is_causal: tuple[bool, ...] = ()
+    batch: int = 2
+    heads: int = 2
+    heads_kv: Optional[int] = None
+    dim: int = 8
+    dim_v: Optional[int] = None
+    extra: int = 0  # additional KV tokens
+
+    def kwargs(self) -> dict:
+        r = len(self.spatial)
+        return dict(
+            kernel_size=self.kernel_size,
+            stride=self.stride or (1,) * r,
+            dilation=self.dilation or (1,) * r,
+            is_causal=self.is_causal or (False,) * r,
+        )
+
+    def make(self, dtype: torch.dtype, device: str = "cpu", seed: int = 0, requires_grad: bool = True):
+        """Random ``q, k, v, (extra_k, extra_v)`` for this case."""
+        g = torch.Generator().manual_seed(seed)
+        hkv = self.heads_kv or self.heads
+        dv = self.dim_v or self.dim
+        mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_(requires_grad)  # noqa: E731
+        q = mk(self.batch, *self.spatial, self.heads, self.dim)
+        k = mk(self.batch, *self.spatial, hkv, self.dim)
+        v = mk(self.batch, *self.spatial, hkv, dv)
+        if self.extra:
+            return q, k, v, mk(self.batch, self.extra, hkv, self.dim), mk(self.batch, self.extra, hkv, dv)
+        return q, k, v, None, None
+
+    def __str__(self) -> str:
+        kw = self.kwargs()
+        s = "x".join(map(str, self.spatial))
+        tag = f"S{s}_k{kw['kernel_size']}_s{kw['stride']}_d{kw['dilation']}_c{tuple(int(c) for c in kw['is_causal'])}"
+        if self.heads_kv:
+            tag += f"_gqa{self.heads}:{self.heads_kv}"
+        if self.extra:
+            tag += f"_x{self.extra}"
+        if self.dim_v:
+            tag += f"_dv{self.dim_v}"
+        return tag.replace(" ", "").replace(",)", ")")
+
+
+CASES = [
+    # 1-D
+    Case((13,), (5,)),
+    Case((13,), (4,), (2,), (2,), (True,)),
+    Case((16,), (3,), (3,), (5,)),
+    Case((17,), (6,), (1,), (2,), (False,), heads=4, heads_kv=1),
+    Case((33,), (7,), (7,), (1,), (True,)),
+    Case((20,), (5,), (1,), (1,), (False,), extra=3),
+    # 2-D
+    Case((17, 9), (3, 4), (1, 2), (2, 1), (False, True)),
+    Case((12, 12), (4, 4), (4, 4)),
+    Case((14, 11), (5, 3), (2, 3), (2, 3), dim_v=6),
+    Case((9, 10), (7, 5), (3, 1), (1, 2), (True, True), heads=4, heads_kv=2),
+    Case((8, 8), (8, 8)),
+    Case((15, 13), (3, 3), (1, 1), (4, 3), extra=5),
+    Case((19, 7), (6, 2), (5, 2), (3, 3)),
+    # 3-D
+    Case((5, 7, 11), (3, 3, 5), (1, 3, 2), (1, 2, 2), (False, False, True)),
+    Case((6, 6, 6), (2, 3, 4), (2, 1, 4), (3, 2, 1), heads=3, heads_kv=1),
+    Case((4, 9, 5), (4, 3, 5), (1, 1, 1), (1, 3, 1), (True, False, False), extra=2),
+]
