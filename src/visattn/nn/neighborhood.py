@@ -60,8 +60,9 @@ class _NeighborhoodAttentionNd(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, *S, C]`` -> ``[B, *S, C]``."""
         if x.dim() != self.rank + 2 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"{type(self).__name__}: expected input [B, {'*S (' + str(self.rank) + ' axes)'}, "
-                             f"{self.embed_dim}] (channels-last), got {tuple(x.shape)}.")
+            axes = ", ".join(f"S{i}" for i in range(self.rank))
+            raise ValueError(f"{type(self).__name__}: expected a channels-last input [B, {axes}, {self.embed_dim}], "
+                             f"got {tuple(x.shape)}. Permute channels-first tensors with x.movedim(1, -1).")
         q, k, v = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim).unbind(-3)
         if self.attn_drop > 0 and self.training:
             # Dropout acts on the probabilities, so take them explicitly (slower, memory O(tokens*K)).
