@@ -215,13 +215,21 @@ class TorchTiledBackend(Backend):
             ignore = extras.key_padding_mask.reshape(B, -1)[:, ktok]  # [B, NT, RK]
             scores = scores.masked_fill(ignore[:, None, :, None, :], float("-inf"))
 
-        lse = torch.logsumexp(scores, dim=-1)
-        if guard:
-            safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-            probs = torch.exp(scores - safe.unsqueeze(-1))
+        # One exp pass: unnormalized weights e, normalization folded into the (much smaller)
+        # output. The max is a constant for autograd (it cancels in the softmax).
+        peak = scores.detach().amax(dim=-1, keepdim=True)
+        if guard:  # a fully masked row has peak -inf; any finite shift keeps its e = 0
+            peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        e = torch.exp(scores - peak)
+        total = e.sum(dim=-1, keepdim=True)
+        if guard:  # empty rows: lse -inf, output 0, and finite gradients (no log(0) or 1/0 in the graph)
+            safe = torch.where(total > 0, total, torch.ones_like(total))  # e is 0 on those rows anyway
+            lse = torch.where(total > 0, peak + torch.log(safe), float("-inf")).squeeze(-1)
+            norm = 1.0 / safe
         else:
-            probs = torch.exp(scores - lse.unsqueeze(-1))
-        out = torch.matmul(probs, vt)  # [B, H, NT, TQ, Dv]
+            lse = (peak + torch.log(total)).squeeze(-1)
+            norm = 1.0 / total
+        out = torch.matmul(e, vt) * norm  # [B, H, NT, TQ, Dv]
 
         S = spec.spatial
         tiles_shape = tuple(ax.q_coord.shape[0] for ax in plan.axes)
@@ -233,7 +241,7 @@ class TorchTiledBackend(Backend):
         if p.return_attn:
             region = _flat([ax.region_of for ax in plan.axes], [ax.k_coord.shape[1] for ax in plan.axes]).to(q.device)
             ok = _outer([ax.slot_ok for ax in plan.axes], torch.logical_and).to(q.device)
-            w = torch.gather(probs, -1, region.expand(B, H, *region.shape)) * ok
+            w = torch.gather(e * norm, -1, region.expand(B, H, *region.shape)) * ok
             w = w.reshape(B, H, *tiles_shape, *slots_shape, spec.window_size)[lead + plan.out_index]
             attn = w.permute(*inv, r + 2).to(q.dtype)
         return Result(out.permute(*inv, r + 2).to(q.dtype), lse.permute(inv), attn)
