@@ -57,7 +57,7 @@ class SplitAttention(nn.Module):
         check_positive_int(name, "reduction", reduction)
         if k % 2 == 0:
             raise ValueError(f"{name}: kernel_size={k} must be odd to keep the output the size of the input.")
-        check_divisible(name, "channels", channels, "cardinality * radix", cardinality * radix)
+        check_divisible(name, "channels", channels, f"cardinality * radix ({cardinality} * {radix})", cardinality * radix)
         hidden = max(channels * radix // reduction, min_hidden)
         # fc1/fc2 are grouped by cardinality, so the hidden width must split evenly too.
         hidden += (-hidden) % cardinality
