@@ -76,3 +76,29 @@ def test_channels_last_input_is_refused_with_a_hint(name):
 def test_bad_channel_count_is_refused(name):
     with pytest.raises(ValueError, match="channels=0"):
         create_attn(name, 0)
+
+
+@pytest.mark.parametrize("name", PLUGINS)
+def test_channels_last_memory_format_gives_the_same_result(name):
+    """CNNs often run with torch.channels_last strides; no view/reshape may assume NCHW strides."""
+    torch.manual_seed(0)
+    m = create_attn(name, 32).eval()
+    x = torch.randn(2, 32, 9, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x.to(memory_format=torch.channels_last)), m(x), atol=1e-5, rtol=1e-5)
+
+
+# bfloat16 keeps 8 significant bits: a few roundings per op stay well inside 3% of the output's scale.
+BF16_REL_TOL = 3e-2
+
+
+@pytest.mark.parametrize("name", PLUGINS)
+def test_bfloat16_keeps_dtype_and_tracks_float32(name):
+    torch.manual_seed(0)
+    m = create_attn(name, 32).eval()
+    x = torch.randn(2, 32, 9, 13)
+    with torch.no_grad():
+        y = m(x)
+        yb = m.to(torch.bfloat16)(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    assert (yb.float() - y).abs().max() <= BF16_REL_TOL * y.abs().max()
