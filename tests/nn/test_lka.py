@@ -14,7 +14,7 @@ from visattn.nn.lka import LargeKernelAttention
 def test_param_count(channels):
     c = channels
     m = LargeKernelAttention(c)
-    assert m.dw.kernel_size == (5, 5) and m.dw_dilated.kernel_size == (7, 7) and m.dw_dilated.dilation == (3, 3)
+    assert m.conv0.kernel_size == (5, 5) and m.conv_spatial.kernel_size == (7, 7) and m.conv_spatial.dilation == (3, 3)
     assert count_params(m) == (25 * c + c) + (49 * c + c) + (c * c + c) == c * c + 77 * c
 
 
@@ -36,7 +36,38 @@ def test_receptive_field_from_the_gradient_of_the_centre_output(kernel_size, dil
 def test_output_is_attention_times_x():
     m = seeded(LargeKernelAttention(8)).double()
     x = away_from_zero(2, 8, 6, 9)
-    torch.testing.assert_close(m(x) / x, m.pw(m.dw_dilated(m.dw(x))))
+    # The reference: the three convs exactly as the paper writes them, dilated conv and all.
+    torch.testing.assert_close(m(x) / x, m.conv1(m.conv_spatial(m.conv0(x))))
+
+
+@pytest.mark.parametrize("kernel_size, dilation", [(21, 3), (13, 2), (7, 1), (28, 4)])
+@pytest.mark.parametrize("hw", [(1, 1), (5, 7), (13, 20), (24, 24)])
+def test_subgrid_path_equals_the_dilated_conv(kernel_size, dilation, hw):
+    """The CPU path (channels-last, dilated conv on d*d sub-grids) is the same arithmetic as nn.Conv2d."""
+    m = seeded(LargeKernelAttention(6, kernel_size, dilation)).double()
+    x = away_from_zero(2, 6, *hw)
+    fast = m.attention(x)
+    plain = m.conv1(m.conv_spatial(m.conv0(x)))
+    torch.testing.assert_close(fast, plain, atol=1e-12, rtol=1e-12)
+    w = torch.randn(fast.shape, dtype=fast.dtype, generator=torch.Generator().manual_seed(1))
+    g_fast = torch.autograd.grad((fast * w).sum(), list(m.parameters()))
+    g_plain = torch.autograd.grad((plain * w).sum(), list(m.parameters()))
+    for a, b in zip(g_fast, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_output_keeps_the_callers_memory_format():
+    m = LargeKernelAttention(8)
+    x = torch.randn(2, 8, 9, 11)
+    assert m(x).is_contiguous()
+    y_cl = m(x.contiguous(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_loads_a_van_lka_state_dict():
+    """VAN names its LKA convs conv0 / conv_spatial / conv1; the same names load here without remapping."""
+    van_keys = {f"{n}.{p}" for n in ("conv0", "conv_spatial", "conv1") for p in ("weight", "bias")}
+    assert set(LargeKernelAttention(8).state_dict()) == van_keys
 
 
 def test_even_dilated_kernel_is_refused():
