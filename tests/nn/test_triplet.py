@@ -31,18 +31,34 @@ def test_output_is_x_times_the_mean_of_three_gates():
     assert (ratio > 0).all() and (ratio < 1).all()
 
 
-def test_each_branch_gates_its_own_plane():
-    """The (H, W) branch gate is shared by all channels; the (C, W) one by all rows; the (H, C) one by all columns."""
+def _rotate_and_gate(gate, xr: torch.Tensor) -> torch.Tensor:
+    """The paper's formulation of one branch on an already rotated tensor: Z-pool over dim 1, gate, multiply."""
+    return xr * gate(xr.amax(dim=1), xr.mean(dim=1))[:, None]
+
+
+@pytest.mark.parametrize("no_spatial", [False, True])
+def test_equals_the_rotate_pool_gate_rotate_back_formulation(no_spatial):
+    m = seeded(TripletAttention(8, no_spatial=no_spatial)).double().eval()
+    x = away_from_zero(2, 8, 5, 7)
+    branches = [
+        _rotate_and_gate(m.cw, x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3),   # [B, H, C, W]: pool H
+        _rotate_and_gate(m.hc, x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1),   # [B, W, H, C]: pool W
+    ]
+    if not no_spatial:
+        branches.append(_rotate_and_gate(m.hw, x))                            # pool C
+    torch.testing.assert_close(m(x), sum(branches) / len(branches))
+
+
+def test_each_gate_ignores_the_order_along_its_pooled_axis():
+    """Z-pool (max, mean) is symmetric: the (C, W) gate ignores row order, (H, C) column order, (H, W) channel order."""
     m = seeded(TripletAttention(8)).double().eval()
     x = away_from_zero(2, 8, 5, 7)
-    g_hw = m.hw(x) / x
-    torch.testing.assert_close(g_hw, g_hw[:, :1].expand_as(g_hw))
-    xc = x.permute(0, 2, 1, 3)
-    g_cw = m.cw(xc) / xc  # [B, H, C, W]: constant along H
-    torch.testing.assert_close(g_cw, g_cw[:, :1].expand_as(g_cw))
-    xr = x.permute(0, 3, 2, 1)
-    g_hc = m.hc(xr) / xr  # [B, W, H, C]: constant along W
-    torch.testing.assert_close(g_hc, g_hc[:, :1].expand_as(g_hc))
+    g_cw, g_hc, g_hw = m.gates(x)
+    assert g_cw.shape == (2, 8, 1, 7) and g_hc.shape == (2, 8, 5, 1) and g_hw.shape == (2, 1, 5, 7)
+    gen = torch.Generator().manual_seed(6)
+    torch.testing.assert_close(m.gates(x[:, :, torch.randperm(5, generator=gen)])[0], g_cw)
+    torch.testing.assert_close(m.gates(x[..., torch.randperm(7, generator=gen)])[1], g_hc)
+    torch.testing.assert_close(m.gates(x[:, torch.randperm(8, generator=gen)])[2], g_hw)
 
 
 def test_even_kernel_is_refused():

@@ -1,4 +1,4 @@
-"""Triplet attention: three rotated Z-pool + conv gates capturing (C,H), (C,W) and (H,W) interactions."""
+"""Triplet attention: three rotated Z-pool + conv gates capturing (C,W), (H,C) and (H,W) interactions."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ __all__ = ["TripletAttention"]
 
 
 class _ZPoolGate(nn.Module):
-    """Gate a tensor ``[B, D, P, Q]`` over its ``(P, Q)`` plane: Z-pool over ``D``, ``k x k`` conv, BN, sigmoid."""
+    """Gate of one plane: ``sigmoid(BN(conv_kxk([max; mean])))`` from the two Z-pooled maps ``[B, 2, P, Q]``."""
 
     def __init__(self, kernel_size: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.bn(self.conv(z)))
+    def forward(self, pooled_max: torch.Tensor, pooled_mean: torch.Tensor) -> torch.Tensor:
+        """``[B, P, Q]`` twice -> the gate ``[B, P, Q]`` in (0, 1)."""
+        z = torch.stack([pooled_max, pooled_mean], dim=1)
+        return torch.sigmoid(self.bn(self.conv(z)))[:, 0]
 
 
 @register_attn(
@@ -41,7 +42,10 @@ class TripletAttention(nn.Module):
     Module" (WACV 2021). Mechanism: branch 1 rotates ``x`` so that ``H`` is the pooled axis and gates
     the ``(C, W)`` plane, branch 2 pools ``W`` and gates ``(H, C)``, branch 3 pools ``C`` and gates
     ``(H, W)``; each gate is ``sigmoid(BN(conv_kxk(Z-pool)))`` with Z-pool = ``[max; mean]`` over the
-    pooled axis; the output is the mean of the three re-rotated branches.
+    pooled axis; the output is the mean of the three re-rotated branches. Since each branch is
+    ``x`` times a gate broadcast along its pooled axis, we compute ``x * mean(gates)`` with the gates
+    kept at their small shapes ``[B, C, 1, W]``, ``[B, C, H, 1]``, ``[B, 1, H, W]`` (the same values
+    as rotating the full tensor three times, without the three full-size permuted copies).
 
     Parameters: ``3 * (2*k*k + 2)`` (three 2->1 convs without bias, three 1-channel BatchNorms):
     300 for ``k = 7``, i.e. the paper's 4.8K extra parameters over ResNet-50's 16 blocks. The
@@ -61,13 +65,21 @@ class TripletAttention(nn.Module):
         self.hc = _ZPoolGate(k)
         self.hw = None if no_spatial else _ZPoolGate(k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The branch gates, broadcastable to ``x``: ``[B, C, 1, W]``, ``[B, C, H, 1]`` (and ``[B, 1, H, W]``)."""
         check_input(self, x, self.channels)
-        # permute(0, 2, 1, 3) and permute(0, 3, 2, 1) are their own inverses.
-        outs = [self.cw(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3), self.hc(x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)]
+        # (C, W) plane, H pooled: the plane is [B, C, W] as in the rotated tensor [B, H, C, W].
+        g_cw = self.cw(x.amax(dim=2), x.mean(dim=2))[:, :, None, :]
+        # (H, C) plane, W pooled: the rotated tensor is [B, W, H, C], so the plane is [B, H, C].
+        g_hc = self.hc(x.amax(dim=3).transpose(1, 2), x.mean(dim=3).transpose(1, 2)).transpose(1, 2)[..., None]
+        gates = [g_cw, g_hc]
         if self.hw is not None:
-            outs.append(self.hw(x))
-        return sum(outs) / len(outs)
+            gates.append(self.hw(x.amax(dim=1), x.mean(dim=1))[:, None])
+        return gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.gates(x)
+        return x * (sum(gates) / len(gates))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.cw.conv.kernel_size[0]}, no_spatial={self.hw is None}"
