@@ -22,9 +22,9 @@ def _dilated_depthwise_on_subgrids(x: torch.Tensor, conv: nn.Conv2d) -> torch.Te
     ``d``) and running the undilated kernel on each gives exactly the same sums. PyTorch's CPU
     kernels for dilated depthwise convs are several times slower than this on [8, 64, 56, 56].
 
-    ``x: [B, C, H, W]`` -> ``[B, C, Hp, Wp]`` with ``Hp, Wp`` rounded up to multiples of ``d``: the
-    caller crops (the padded rows and columns hold values computed from zero padding, not outputs). All
-    reshuffles move whole channel vectors (channels-last), which keeps the copies cheap.
+    ``x: [B, C, H, W]`` -> ``[B, C, Hp, Wp]`` with ``Hp, Wp`` rounded up to multiples of ``d``; the
+    caller crops (the extra rows and columns are not outputs). All reshuffles move whole channel
+    vectors (channels-last memory), which keeps the copies cheap.
     """
     d = conv.dilation[0]
     b, c, h, w = x.shape
