@@ -10,7 +10,10 @@ from plugin_helpers import assert_rank_one, away_from_zero, seeded, single_threa
 from visattn.nn.coord import CoordinateAttention
 
 
-@pytest.mark.parametrize("channels, reduction, hidden", [(64, 32, 8), (128, 32, 8), (512, 32, 16), (1024, 32, 32), (256, 16, 16)])
+BOTTLENECKS = [(64, 32, 8), (128, 32, 8), (512, 32, 16), (1024, 32, 32), (256, 16, 16)]
+
+
+@pytest.mark.parametrize("channels, reduction, hidden", BOTTLENECKS)
 def test_bottleneck_rule_and_param_count(channels, reduction, hidden):
     m = CoordinateAttention(channels, reduction)
     assert m.hidden == hidden == max(8, channels // reduction)

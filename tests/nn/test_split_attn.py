@@ -52,7 +52,8 @@ def test_output_is_a_convex_combination_of_the_splits():
 
 
 def test_channels_must_split_into_cardinality_times_radix_groups():
-    with pytest.raises(ValueError, match=r"SplitAttention: channels=30 must be divisible by cardinality \* radix \(2 \* 2\)=4"):
+    rule = r"SplitAttention: channels=30 must be divisible by cardinality \* radix \(2 \* 2\)=4"
+    with pytest.raises(ValueError, match=rule):
         SplitAttention(30, radix=2, cardinality=2)
 
 

@@ -54,7 +54,10 @@ class ECA(nn.Module):
         super().__init__()
         name = type(self).__name__
         self.channels = check_positive_int(name, "channels", channels)
-        k = eca_kernel_size(channels, gamma, b) if kernel_size is None else check_positive_int(name, "kernel_size", kernel_size)
+        if kernel_size is None:
+            k = eca_kernel_size(channels, gamma, b)
+        else:
+            k = check_positive_int(name, "kernel_size", kernel_size)
         if k % 2 == 0:
             # An even kernel cannot be centred on its channel: the gate of channel i would be shifted.
             raise ValueError(f"{name}: kernel_size={k} must be odd so that each channel's window is centred on it.")

@@ -46,7 +46,10 @@ class GlobalContextBlock(nn.Module):
         hidden = max(1, channels // reduction)
         self.key = nn.Conv2d(channels, 1, 1, bias=False)
         self.transform = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1), nn.LayerNorm([hidden, 1, 1]), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1)
+            nn.Conv2d(channels, hidden, 1),
+            nn.LayerNorm([hidden, 1, 1]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
         )
 
     def context(self, x: torch.Tensor) -> torch.Tensor:

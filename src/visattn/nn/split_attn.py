@@ -57,7 +57,8 @@ class SplitAttention(nn.Module):
         check_positive_int(name, "reduction", reduction)
         if k % 2 == 0:
             raise ValueError(f"{name}: kernel_size={k} must be odd to keep the output the size of the input.")
-        check_divisible(name, "channels", channels, f"cardinality * radix ({cardinality} * {radix})", cardinality * radix)
+        groups = f"cardinality * radix ({cardinality} * {radix})"
+        check_divisible(name, "channels", channels, groups, cardinality * radix)
         hidden = max(channels * radix // reduction, min_hidden)
         # fc1/fc2 are grouped by cardinality, so the hidden width must split evenly too.
         hidden += (-hidden) % cardinality
@@ -68,7 +69,9 @@ class SplitAttention(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.fc1 = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, groups=cardinality, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)
+            nn.Conv2d(channels, hidden, 1, groups=cardinality, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
         )
         self.fc2 = nn.Conv2d(hidden, channels * radix, 1, groups=cardinality)
 
