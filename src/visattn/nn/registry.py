@@ -16,6 +16,9 @@ __all__ = ["register_attn", "create_attn", "list_attn", "attn_info"]
 # Files (relative to visattn.nn) whose import registers modules; imported on first registry use.
 _MODULE_FILES: tuple[str, ...] = (
     "neighborhood",
+    # CNN plug-ins (channels-first)
+    "se", "eca", "cbam", "ulsam", "ela", "triplet", "polarized", "lka", "coord", "split_attn",
+    "simpool", "span", "gc",
 )
 
 _REGISTRY: dict[str, dict] = {}
