@@ -72,10 +72,10 @@ def test_only_routed_regions_are_seen():
     assert torch.equal(seen, expect)
 
 
-@pytest.mark.parametrize("H,W", [(14, 14), (7, 21)])
+@pytest.mark.parametrize("H,W", [(8, 8), (4, 12)])
 def test_generic_properties(H, W):
     torch.manual_seed(0)
-    check_all(BiLevelRoutingAttention(32, 4, n_win=7, topk=4), torch.randn(2, H, W, 32))
+    check_all(BiLevelRoutingAttention(32, 4, n_win=4, topk=4), torch.randn(2, H, W, 32))
 
 
 def test_non_dividing_size_raises_naming_the_constraint():

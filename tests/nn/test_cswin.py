@@ -54,7 +54,7 @@ def test_cross_shaped_receptive_field():
     assert torch.equal(seen, expect)
 
 
-@pytest.mark.parametrize("H,W", [(14, 14), (13, 9)])
+@pytest.mark.parametrize("H,W", [(9, 9), (10, 7)])
 def test_generic_properties(H, W):
     torch.manual_seed(0)
     check_all(CSWinAttention(32, 4, split_size=3), torch.randn(2, H, W, 32))

@@ -73,10 +73,10 @@ def test_grid_is_global_block_is_local():
 
 
 @pytest.mark.parametrize("cls", [MaxViTBlockAttention, MaxViTGridAttention])
-@pytest.mark.parametrize("H,W", [(14, 14), (13, 9), (5, 3)])
+@pytest.mark.parametrize("H,W", [(8, 8), (9, 7), (5, 3)])
 def test_generic_properties(cls, H, W):
     torch.manual_seed(0)
-    check_all(cls(32, 4, 7 if cls is MaxViTBlockAttention else 3), torch.randn(2, H, W, 32))
+    check_all(cls(32, 4, 4 if cls is MaxViTBlockAttention else 3), torch.randn(2, H, W, 32))
 
 
 def test_param_count_closed_form():

@@ -107,11 +107,9 @@ def test_region_mask_equals_swin_slices():
     torch.testing.assert_close(ours_w, swin)
 
 
-def test_shifted_default_and_registry_defaults():
+def test_shifted_default_is_half_a_window():
     m = ShiftedWindowAttention(96, 3)
     assert m.shift_size == 3 and m.window_size == 7
-    y = m(torch.randn(1, 56, 56, 96))
-    assert y.shape == (1, 56, 56, 96)
 
 
 def test_shift_is_dropped_on_sides_that_fit_one_window():
@@ -125,10 +123,10 @@ def test_shift_is_dropped_on_sides_that_fit_one_window():
 
 
 @pytest.mark.parametrize("cls", [WindowAttention, ShiftedWindowAttention])
-@pytest.mark.parametrize("H,W", [(14, 14), (13, 9)])
+@pytest.mark.parametrize("H,W", [(8, 8), (9, 7)])
 def test_generic_properties(cls, H, W):
     torch.manual_seed(0)
-    check_all(cls(32, 4, window_size=7), torch.randn(2, H, W, 32))
+    check_all(cls(32, 4, window_size=4), torch.randn(2, H, W, 32))
 
 
 def test_param_count_closed_form():

@@ -56,3 +56,22 @@ def test_same_result_on_every_backend(name):
             fast.gamma.fill_(1.0)
     x = torch.randn(2, 9, 11, 32, dtype=torch.double)
     torch.testing.assert_close(fast(x), ref(x))
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_dtype_is_preserved(name):
+    """float64 keeps its dtype and agrees with float32 (no hidden down-cast); bfloat16 stays bfloat16."""
+    torch.manual_seed(0)
+    m = visattn.create_attn(name, 32, num_heads=2) if "num_heads" in attn_info(name)["bench_kwargs"] \
+        else visattn.create_attn(name, 32, **({"order": 3} if name == "hornet" else {}))
+    if name == "ccnet":
+        with torch.no_grad():
+            m.gamma.fill_(1.0)
+    m.eval()
+    x = torch.randn(2, 7, 7, 32)
+    with torch.no_grad():
+        y32 = m(x)
+        y64 = m.double()(x.double())
+        y16 = m.bfloat16()(x.bfloat16())
+    assert y64.dtype == torch.float64 and y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
+    torch.testing.assert_close(y64.float(), y32, rtol=1e-4, atol=1e-5)
