@@ -1,5 +1,5 @@
-"""Criss-cross attention (CCNet): the GNA construction (row NA + column NA without self, merged by
-LSE) vs CCNet's einsum formulation and a brute-force per-pixel loop."""
+"""Criss-cross attention (CCNet): the module's einsums vs a brute-force per-pixel loop, and the
+relation to GNA (row NA + column NA without self, merged by LSE) on every backend."""
 
 from __future__ import annotations
 
@@ -7,20 +7,23 @@ import pytest
 import torch
 
 from module_checks import check_all, count_params
+from visattn import merge_attentions, neighborhood_attention
 from visattn.nn.criss_cross import CrissCrossAttention
 
 
-def cca_einsum(m: CrissCrossAttention, x: torch.Tensor) -> torch.Tensor:
-    """CCNet's formulation: column energies with -inf on the diagonal, row energies, one softmax
-    over the H + W concatenation."""
+def cca_on_na_operator(m: CrissCrossAttention, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """The relation to GNA: row = NA(kernel=(1, W)), column = NA(kernel=(H, 1)) with the self slot
+    masked through ``attn_bias`` (the column window is the whole column, so slot j is row j); the two
+    disjoint key sets merged exactly by their log-sum-exps."""
     B, H, W, _ = x.shape
     nh = m.num_heads
     q, k, v = (f(x).unflatten(-1, (nh, -1)) for f in (m.query, m.key, m.value))
-    e_col = torch.einsum("bijnd,bkjnd->bijnk", q, k)
-    e_col = e_col.masked_fill(torch.eye(H, dtype=torch.bool)[None, :, None, None, :], float("-inf"))
-    e_row = torch.einsum("bijnd,bilnd->bijnl", q, k)
-    p = torch.cat([e_col, e_row], -1).softmax(-1)
-    out = torch.einsum("bijnk,bkjnd->bijnd", p[..., :H], v) + torch.einsum("bijnl,bilnd->bijnd", p[..., H:], v)
+    na = dict(scale=1.0, return_lse=True, backend=backend)
+    out_row, lse_row = neighborhood_attention(q, k, v, kernel_size=(1, W), **na)
+    self_slot = torch.eye(H, dtype=torch.bool)[:, None, None, :].expand(H, W, nh, H)
+    bias = torch.zeros(B, H, W, nh, H, dtype=x.dtype).masked_fill(self_slot, float("-inf"))
+    out_col, lse_col = neighborhood_attention(q, k, v, kernel_size=(H, 1), attn_bias=bias, **na)
+    out, _ = merge_attentions([out_row, out_col], [lse_row, lse_col])
     return out.flatten(-2)
 
 
@@ -42,13 +45,14 @@ def cca_loop(m: CrissCrossAttention, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("H,W,heads", [(5, 7, 1), (6, 4, 2)])
-def test_gna_construction_matches_ccnet_and_brute_force(H, W, heads):
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_matches_brute_force_and_gna_construction(H, W, heads, backend):
     torch.manual_seed(0)
     m = CrissCrossAttention(32, num_heads=heads).double()
     x = torch.randn(2, H, W, 32, dtype=torch.double)
     ours = m.attend(x)
-    torch.testing.assert_close(ours, cca_einsum(m, x))
     torch.testing.assert_close(ours, cca_loop(m, x))
+    torch.testing.assert_close(ours, cca_on_na_operator(m, x, backend))
 
 
 def test_recurrence_is_weight_shared_repetition_and_reaches_everything():
