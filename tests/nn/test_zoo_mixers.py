@@ -71,3 +71,13 @@ def test_dtype_is_preserved(name):
         y16 = m.bfloat16()(x.bfloat16())
     assert y64.dtype == torch.float64 and y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
     torch.testing.assert_close(y64.float(), y32, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in MIXERS if n not in ("focalnet", "hornet")])
+def test_bad_head_count_and_layout_raise_clear_errors(name):
+    """Heads that do not divide the width, and channels-first input, fail with the rule named."""
+    with pytest.raises(ValueError, match="not divisible by num_heads=5|multiple of"):
+        visattn.create_attn(name, 32, num_heads=5)
+    m = visattn.create_attn(name, 32, **({"num_heads": 2} if name != "ccnet" else {}))
+    with pytest.raises(ValueError, match=r"channels-last input \[B, H, W, 32\]"):
+        m(torch.randn(1, 32, 7, 7))

@@ -24,7 +24,8 @@ class ChannelGroupAttention(nn.Module):
 
     Reading: we follow the paper's equation (attention from ``Q^T K`` applied to ``V``); the official
     code applies ``softmax(K^T V)`` to ``Q``, which is the same model with the three projections
-    relabelled. Groups are the heads (``num_heads``), as in the paper.
+    relabelled. Groups are the heads (``num_heads``), as in the paper. No attention dropout (DaViT
+    has none on the tiny ``C_g x C_g`` maps).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0) -> None:

@@ -111,7 +111,8 @@ class FocusedLinearAttention(QKVMixer):
 
     Readings / differences: ``f_p``'s norms run over all channels before the head split (official
     code); the learned absolute position embedding the official code adds to ``K`` (tied to one
-    resolution) is left out, so any resolution works.
+    resolution) is left out, so any resolution works. No ``attn_drop``: the ``N x N`` map is never
+    formed.
     """
 
     def __init__(self, dim: int, num_heads: int, focusing_factor: float = 3.0, kernel_size: int = 5,
@@ -162,7 +163,7 @@ class InLineAttention(QKVMixer):
     Readings: ``phi`` is the identity with ``phi(q)^T phi(k) = (s / N) q^T k``, ``s = d^-1/2`` (the
     official code's scaling, which keeps the weights O(1/N)); the residual weights are per channel
     (9 per channel, a grouped-by-head two-layer MLP on the token mean) applied as a zero-padded 3x3
-    depthwise conv on V, as in the official code.
+    depthwise conv on V, as in the official code. No ``attn_drop``: the ``N x N`` map is never formed.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: Optional[float] = None,

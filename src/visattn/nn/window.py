@@ -7,6 +7,7 @@ the operator's ``rpb [heads, 2M-1, 2M-1]``, so both run on every visattn backend
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -21,6 +22,18 @@ __all__ = ["WindowAttention", "ShiftedWindowAttention", "swin_shift_bias"]
 _PAPER = "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (2021)"
 
 
+@lru_cache(maxsize=32)
+def _shift_blocked(fn: str, size: tuple[int, int], window: int, shift: tuple[int, int]) -> torch.Tensor:
+    """``[H, W, K]`` bool: key slot lies in another shift region than the query (CPU, cached)."""
+    spec = make_spec(fn, size, window, window)
+    index, _, _ = neighbor_table(spec)
+    H, W = size
+    rows = (torch.arange(H) >= H - shift[0]).long() if shift[0] else torch.zeros(H, dtype=torch.long)
+    cols = (torch.arange(W) >= W - shift[1]).long() if shift[1] else torch.zeros(W, dtype=torch.long)
+    region = (rows[:, None] * 2 + cols[None, :]).flatten()  # [N]
+    return (region[index] != region[:, None]).reshape(H, W, -1)
+
+
 def swin_shift_bias(fn: str, size: tuple[int, int], window: int, shift: tuple[int, int],
                     device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Swin's shifted-window mask as additive logits in neighbourhood-slot order: ``[H, W, K]``.
@@ -32,15 +45,8 @@ def swin_shift_bias(fn: str, size: tuple[int, int], window: int, shift: tuple[in
     tests) and it stays defined when GNA moves the last window inward (``M`` not dividing ``L``).
     Entries are ``0`` (allowed) or ``-inf`` (a different region).
     """
-    spec = make_spec(fn, size, window, window)
-    index, _, _ = neighbor_table(spec)
-    H, W = size
-    rows = (torch.arange(H) >= H - shift[0]).long() if shift[0] else torch.zeros(H, dtype=torch.long)
-    cols = (torch.arange(W) >= W - shift[1]).long() if shift[1] else torch.zeros(W, dtype=torch.long)
-    region = (rows[:, None] * 2 + cols[None, :]).flatten()  # [N]
-    blocked = region[index] != region[:, None]  # [N, K]
-    bias = torch.zeros(blocked.shape, dtype=dtype).masked_fill_(blocked, float("-inf"))
-    return bias.reshape(H, W, -1).to(device)
+    blocked = _shift_blocked(fn, tuple(size), window, tuple(shift)).to(device)
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill_(blocked, float("-inf"))
 
 
 @register_attn("swin", layout="channels_last", paper=_PAPER, complexity="O(N M^2)", backends="visattn NA op",
