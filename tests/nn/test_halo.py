@@ -93,3 +93,14 @@ def test_param_count_closed_form():
     C, h, b, halo = 96, 3, 8, 3
     k = b + 2 * halo
     assert count_params(HaloAttention(C, h, b, halo)) == 3 * C * C + C * C + C + 2 * (2 * k - 1) * (C // h)
+
+
+def test_gradcheck_through_relative_logits():
+    """float64 gradcheck w.r.t. the input and the relative embeddings (content-dependent attn_bias)."""
+    torch.manual_seed(0)
+    m = HaloAttention(4, 2, block_size=2, halo_size=1).double()
+    x = torch.randn(1, 4, 5, 4, dtype=torch.double, requires_grad=True)
+
+    rel = m.rel_row.detach().clone().requires_grad_(True)
+    f = lambda inp, r: torch.func.functional_call(m, {"rel_row": r}, (inp,))  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, rel))

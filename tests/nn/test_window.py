@@ -162,3 +162,11 @@ def test_bad_input_names_the_layout():
         WindowAttention(16, 2)(torch.randn(1, 16, 8, 8))
     with pytest.raises(ValueError, match="shift_size=7"):
         WindowAttention(16, 2, window_size=7, shift_size=7)
+
+
+def test_gradcheck_through_the_shift_mask():
+    """float64 gradcheck of the shifted module w.r.t. its input (the -inf bias path of the operator)."""
+    torch.manual_seed(0)
+    m = ShiftedWindowAttention(4, 2, window_size=2).double()
+    x = torch.randn(1, 4, 3, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,))

@@ -31,10 +31,11 @@ class FocalModulation(nn.Module):
                  proj_drop: float = 0.0, normalize_modulator: bool = False) -> None:
         super().__init__()
         if focal_level < 1 or focal_window < 1:
-            raise ValueError(f"FocalModulation: focal_level={focal_level} and focal_window={focal_window} must be >= 1.")
+            raise ValueError(f"FocalModulation: focal_level={focal_level} and focal_window={focal_window} "
+                             f"must be >= 1.")
         self.dim, self.focal_level, self.normalize_modulator = dim, focal_level, normalize_modulator
         self.f = nn.Linear(dim, 2 * dim + focal_level + 1)
-        self.kernel_sizes = [focal_factor * l + focal_window for l in range(focal_level)]
+        self.kernel_sizes = [focal_factor * level + focal_window for level in range(focal_level)]
         self.focal_layers = nn.ModuleList(
             nn.Sequential(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim, bias=False), nn.GELU())
             for k in self.kernel_sizes)

@@ -89,9 +89,11 @@ def focusing_function(x: torch.Tensor, p: float) -> torch.Tensor:
     return xp * (x.norm(dim=-1, keepdim=True) / xp.norm(dim=-1, keepdim=True))
 
 
-def kernel_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def kernel_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor,
+                            eps: float = 1e-6) -> torch.Tensor:
     """``out_i = sum_j (phi_q_i . phi_k_j) v_j / sum_j (phi_q_i . phi_k_j)`` in ``O(N d^2)``:
-    ``phi_q, phi_k [..., N, d]``, ``v [..., N, d_v]``."""
+    ``phi_q, phi_k [..., N, d]``, ``v [..., N, d_v]``. ``eps`` guards an all-zero denominator
+    (FLatten's value)."""
     kv = torch.matmul(phi_k.transpose(-1, -2), v)  # [..., d, d_v]
     z = 1.0 / (torch.matmul(phi_q, phi_k.sum(-2, keepdim=True).transpose(-1, -2)) + eps)  # [..., N, 1]
     return torch.matmul(phi_q, kv) * z

@@ -99,7 +99,8 @@ class WindowAttention(QKVMixer):
         return out
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, shift_size={self.shift_size}"
+        return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
+                f"shift_size={self.shift_size}")
 
 
 @register_attn("swin_shifted", layout="channels_last", paper=_PAPER, complexity="O(N M^2)",
