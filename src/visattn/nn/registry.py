@@ -16,6 +16,9 @@ __all__ = ["register_attn", "create_attn", "list_attn", "attn_info"]
 # Files (relative to visattn.nn) whose import registers modules; imported on first registry use.
 _MODULE_FILES: tuple[str, ...] = (
     "neighborhood",
+    # token mixers of the attention zoo (channels-last), one file per family
+    "window", "halo", "maxvit", "cswin", "criss_cross", "biformer", "davit", "convit", "volo",
+    "linear_attention", "focal", "hornet",
     # CNN plug-ins (channels-first)
     "se", "eca", "cbam", "ulsam", "ela", "triplet", "polarized", "lka", "coord", "split_attn",
     "simpool", "span", "gc",

@@ -1,0 +1,83 @@
+"""The token-mixer zoo through the registry: every family is listed, builds from its registered
+bench kwargs, documents its paper, and the GNA-based ones give the same result on every backend."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import visattn
+from visattn.nn.registry import attn_info
+
+MIXERS = ["agent", "biformer", "ccnet", "convit", "cswin", "davit_channel", "flatten", "focalnet", "halo",
+          "hornet", "inline", "maxvit_block", "maxvit_grid", "swin", "swin_shifted", "volo"]
+ON_NA_OPERATOR = ["cswin", "halo", "maxvit_block", "maxvit_grid", "swin", "swin_shifted"]
+
+
+def test_every_family_is_registered_as_channels_last():
+    assert set(MIXERS) <= set(visattn.list_attn("channels_last"))
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_registration_record_and_docstring(name):
+    info = attn_info(name)
+    assert re.search(r"\(\d{4}\)$", info["paper"]), info["paper"]
+    assert info["complexity"].startswith("O(")
+    assert info["backends"] == ("visattn NA op" if name in ON_NA_OPERATOR else "pure torch")
+    doc = info["cls"].__doc__
+    year = info["paper"][-5:-1]
+    assert year in doc and "[B, H, W, C]" in doc, f"{name}: docstring must name the paper's year and the shapes"
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_builds_from_bench_kwargs(name):
+    """``create_attn(name, 96, **bench_kwargs)`` is how the zoo bench builds each mixer."""
+    torch.manual_seed(0)
+    m = visattn.create_attn(name, 96, **attn_info(name)["bench_kwargs"]).eval()
+    x = torch.randn(1, 14, 14, 96)
+    with torch.no_grad():
+        y = m(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ON_NA_OPERATOR)
+def test_same_result_on_every_backend(name):
+    """Built on the GNA operator, each such mixer runs on any backend (here: oracle vs portable torch)."""
+    torch.manual_seed(0)
+    kw = dict(attn_info(name)["bench_kwargs"])
+    ref = visattn.create_attn(name, 32, **{**kw, "num_heads": 2}, backend="reference").double()
+    fast = visattn.create_attn(name, 32, **{**kw, "num_heads": 2}, backend="torch").double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, 11, 32, dtype=torch.double)
+    torch.testing.assert_close(fast(x), ref(x))
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_dtype_is_preserved(name):
+    """float64 keeps its dtype and agrees with float32 (no hidden down-cast); bfloat16 stays bfloat16."""
+    torch.manual_seed(0)
+    m = visattn.create_attn(name, 32, num_heads=2) if "num_heads" in attn_info(name)["bench_kwargs"] \
+        else visattn.create_attn(name, 32, **({"order": 3} if name == "hornet" else {}))
+    if name == "ccnet":
+        with torch.no_grad():
+            m.gamma.fill_(1.0)
+    m.eval()
+    x = torch.randn(2, 7, 7, 32)
+    with torch.no_grad():
+        y32 = m(x)
+        y64 = m.double()(x.double())
+        y16 = m.bfloat16()(x.bfloat16())
+    assert y64.dtype == torch.float64 and y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
+    torch.testing.assert_close(y64.float(), y32, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in MIXERS if n not in ("focalnet", "hornet")])
+def test_bad_head_count_and_layout_raise_clear_errors(name):
+    """Heads that do not divide the width, and channels-first input, fail with the rule named."""
+    with pytest.raises(ValueError, match="not divisible by num_heads=5|multiple of"):
+        visattn.create_attn(name, 32, num_heads=5)
+    m = visattn.create_attn(name, 32, **({"num_heads": 2} if name != "ccnet" else {}))
+    with pytest.raises(ValueError, match=r"channels-last input \[B, H, W, 32\]"):
+        m(torch.randn(1, 32, 7, 7))
