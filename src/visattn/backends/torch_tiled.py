@@ -91,7 +91,9 @@ def _tile_size(length: int, kernel: int, stride: int, dilation: int, rank: int) 
     """
     n = -(-length // dilation)
     target = {1: max(32, kernel), 2: max(8, kernel + 1), 3: max(4, kernel - 1)}[rank]
-    target = -(-target // stride) * stride
+    # Nearest multiple of the stride: for blocked attention (stride = kernel) a tile is then exactly
+    # one window and no work is masked away.
+    target = max(1, round(target / stride)) * stride
     return max(1, min(target, n))
 
 
