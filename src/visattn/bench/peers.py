@@ -47,6 +47,8 @@ class Peer(ABC):
     kind: str = "peer"
     checked: bool = True
     compiles: bool = False
+    #: set to a reason to list this peer without running it (e.g. the oracle, already run in float64)
+    skip: Optional[str] = None
 
     def unavailable(self) -> Optional[str]:
         """Why this cannot run on this machine at all (e.g. not installed), or ``None``."""
@@ -95,9 +97,10 @@ class VisattnBackend(Peer):
 
     kind = "visattn"
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, skip: Optional[str] = None) -> None:
         self.backend = backend
         self.name = f"visattn {backend}"
+        self.skip = skip
 
     def unavailable(self) -> Optional[str]:
         return why_not(self.backend)
@@ -304,8 +307,15 @@ class PlainGather(Peer):
         return Built(call)
 
 
-def default_peers() -> list[Peer]:
-    """Every registered visattn backend (new ones appear automatically), then the outside peers."""
-    ours: list[Peer] = [VisattnBackend(name) for name in list_backends()]
+def default_peers(time_reference: bool = False) -> list[Peer]:
+    """Every registered visattn backend (new ones appear automatically), then the outside peers.
+
+    The ``reference`` backend is the oracle: it already ran in float64 to check everyone, and timing
+    its deliberately naive gather would take much of the run, so it is listed but only timed when
+    ``time_reference`` is set.
+    """
+    oracle_note = "the correctness oracle (run in float64 above); time it with --only reference"
+    ours: list[Peer] = [VisattnBackend(name, None if name != "reference" or time_reference else oracle_note)
+                        for name in list_backends()]
     return ours + [Natten(), FlexAttention(compiled=False), FlexAttention(compiled=True), DenseSDPA(), PlainGather()]
 

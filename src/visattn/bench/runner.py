@@ -26,7 +26,8 @@ def stderr_progress(message: str) -> None:
 @dataclass
 class Row:
     """One implementation's outcome. ``status``: ``ok``, ``refused`` (cannot run this problem),
-    ``unavailable`` (cannot run here at all) or ``failed`` (raised while running)."""
+    ``unavailable`` (cannot run here at all), ``failed`` (raised while running) or ``skipped``
+    (listed but not run, with the reason)."""
 
     name: str
     kind: str
@@ -127,6 +128,9 @@ def run_bench(problem: BenchProblem, peers: Optional[Sequence[Peer]] = None, *, 
 def _run_one(peer: Peer, problem: BenchProblem, oracle: Oracle, run, budget_s: float, max_bytes: float,
              measure_memory: bool, tag: str, progress: Progress) -> Row:
     row = Row(peer.name, peer.kind, "ok", checked=peer.checked)
+    if peer.skip:
+        progress(f"{tag}: skipped ({peer.skip})")
+        return _set(row, "skipped", peer.skip)
     reason = peer.unavailable()
     if reason:
         progress(f"{tag}: unavailable ({reason})")

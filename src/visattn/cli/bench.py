@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import default_peers, run_bench
 
     problem = problem_from_args(args, parser)
-    peers = default_peers()
+    # Naming the oracle in --only is asking for it to be timed.
+    peers = default_peers(time_reference=any("reference" in o.lower() for o in args.only or ()))
     keep = _selected([p.name for p in peers], args.only)
     if not keep:
         parser.error(f"--only {args.only} matches none of: {', '.join(p.name for p in peers)}.")
