@@ -43,14 +43,22 @@ def _notes(row: Row) -> str:
     return "; ".join(notes)
 
 
+def _relative(ratio: float) -> str:
+    """``row / best`` as "N.NNx faster" (the best visattn is faster) or "N.NNx slower"."""
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def _ms(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def format_cells(result: BenchResult) -> list[list[str]]:
     """One list of cell strings per row, in ``COLUMNS`` order."""
     best = result.best_visattn()
     cells = []
     for row in result.rows:
         if row.timed and best is not None:
-            ratio = row.median_ms / best.median_ms
-            rel = "best" if row is best else f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+            rel = "best" if row is best else _relative(row.median_ms / best.median_ms)
         else:
             rel = "-"
         cells.append([
@@ -176,9 +184,9 @@ def plot(result: BenchResult, path: str, title: Optional[str] = None) -> None:
             wrong = row.correct is False
             ax.barh(yi, row.median_ms, color="#d62728" if wrong else colors.get(row.kind, "#333333"),
                     hatch="//" if wrong else None, edgecolor="black", linewidth=0.5)
-            label = f" {row.median_ms:.3g} ms"
+            label = f" {_ms(row.median_ms)} ms"
             if best is not None and row is not best:
-                label += f"  ({row.median_ms / best.median_ms:.2f}x the best visattn)"
+                label += f"  (best visattn is {_relative(row.median_ms / best.median_ms)})"
             if wrong:
                 label += "  WRONG"
             if row.compile_s is not None:
@@ -190,7 +198,8 @@ def plot(result: BenchResult, path: str, title: Optional[str] = None) -> None:
     ax.set_yticks(y)
     ax.set_yticklabels([r.name for r in rows])
     ax.set_xscale("log")
-    ax.set_xlim(lo / 2, hi * 40)
+    ax.set_xlim(lo / 2, hi * 15)  # the right-hand room holds the bar labels
+    ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.set_xlabel("median ms per call (log scale; shorter is faster)")
     p = result.problem
     ax.set_title(title or textwrap.fill(f"{p.describe()}\n{result.machine.get('gpu', result.machine['cpu'])}, "
@@ -201,10 +210,10 @@ def plot(result: BenchResult, path: str, title: Optional[str] = None) -> None:
     ax.legend(handles=[Patch(color=colors["visattn"], label="visattn"), Patch(color=colors["peer"], label="peer (NA)"),
                        Patch(color=colors["dense"], label="dense global attention (not NA)"),
                        Patch(facecolor="#d62728", hatch="//", label="wrong vs oracle")],
-              loc="lower right", fontsize=8)
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.grid(axis="x", which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -222,7 +231,7 @@ def format_zoo_table(rows: list, machine: dict) -> str:
     cells = []
     for r in rows:
         kw = ", ".join(f"{k}={v}" for k, v in r.kwargs.items())
-        notes = f"failed: {r.reason}" if r.status != "ok" else kw
+        notes = "; ".join(([f"failed: {r.reason}"] if r.status != "ok" else [kw]) + r.notes)
         cells.append([r.name, "mixer" if r.layout == "channels_last" else "plug-in",
                       "x".join(map(str, r.input_shape)) or "-", fmt_params(r.params), num(r.fwd_gflop, ".3f"),
                       num(r.fwd_ms, ".2f"), num(r.fwd_bwd_ms, ".2f"), num(r.peak_fwd_mb, ".1f"),
@@ -270,9 +279,12 @@ def plot_zoo(rows: list, path: str) -> None:
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color="#1f77b4", label="forward"), Patch(color="#ff7f0e", label="forward + backward")],
-              loc="lower right", fontsize=8)
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    times = [t for r in rows if r.status == "ok" for t in (r.fwd_ms, r.fwd_bwd_ms)]
+    if times:
+        ax.set_xlim(min(times) / 3, max(times) * 4)  # room on the left for short bars, on the right for labels
     ax.set_title("visattn bench --zoo: mixers at 1x56x56x96 (3 heads), plug-ins at 1x64x56x56", fontsize=9)
     ax.grid(axis="x", which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
