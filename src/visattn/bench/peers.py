@@ -128,7 +128,9 @@ class Natten(Peer):
             import natten
         except ImportError:
             return "natten is not installed (pip install 'visattn[peers]')"
-        return None if hasattr(natten, "na2d") else f"natten {getattr(natten, '__version__', '?')} lacks na2d (needs 0.21)"
+        if not hasattr(natten, "na2d"):
+            return f"natten {getattr(natten, '__version__', '?')} lacks na2d (needs 0.21)"
+        return None
 
     def refuse(self, problem: BenchProblem, max_bytes: float) -> Optional[str]:
         if torch.device(problem.device).type == "cpu":

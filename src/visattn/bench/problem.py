@@ -177,7 +177,7 @@ def compare(problem: BenchProblem, oracle: Oracle, out: torch.Tensor,
     if problem.backward:
         if grads is None or oracle.grads is None:
             return False, float("inf")
-        pairs += [(g, r, GRAD_TOLERANCE[problem.dtype]) for g, r in zip(grads, oracle.grads)]
+        pairs += [(g, r, GRAD_TOLERANCE[problem.dtype]) for g, r in zip(grads, oracle.grads, strict=True)]
     ok, worst = True, 0.0
     for got, want, (atol, rtol) in pairs:
         if got is None or tuple(got.shape) != tuple(want.shape):

@@ -79,7 +79,7 @@ def _render(header: tuple[str, ...], cells: list[list[str]], right: set[int]) ->
     widths[-1] = len(header[-1])  # the last column is free text: do not pad every line to the longest note
 
     def line(values):
-        parts = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))]
+        parts = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))]
         return "  ".join(parts).rstrip()
 
     return [line(header), line(["-" * w for w in widths])] + [line(c) for c in cells]
@@ -179,7 +179,7 @@ def plot(result: BenchResult, path: str, title: Optional[str] = None) -> None:
     timed = [r.median_ms for r in rows if r.timed]
     lo, hi = (min(timed), max(timed)) if timed else (1.0, 10.0)
     best = result.best_visattn()
-    for yi, row in zip(y, rows):
+    for yi, row in zip(y, rows, strict=True):
         if row.timed:
             wrong = row.correct is False
             ax.barh(yi, row.median_ms, color="#d62728" if wrong else colors.get(row.kind, "#333333"),
@@ -263,7 +263,7 @@ def plot_zoo(rows: list, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 2))
     y = list(range(len(rows)))[::-1]
-    for yi, r in zip(y, rows):
+    for yi, r in zip(y, rows, strict=True):
         if r.status == "ok":
             ax.barh(yi + 0.2, r.fwd_ms, height=0.4, color="#1f77b4")
             ax.barh(yi - 0.2, r.fwd_bwd_ms, height=0.4, color="#ff7f0e")

@@ -110,47 +110,52 @@ def run_zoo(names: Optional[Sequence[str]] = None, *, device: str = "cpu", budge
         row = ZooRow(name, info["layout"], paper=info.get("paper", ""))
         rows.append(row)
         try:
-            kwargs, shape = zoo_setup(name, info)
-            row.kwargs, row.input_shape = kwargs, list(shape)
-            channels = shape[-1] if row.layout == "channels_last" else shape[1]
-            progress(f"{tag}: building {list(shape)} {kwargs}...")
-            module = create(name, channels, **kwargs).to(device)
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(shape, generator=gen).to(device)
-            row.params = sum(p.numel() for p in module.parameters())
-            module.eval()
-            try:
-                row.fwd_gflop = _count_flops(module, x) / 1e9
-            except Exception as e:  # a kernel that does not run under a dispatch mode: time it anyway
-                row.notes.append(f"FLOPs not counted ({_error_text(e)})")
-
-            def forward():
-                with torch.no_grad():
-                    return module(x)
-
-            out = forward()
-            dout = torch.randn(out.shape, generator=gen).to(device)
-
-            def forward_backward():
-                module.zero_grad(set_to_none=True)
-                module(x).backward(dout)
-
-            progress(f"{tag}: timing forward...")
-            row.fwd_ms = time_call(forward, device, budget_s).median * 1e3
-            module.train()
-            progress(f"{tag}: timing forward+backward...")
-            row.fwd_bwd_ms = time_call(forward_backward, device, budget_s).median * 1e3
-            if measure_memory:
-                module.eval()
-                row.peak_fwd_mb = _mb(peak_extra_bytes(forward, device))
-                module.train()
-                module.zero_grad(set_to_none=True)
-                row.peak_fwd_bwd_mb = _mb(peak_extra_bytes(forward_backward, device))
-            progress(f"{tag}: {row.fwd_ms:.2f} ms fwd, {row.fwd_bwd_ms:.2f} ms fwd+bwd")
+            _measure(row, info, create, device, budget_s, measure_memory, tag, progress)
         except Exception as e:  # report and go on: one broken module must not hide the others
             row.status, row.reason = "failed", _error_text(e)
             progress(f"{tag}: failed ({row.reason})")
     return rows
+
+
+def _measure(row: ZooRow, info: dict, create: Callable[..., torch.nn.Module], device: str, budget_s: float,
+             measure_memory: bool, tag: str, progress: Progress) -> None:
+    """Fill ``row`` for one module; raises whatever building or running it raises."""
+    kwargs, shape = zoo_setup(row.name, info)
+    row.kwargs, row.input_shape = kwargs, list(shape)
+    channels = shape[-1] if row.layout == "channels_last" else shape[1]
+    progress(f"{tag}: building {list(shape)} {kwargs}...")
+    module = create(row.name, channels, **kwargs).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device)
+    row.params = sum(p.numel() for p in module.parameters())
+    module.eval()
+    try:
+        row.fwd_gflop = _count_flops(module, x) / 1e9
+    except Exception as e:  # a kernel that does not run under a dispatch mode: time it anyway
+        row.notes.append(f"FLOPs not counted ({_error_text(e)})")
+
+    def forward():
+        with torch.no_grad():
+            return module(x)
+
+    dout = torch.randn(forward().shape, generator=gen).to(device)
+
+    def forward_backward():
+        module.zero_grad(set_to_none=True)
+        module(x).backward(dout)
+
+    progress(f"{tag}: timing forward...")
+    row.fwd_ms = time_call(forward, device, budget_s).median * 1e3
+    module.train()
+    progress(f"{tag}: timing forward+backward...")
+    row.fwd_bwd_ms = time_call(forward_backward, device, budget_s).median * 1e3
+    if measure_memory:
+        module.eval()
+        row.peak_fwd_mb = _mb(peak_extra_bytes(forward, device))
+        module.train()
+        module.zero_grad(set_to_none=True)
+        row.peak_fwd_bwd_mb = _mb(peak_extra_bytes(forward_backward, device))
+    progress(f"{tag}: {row.fwd_ms:.2f} ms fwd, {row.fwd_bwd_ms:.2f} ms fwd+bwd")
 
 
 def _mb(nbytes: Optional[int]) -> Optional[float]:
