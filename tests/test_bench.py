@@ -266,3 +266,15 @@ def test_default_peers_follow_the_backend_registry(monkeypatch):
     assert {p.name: p for p in default_peers(time_reference=True)}["visattn reference"].skip is None
     row = run_bench(BenchProblem(**TINY), [ref, VisattnBackend("extra")], **FAST).rows
     assert row[0].status == "skipped" and row[1].correct is True
+
+
+def test_problem_line_says_when_the_window_was_fitted_to_a_small_input():
+    line = BenchProblem(shape=(20, 20), kernel_size=7, dilation=4).describe()
+    assert "dilation 2 (asked 4, fitted to the input)" in line and "kernel 7," in line
+
+
+def test_half_precision_is_checked_with_its_own_tolerance():
+    problem = BenchProblem(**TINY, dtype=torch.bfloat16)
+    rows = _rows(run_bench(problem, [VisattnBackend("torch"), WrongPeer()], **FAST))
+    assert rows["visattn torch"].correct is True and 0 < rows["visattn torch"].max_err < 2e-2
+    assert rows["wrong scale"].correct is False

@@ -101,13 +101,21 @@ class BenchProblem:
         return tuple(t.to(self.device, self.dtype) for t in (q, k, v, dout))  # type: ignore[return-value]
 
     def describe(self) -> str:
+        """One line: shapes, window arguments (as used, with what was asked where the
+        variable-resolution rule changed them), dtype, direction, device."""
         s = self.spec
         mode = "forward+backward" if self.backward else "forward"
         shape = "x".join(map(str, self.shape))
         causal = ",".join("1" if c else "0" for c in s.is_causal)
+        window = []
+        for name, used, asked in (("kernel", s.kernel_size, self.kernel_size), ("stride", s.stride, self.stride),
+                                  ("dilation", s.dilation, self.dilation)):
+            asked = asked if isinstance(asked, tuple) else (asked,) * self.rank
+            window.append(f"{name} {_fmt(used)}" + ("" if tuple(asked) == used else f" (asked {_fmt(asked)}, "
+                                                    f"fitted to the input)"))
         return (f"{self.rank}-D NA, B={self.batch}, {shape}, {self.heads} heads, head dim {self.head_dim}, "
-                f"kernel {_fmt(s.kernel_size)}, stride {_fmt(s.stride)}, dilation {_fmt(s.dilation)}, "
-                f"causal {causal}, {str(self.dtype).replace('torch.', '')}, {mode}, {self.device}")
+                f"{', '.join(window)}, causal {causal}, {str(self.dtype).replace('torch.', '')}, {mode}, "
+                f"{self.device}")
 
     def as_dict(self) -> dict:
         s = self.spec

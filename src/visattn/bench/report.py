@@ -93,7 +93,8 @@ def format_table(result: BenchResult) -> str:
         f"problem: {p.describe()}",
         f"machine: {m.get('gpu', m['cpu'])}, {m['threads']} torch threads, torch {m['torch']}, "
         f"visattn {m.get('visattn', '?')}",
-        f"measured {dt} matmul peak: {result.matmul_peak_gflops:.1f} GFLOP/s; useful work per call: "
+        f"measured matmul peak{'' if dt in ('float32', 'float64') else f' (best of {dt}, float32)'}: "
+        f"{result.matmul_peak_gflops:.1f} GFLOP/s; useful work per call: "
         f"{p.flops / 1e9:.3f} GFLOP",
         "oracle: " + (f"reference backend in float64 ({result.oracle_s:.1f} s)" if not result.oracle_skipped
                       else f"skipped ({result.oracle_skipped})"),

@@ -87,8 +87,7 @@ def run_bench(problem: BenchProblem, peers: Optional[Sequence[Peer]] = None, *, 
     peers = list(default_peers() if peers is None else peers)
     device = problem.device
     if peak_gflops is None:
-        progress(f"measuring {str(problem.dtype).replace('torch.', '')} matmul peak on {device}...")
-        peak_gflops = matmul_peak_gflops(problem.dtype, device)
+        peak_gflops = _matmul_peak(problem, progress)
     q, k, v, dout = problem.inputs()
     progress("computing the float64 oracle (reference backend)...")
     oracle = Oracle.compute(problem, q, k, v, dout, max_bytes)
@@ -123,6 +122,15 @@ def run_bench(problem: BenchProblem, peers: Optional[Sequence[Peer]] = None, *, 
         row.speedup_vs = {o.name: o.median_ms / row.median_ms for o in rows
                           if o is not row and o.timed and row.timed}
     return BenchResult(problem, machine_info(device), peak_gflops, oracle.seconds, oracle.skipped, rows, budget_s)
+
+
+def _matmul_peak(problem: BenchProblem, progress: Progress) -> float:
+    """The fastest GEMM this machine offers for these inputs: in their dtype, or in float32 (an
+    implementation may always compute half inputs in float32, and CPUs often do that faster)."""
+    dtypes = [problem.dtype] if problem.dtype in (torch.float32, torch.float64) else [problem.dtype, torch.float32]
+    progress(f"measuring the matmul peak ({', '.join(str(d).replace('torch.', '') for d in dtypes)}) on "
+             f"{problem.device}...")
+    return max(matmul_peak_gflops(d, problem.device) for d in dtypes)
 
 
 def _run_one(peer: Peer, problem: BenchProblem, oracle: Oracle, run, budget_s: float, max_bytes: float,
