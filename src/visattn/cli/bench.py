@@ -11,27 +11,36 @@ import sys
 
 import torch
 
+_DESCRIPTION = """\
+Check every neighborhood-attention implementation (visattn's backends, NATTEN, FlexAttention eager
+and compiled, dense SDPA, a plain gather) against a float64 oracle, then time it on this machine.
+
+Default problem: 2-D NA at NAT-Tiny's first stage (B=1, 56x56, 4 heads, head dim 32, kernel 7),
+float32, forward. --zoo instead measures every registered attention module."""
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="check and time every NA implementation (ours and peers) on one problem",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("problem")
     g.add_argument("--rank", type=int, choices=(1, 2, 3), help="spatial axes (default: len(--shape), else 2)")
     g.add_argument("--shape", type=int, nargs="+", metavar="N",
                    help="spatial sizes (default 56 56; rank 1: 3136; rank 3: 4 28 28)")
-    g.add_argument("--batch", type=int, default=1)
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--head-dim", type=int, default=32)
-    g.add_argument("--kernel", type=int, nargs="+", default=[7], metavar="K", help="one value or one per axis")
-    g.add_argument("--stride", type=int, nargs="+", default=[1], metavar="S")
-    g.add_argument("--dilation", type=int, nargs="+", default=[1], metavar="D")
+    g.add_argument("--batch", type=int, default=1, help="(default 1)")
+    g.add_argument("--heads", type=int, default=4, help="(default 4)")
+    g.add_argument("--head-dim", type=int, default=32, help="(default 32)")
+    g.add_argument("--kernel", type=int, nargs="+", default=[7], metavar="K",
+                   help="one value or one per axis (default 7)")
+    g.add_argument("--stride", type=int, nargs="+", default=[1], metavar="S", help="(default 1)")
+    g.add_argument("--dilation", type=int, nargs="+", default=[1], metavar="D", help="(default 1)")
     g.add_argument("--causal", type=int, nargs="*", metavar="0|1",
                    help="causal masking: bare flag = every axis, or one 0/1 per axis")
-    g.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="(default float32)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="(default: cuda when available, else cpu)")
     g.add_argument("--backward", action="store_true", help="time forward + backward (and check gradients)")
     r = p.add_argument_group("run and output")
     r.add_argument("--only", nargs="+", metavar="NAME",
@@ -119,6 +128,8 @@ def _run_zoo(args: argparse.Namespace) -> int:
     from ..nn import list_attn
 
     names = [list_attn()[i] for i in _selected(list_attn(), args.only)]
+    if not names:
+        args._parser.error(f"--only {args.only} matches no registered module: {', '.join(list_attn())}.")
     rows = run_zoo(names, device=args.device, budget_s=args.budget / 2, measure_memory=not args.no_memory)
     machine = machine_info(args.device)
     _emit(args, report.format_zoo_table(rows, machine), report.zoo_to_json(rows, machine),
