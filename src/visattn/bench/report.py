@@ -242,8 +242,9 @@ def format_zoo_table(rows: list, machine: dict) -> str:
              f"torch {machine['torch']}", ""]
     lines += _render(ZOO_COLUMNS, cells, right={3, 4, 5, 6, 7, 8})
     lines += ["", textwrap.fill("* " + zoo_flops_note(), 110, subsequent_indent="  "),
-              textwrap.fill("* ms: median over a time budget after warm-up (forward under no_grad in eval mode; "
-                            "forward+backward in train mode, gradients of all parameters). peak MB: memory "
+              textwrap.fill("* ms: median over a time budget after warm-up, in eval mode (dropout off, norms on "
+                            "running statistics, so batch 1 works everywhere); forward under no_grad, "
+                            "forward+backward computing the gradients of all parameters and the input. peak MB: memory "
                             "allocated during one call above what was live before it (see visattn bench's "
                             "footnote).", 110, subsequent_indent="  ")]
     return "\n".join(lines)

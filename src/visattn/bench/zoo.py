@@ -128,6 +128,8 @@ def _measure(row: ZooRow, info: dict, create: Callable[..., torch.nn.Module], de
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
     row.params = sum(p.numel() for p in module.parameters())
+    # Eval mode for both timings: dropout off and norms on running statistics, so that batch 1 works
+    # for every module (a BatchNorm after global pooling cannot train on one value per channel).
     module.eval()
     try:
         row.fwd_gflop = _count_flops(module, x) / 1e9
@@ -139,21 +141,22 @@ def _measure(row: ZooRow, info: dict, create: Callable[..., torch.nn.Module], de
             return module(x)
 
     dout = torch.randn(forward().shape, generator=gen).to(device)
+    # The input gets a gradient too, as inside a network (and a parameter-free module has a backward).
+    x_leaf = x.detach().requires_grad_(True)
 
     def forward_backward():
         module.zero_grad(set_to_none=True)
-        module(x).backward(dout)
+        x_leaf.grad = None
+        module(x_leaf).backward(dout)
 
     progress(f"{tag}: timing forward...")
     row.fwd_ms = time_call(forward, device, budget_s).median * 1e3
-    module.train()
     progress(f"{tag}: timing forward+backward...")
     row.fwd_bwd_ms = time_call(forward_backward, device, budget_s).median * 1e3
     if measure_memory:
-        module.eval()
         row.peak_fwd_mb = _mb(peak_extra_bytes(forward, device))
-        module.train()
         module.zero_grad(set_to_none=True)
+        x_leaf.grad = None
         row.peak_fwd_bwd_mb = _mb(peak_extra_bytes(forward_backward, device))
     progress(f"{tag}: {row.fwd_ms:.2f} ms fwd, {row.fwd_bwd_ms:.2f} ms fwd+bwd")
 
