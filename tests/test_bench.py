@@ -278,3 +278,16 @@ def test_half_precision_is_checked_with_its_own_tolerance():
     rows = _rows(run_bench(problem, [VisattnBackend("torch"), WrongPeer()], **FAST))
     assert rows["visattn torch"].correct is True and 0 < rows["visattn torch"].max_err < 2e-2
     assert rows["wrong scale"].correct is False
+
+
+def test_zoo_times_backward_of_parameter_free_and_batchnorm_modules():
+    """A plug-in without parameters still has a backward (through its input); a BatchNorm after
+    global pooling must not fail at batch 1."""
+    def create(name, channels, **kw):
+        if name == "na1d":
+            return torch.nn.Softmax(dim=-1)
+        return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.BatchNorm2d(56))  # [1, 56, 56, 96] in
+
+    rows = run_zoo(["na1d", "na2d"], budget_s=0.01, create=create, measure_memory=False)
+    assert [(r.status, r.reason) for r in rows] == [("ok", ""), ("ok", "")]
+    assert rows[0].params == 0 and rows[0].fwd_bwd_ms > 0 and rows[1].fwd_bwd_ms > 0
