@@ -66,7 +66,7 @@ class BenchResult:
         return min(ours, key=lambda r: r.median_ms) if ours else None
 
 
-def _error_text(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {first}"[:200]
 
@@ -161,7 +161,7 @@ def _run_one(peer: Peer, problem: BenchProblem, oracle: Oracle, run, budget_s: f
         timing: Timing = time_call(lambda: run(built.fn), problem.device, budget_s, first_call_s=first)
     except Exception as e:  # a peer's own refusal (NotImplementedError, ValueError) or a crash: report it
         status = "refused" if isinstance(e, (NotImplementedError, ValueError)) else "failed"
-        reason = "out of memory" if _is_oom(e) else _error_text(e)
+        reason = "out of memory" if _is_oom(e) else error_text(e)
         progress(f"{tag}: {status} ({reason})")
         return _set(row, status, reason)
     row.times_s = timing.times

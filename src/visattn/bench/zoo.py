@@ -21,7 +21,7 @@ import torch
 
 from .measure import peak_extra_bytes, time_call
 from .problem import default_shape
-from .runner import Progress, _error_text, stderr_progress
+from .runner import Progress, error_text, stderr_progress
 
 __all__ = ["ZooRow", "run_zoo", "zoo_setup", "MIXER_DIM", "MIXER_HEADS", "PLUGIN_CHANNELS", "PLUGIN_HEADS"]
 
@@ -112,7 +112,7 @@ def run_zoo(names: Optional[Sequence[str]] = None, *, device: str = "cpu", budge
         try:
             _measure(row, info, create, device, budget_s, measure_memory, tag, progress)
         except Exception as e:  # report and go on: one broken module must not hide the others
-            row.status, row.reason = "failed", _error_text(e)
+            row.status, row.reason = "failed", error_text(e)
             progress(f"{tag}: failed ({row.reason})")
     return rows
 
@@ -134,7 +134,7 @@ def _measure(row: ZooRow, info: dict, create: Callable[..., torch.nn.Module], de
     try:
         row.fwd_gflop = _count_flops(module, x) / 1e9
     except Exception as e:  # a kernel that does not run under a dispatch mode: time it anyway
-        row.notes.append(f"FLOPs not counted ({_error_text(e)})")
+        row.notes.append(f"FLOPs not counted ({error_text(e)})")
 
     def forward():
         with torch.no_grad():
