@@ -67,6 +67,7 @@ class BenchResult:
 
 
 def error_text(e: BaseException) -> str:
+    """``"Type: first line of the message"``, at most 200 characters, for a table cell."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {first}"[:200]
 
