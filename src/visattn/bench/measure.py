@@ -1,0 +1,155 @@
+"""Timing, memory and machine measurements shared by ``visattn bench`` and ``visattn bench --zoo``.
+
+* :func:`time_call`: warm up, then the median of as many calls as fit a time budget.
+* :func:`peak_extra_bytes`: the peak of memory allocated *during* one call, above what was live before
+  it (inputs excluded, outputs and temporaries included). On CUDA from the caching allocator's
+  statistics; on CPU from ``torch.profiler``'s allocation events (torch's CPU allocator keeps no
+  statistics and ``tracemalloc`` does not see it). Memory that a kernel allocates outside torch
+  (e.g. a numba kernel's own scratch arrays) is not seen on CPU.
+* :func:`matmul_peak_gflops`: this machine's measured GEMM throughput, the ceiling to compare against.
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["Timing", "machine_info", "matmul_peak_gflops", "peak_extra_bytes", "synchronize", "time_call"]
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued GPU work so wall-clock time covers it (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of the timed calls (warm-up excluded)."""
+
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def spread(self) -> float:
+        """Relative spread ``(max - min) / median``: how noisy this machine was during the timing."""
+        return (max(self.times) - min(self.times)) / self.median if self.times else 0.0
+
+
+def time_call(fn: Callable[[], object], device: str | torch.device, budget_s: float = 2.0,
+              max_reps: int = 50, first_call_s: Optional[float] = None) -> Timing:
+    """Median-able timings of ``fn()``: as many calls as fit in ``budget_s``, at least 3 when each
+    call is cheap, a single one when one call alone exceeds twice the budget.
+
+    ``first_call_s`` is the duration of a call already made (the correctness call, which also
+    warms caches and compiles); without it one warm-up call is made here.
+    """
+    if first_call_s is None:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        first_call_s = time.perf_counter() - t0
+    if first_call_s < budget_s / 10:
+        # A second warm-up: the first call also paid for allocator growth and lazy initialization.
+        fn()
+        synchronize(device)
+    # Estimate one call from a warm one, not from the first (which may include compilation).
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    one = time.perf_counter() - t0
+    min_reps = max(1, min(3, int(2 * budget_s / max(one, 1e-9))))
+    reps = min(max_reps, max(min_reps, int(budget_s / max(one, 1e-9)) - 1))
+    timing = Timing([one])
+    for _ in range(reps - 1):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        timing.times.append(time.perf_counter() - t0)
+    return timing
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: str | torch.device) -> Optional[int]:
+    """Peak bytes allocated during one ``fn()`` above what was allocated before it; ``None`` if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        # One "[memory]" event per allocation (+bytes) and free (-bytes), on every thread; the
+        # running sum in time order is the live memory allocated since the call began.
+        events = prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except (AttributeError, RuntimeError):  # a torch without these profiler internals
+        return None
+    return max(itertools.accumulate((b for _, b in deltas), initial=0))
+
+
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                       n: int = 1024, budget_s: float = 1.0) -> float:
+    """Best GFLOP/s of ``n x n`` GEMMs in ``dtype`` within ``budget_s`` (``2 n^3`` FLOPs each).
+
+    The best rather than the median: this is the machine's ceiling, and other processes sharing the
+    cores only ever slow a run down.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        n = max(n, 4096)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    best, spent = float("inf"), 0.0
+    torch.mm(a, b)  # warm-up: thread pool and packing buffers
+    synchronize(device)
+    reps = 0
+    while reps < 3 or (spent < budget_s and reps < 200):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        dt = time.perf_counter() - t0
+        best, spent, reps = min(best, dt), spent + dt, reps + 1
+    return 2 * n**3 / best / 1e9
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict:
+    """CPU/GPU name, torch threads and versions, for the report header."""
+    device = torch.device(device)
+    info = dict(cpu=_cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+                python=platform.python_version())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        from .. import __version__
+        info["visattn"] = __version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

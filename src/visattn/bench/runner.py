@@ -1,0 +1,182 @@
+"""Run every implementation on one :class:`BenchProblem`: check it against the oracle, time it, measure it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .measure import Timing, machine_info, matmul_peak_gflops, peak_extra_bytes, time_call
+from .peers import Peer, default_peers
+from .problem import BenchProblem, Oracle, compare
+
+__all__ = ["Row", "BenchResult", "run_bench"]
+
+Progress = Callable[[str], None]
+
+
+def stderr_progress(message: str) -> None:
+    """Progress lines go to stderr so that ``--json`` output on stdout stays parseable."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Row:
+    """One implementation's outcome. ``status``: ``ok``, ``refused`` (cannot run this problem),
+    ``unavailable`` (cannot run here at all), ``failed`` (raised while running) or ``skipped``
+    (listed but not run, with the reason)."""
+
+    name: str
+    kind: str
+    status: str
+    reason: str = ""
+    checked: bool = True
+    correct: Optional[bool] = None
+    max_err: Optional[float] = None
+    times_s: list[float] = field(default_factory=list)
+    median_ms: Optional[float] = None
+    gflops: Optional[float] = None
+    pct_peak: Optional[float] = None
+    peak_extra_mb: Optional[float] = None
+    setup_s: float = 0.0
+    compile_s: Optional[float] = None
+    speedup_vs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def timed(self) -> bool:
+        return self.median_ms is not None
+
+
+@dataclass
+class BenchResult:
+    problem: BenchProblem
+    machine: dict
+    matmul_peak_gflops: float
+    oracle_s: float
+    oracle_skipped: Optional[str]
+    rows: list[Row]
+    budget_s: float
+
+    def best_visattn(self) -> Optional[Row]:
+        """Our fastest backend among those that ran and were not found wrong."""
+        ours = [r for r in self.rows if r.kind == "visattn" and r.timed and r.correct is not False]
+        return min(ours, key=lambda r: r.median_ms) if ours else None
+
+
+def error_text(e: BaseException) -> str:
+    """``"Type: first line of the message"``, at most 200 characters, for a table cell."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"[:200]
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+
+
+def run_bench(problem: BenchProblem, peers: Optional[Sequence[Peer]] = None, *, budget_s: float = 2.0,
+              max_bytes: float = 4 * 2**30, measure_memory: bool = True, peak_gflops: Optional[float] = None,
+              progress: Progress = stderr_progress) -> BenchResult:
+    """Check, time and measure every peer on ``problem``; never raises for a peer that cannot run it.
+
+    ``budget_s`` bounds the timed calls of one implementation (a slow one still gets one call);
+    ``max_bytes`` is the memory an implementation may be estimated to need before it is refused
+    rather than risking the machine; ``peak_gflops`` skips the matmul measurement when given.
+    """
+    peers = list(default_peers() if peers is None else peers)
+    device = problem.device
+    if peak_gflops is None:
+        peak_gflops = _matmul_peak(problem, progress)
+    q, k, v, dout = problem.inputs()
+    progress("computing the float64 oracle (reference backend)...")
+    oracle = Oracle.compute(problem, q, k, v, dout, max_bytes)
+    if oracle.skipped:
+        progress(f"  oracle skipped: {oracle.skipped}; correctness is not checked")
+
+    if problem.backward:
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+
+        def run(fn):
+            for t in leaves:
+                t.grad = None
+            out = fn(*leaves)
+            out.backward(dout)
+            return out, tuple(t.grad for t in leaves)
+    else:
+        leaves = [q, k, v]
+
+        def run(fn):
+            with torch.no_grad():
+                return fn(*leaves), None
+
+    rows = []
+    for i, peer in enumerate(peers, 1):
+        tag = f"[{i}/{len(peers)}] {peer.name}"
+        row = _run_one(peer, problem, oracle, run, budget_s, max_bytes, measure_memory, tag, progress)
+        if row.timed:
+            row.gflops = problem.flops / (row.median_ms / 1e3) / 1e9
+            row.pct_peak = 100 * row.gflops / peak_gflops
+        rows.append(row)
+    for row in rows:
+        row.speedup_vs = {o.name: o.median_ms / row.median_ms for o in rows
+                          if o is not row and o.timed and row.timed}
+    return BenchResult(problem, machine_info(device), peak_gflops, oracle.seconds, oracle.skipped, rows, budget_s)
+
+
+def _matmul_peak(problem: BenchProblem, progress: Progress) -> float:
+    """The fastest GEMM this machine offers for these inputs: in their dtype, or in float32 (an
+    implementation may always compute half inputs in float32, and CPUs often do that faster)."""
+    dtypes = [problem.dtype] if problem.dtype in (torch.float32, torch.float64) else [problem.dtype, torch.float32]
+    progress(f"measuring the matmul peak ({', '.join(str(d).replace('torch.', '') for d in dtypes)}) on "
+             f"{problem.device}...")
+    return max(matmul_peak_gflops(d, problem.device) for d in dtypes)
+
+
+def _run_one(peer: Peer, problem: BenchProblem, oracle: Oracle, run, budget_s: float, max_bytes: float,
+             measure_memory: bool, tag: str, progress: Progress) -> Row:
+    row = Row(peer.name, peer.kind, "ok", checked=peer.checked)
+    if peer.skip:
+        progress(f"{tag}: skipped ({peer.skip})")
+        return _set(row, "skipped", peer.skip)
+    reason = peer.unavailable()
+    if reason:
+        progress(f"{tag}: unavailable ({reason})")
+        return _set(row, "unavailable", reason)
+    reason = peer.refuse(problem, max_bytes)
+    if reason:
+        progress(f"{tag}: refused ({reason})")
+        return _set(row, "refused", reason)
+    try:
+        built = peer.build(problem)
+        row.setup_s = built.setup_s
+        progress(f"{tag}: {'compiling and checking' if peer.compiles else 'checking'}...")
+        t0 = time.perf_counter()
+        out, grads = run(built.fn)
+        first = time.perf_counter() - t0
+        if peer.checked:
+            row.correct, row.max_err = compare(problem, oracle, out, grads)
+        del out, grads
+        progress(f"{tag}: timing (first call {first:.2f} s)...")
+        timing: Timing = time_call(lambda: run(built.fn), problem.device, budget_s, first_call_s=first)
+    except Exception as e:  # a peer's own refusal (NotImplementedError, ValueError) or a crash: report it
+        status = "refused" if isinstance(e, (NotImplementedError, ValueError)) else "failed"
+        reason = "out of memory" if _is_oom(e) else error_text(e)
+        progress(f"{tag}: {status} ({reason})")
+        return _set(row, status, reason)
+    row.times_s = timing.times
+    row.median_ms = timing.median * 1e3
+    if peer.compiles:
+        row.compile_s = max(0.0, first - timing.median)
+    if measure_memory:
+        nbytes = peak_extra_bytes(lambda: run(built.fn), problem.device)
+        row.peak_extra_mb = None if nbytes is None else nbytes / 2**20
+    verdict = {True: "correct", False: "WRONG", None: "unchecked"}[row.correct] if peer.checked else "not NA"
+    progress(f"{tag}: {row.median_ms:.2f} ms median of {len(timing.times)}, {verdict}")
+    return row
+
+
+def _set(row: Row, status: str, reason: str) -> Row:
+    row.status, row.reason = status, reason
+    return row
