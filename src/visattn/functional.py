@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from .backends import Extras, Problem, Result, select_backend
-from .backends.base import lse_dtype
+from .backends.base import lse_dtype, safe_logsumexp
 from .spec import BoolOrTuple, IntOrTuple, NASpec, make_spec, neighbor_table
 
 __all__ = ["na1d", "na2d", "na3d", "na_av", "neighborhood_attention", "merge_attentions"]
@@ -113,7 +113,7 @@ def merge_attentions(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> t
     if len(outputs) != len(lses) or not outputs:
         raise ValueError(f"merge_attentions: got {len(outputs)} outputs and {len(lses)} lses; pass equally many, >= 1.")
     lse_all = torch.stack([l.float() if l.dtype in (torch.float16, torch.bfloat16) else l for l in lses])
-    lse = torch.logsumexp(lse_all, dim=0)
+    lse = safe_logsumexp(lse_all, dim=0)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     weights = torch.exp(lse_all - safe)  # exp(-inf) = 0 for empty parts
     out = sum(w.unsqueeze(-1) * o.to(w.dtype) for w, o in zip(weights, outputs))

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..spec import AxisWindows, NASpec, axis_windows
-from .base import Backend, Extras, Problem, Result, lse_dtype
+from .base import Backend, Extras, Problem, Result, lse_dtype, safe_logsumexp
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,8 @@ class TorchTiledBackend(Backend):
             ignore = extras.key_padding_mask.reshape(B, -1)[:, ktok]  # [B, NT, RK]
             scores = scores.masked_fill(ignore[:, None, :, None, :], float("-inf"))
 
-        lse = torch.logsumexp(scores, dim=-1)
+        # Only masks and biases can leave a query with no key; then the plain logsumexp backward is NaN.
+        lse = safe_logsumexp(scores) if guard else torch.logsumexp(scores, dim=-1)
         if guard:
             safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
             probs = torch.exp(scores - safe.unsqueeze(-1))
