@@ -220,6 +220,9 @@ def _na_eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec:
     """
     if not isinstance(spec, NASpec):
         spec = make_spec(fn, tuple(query.shape[1:-2]), *spec)
+    if backend is None and torch.jit.is_tracing():
+        # ONNX (TorchScript) export records the ops it sees: only the pure-PyTorch backend traces.
+        backend = "torch"
     B, H, Hkv = query.shape[0], query.shape[-2], key.shape[-2]
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, rpb, attn_bias))
