@@ -37,11 +37,11 @@ class NATBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _export(module: nn.Module, x: torch.Tensor) -> "ort.InferenceSession":
+def _export(module: nn.Module, x: torch.Tensor, opset: int = OPSET) -> "ort.InferenceSession":
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about index tensors becoming constants: intended
-        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=OPSET, input_names=["x"],
+        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=opset, input_names=["x"],
                           output_names=["y"])
     model = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(model)
@@ -66,11 +66,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_neighborhood_attention_2d_roundtrip(name: str) -> None:
+@pytest.mark.parametrize("name, opset", [(name, OPSET) for name in CASES] + [("dilation_rpb", 13)])
+def test_neighborhood_attention_2d_roundtrip(name: str, opset: int) -> None:
     module = _randomize(NeighborhoodAttention2D(16, 2, **CASES[name]))
     x = torch.randn(2, 11, 14, 16, generator=torch.Generator().manual_seed(1))
-    sess = _export(module, x)
+    sess = _export(module, x, opset)
     (y,) = sess.run(None, {"x": x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(y), module(x), atol=1e-4, rtol=1e-4)
@@ -116,3 +116,27 @@ def test_export_routes_to_the_traceable_backend(monkeypatch) -> None:
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(sess.run(None, {"x": x.numpy()})[0]), module(x),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_spatial_sizes_with_the_dynamo_exporter(tmp_path) -> None:
+    """``torch.onnx.export(dynamo=True)`` with ``dynamic_shapes``: one graph serves every batch and
+    spatial size whose axes hold at least ``kernel_size * dilation`` tokens (the neighbourhood
+    indices are computed in the graph from the input shape)."""
+    pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (pip install 'visattn[onnx]')")
+    module = _randomize(NeighborhoodAttention2D(16, 2, kernel_size=3, dilation=(2, 3), rel_pos_bias=True))
+    Dim = torch.export.Dim
+    x = torch.randn(2, 8, 11, 16)
+    path = tmp_path / "na_dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (x,), dynamo=True, opset_version=18, verbose=False,
+                                    dynamic_shapes=({0: Dim("B", max=64), 1: Dim("H", min=6, max=1024),
+                                                     2: Dim("W", min=9, max=1024)},))
+    program.save(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [d if isinstance(d, int) else "dyn" for d in sess.get_inputs()[0].shape] == ["dyn", "dyn", "dyn", 16]
+    for shape in [(2, 8, 11), (1, 6, 9), (3, 13, 20)]:
+        x = torch.randn(*shape, 16, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]),
+                                       module(x), atol=1e-4, rtol=1e-4, msg=lambda m: f"{shape}: {m}")

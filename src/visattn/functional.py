@@ -185,7 +185,7 @@ def neighborhood_attention(
     if any(L == 0 for L in spec.spatial) or B == 0:
         return _empty(query, Dv, spec, return_lse, return_attn, additional_keys)
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
         # One opaque custom op (visattn.ops) instead of tracing a backend: no graph break, and the
         # backend and the window rules are applied at run time from the real (possibly dynamic) sizes.
         req = [list(_as_tuple(fn, n, a, rank, t)) for n, a, t in
@@ -220,8 +220,14 @@ def _na_eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec:
     """
     if not isinstance(spec, NASpec):
         spec = make_spec(fn, tuple(query.shape[1:-2]), *spec)
-    if backend is None and torch.jit.is_tracing():
-        # ONNX (TorchScript) export records the ops it sees: only the pure-PyTorch backend traces.
+    if backend is None and torch.onnx.is_in_onnx_export() and torch.compiler.is_compiling():
+        # torch.onnx.export(dynamo=True) traces with torch.export: the gather-based reference
+        # derives its indices from the (possibly symbolic) sizes with tensor ops, so the ONNX graph
+        # keeps dynamic spatial axes. (The tiled backend builds its plan with Python ints.)
+        backend = "reference"
+    elif backend is None and torch.jit.is_tracing():
+        # The TorchScript ONNX exporter records the ops it sees: the pure-PyTorch tiled backend
+        # traces (its index tensors become constants, fixing the spatial size).
         backend = "torch"
     B, H, Hkv = query.shape[0], query.shape[-2], key.shape[-2]
     grad = torch.is_grad_enabled() and any(
