@@ -43,6 +43,16 @@ def axis_neighbors(x: int, L: int, k: int, s: int, d: int, causal: bool) -> tupl
     return k, [(t - base, g + d * t, t - p) for t in keys]
 
 
+def axis_args(na: dict, rank: int) -> list[tuple[int, int, int, bool]]:
+    """Per-axis ``(kernel, stride, dilation, causal)`` from keyword arguments given as ints or tuples."""
+    def get(name, default, a):
+        value = na.get(name, default)
+        return value[a] if isinstance(value, (tuple, list)) else value
+
+    return [(get("kernel_size", 1, a), get("stride", 1, a), get("dilation", 1, a), get("is_causal", False, a))
+            for a in range(rank)]
+
+
 def brute_force(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
                 attn_bias=None, key_padding_mask=None):
     """``(out [B, *S, H, Dv], lse [B, *S, H], attn [B, *S, H, K])`` in float64, differentiable.

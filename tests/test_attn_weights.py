@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brute import axis_neighbors
+from brute import axis_args, axis_neighbors
 from visattn import NeighborhoodAttention2D, na1d, na2d, na3d, na_av
 from visattn.spec import make_spec, neighbor_table
 
@@ -32,11 +32,9 @@ def test_weights_map_back_to_pixels(na) -> None:
     maps.scatter_add_(1, index, attn.reshape(H * W, -1) * valid)
     torch.testing.assert_close(out.reshape(H * W, H * W), maps)
     # The same order from the per-axis rule (the loop oracle): query (5, 6), slot by slot.
-    per_axis = lambda name, default, a: (lambda x: x[a] if isinstance(x, tuple) else x)(na.get(name, default))  # noqa: E731
-    args = lambda a: [per_axis(n, d, a) for n, d in (("kernel_size", 3), ("stride", 1), ("dilation", 1),  # noqa: E731
-                                                     ("is_causal", False))]
-    _, rows = axis_neighbors(5, H, *args(0))
-    k1, cols = axis_neighbors(6, W, *args(1))
+    args = axis_args(na, 2)
+    _, rows = axis_neighbors(5, H, *args[0])
+    k1, cols = axis_neighbors(6, W, *args[1])
     for si, r, _ in rows:
         for sj, c, _ in cols:
             assert index[5 * W + 6, si * k1 + sj] == r * W + c

@@ -70,7 +70,8 @@ def _loss(out, lse, attn):
     """A random projection of all three outputs (LSE only where finite: -inf has no gradient)."""
     g = torch.Generator().manual_seed(1)
     w = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (out, lse, attn)]
-    return (out.double() * w[0]).sum() + (lse.double().nan_to_num(neginf=0.0) * w[1]).sum() + (attn.double() * w[2]).sum()
+    lse = lse.double().nan_to_num(neginf=0.0)
+    return (out.double() * w[0]).sum() + (lse * w[1]).sum() + (attn.double() * w[2]).sum()
 
 
 @lru_cache(maxsize=None)

@@ -46,12 +46,12 @@ def test_empty_parts() -> None:
     """A part with LSE -inf (no keys) contributes nothing; all parts empty gives zeros and -inf, and
     the backward stays finite."""
     q, k, v = _qkv()
-    o, l = _attend(q, k, v)
+    o, lse_o = _attend(q, k, v)
     empty_o = torch.zeros_like(o, requires_grad=True)
-    empty_l = torch.full_like(l, float("-inf")).requires_grad_()
-    out, lse = merge_attentions([o, empty_o], [l, empty_l])
+    empty_l = torch.full_like(lse_o, float("-inf")).requires_grad_()
+    out, lse = merge_attentions([o, empty_o], [lse_o, empty_l])
     torch.testing.assert_close(out, o)
-    torch.testing.assert_close(lse, l)
+    torch.testing.assert_close(lse, lse_o)
     out, lse = merge_attentions([empty_o, empty_o], [empty_l, empty_l])
     assert (out == 0).all() and torch.isneginf(lse).all()
     grads = torch.autograd.grad(out.sum() + lse.nan_to_num(neginf=0.0).sum(), [empty_o, empty_l])

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from brute import axis_neighbors
+from brute import axis_args, axis_neighbors
 from visattn.cli.main import main
 from visattn.nn import NeighborhoodAttention2D
 from visattn.viz import attention_map, default_queries, image_tokens, neighborhood_layers, synthetic_image
@@ -25,9 +25,7 @@ mpimg = pytest.importorskip("matplotlib.image", reason="matplotlib is not instal
     ((15,), dict(kernel_size=4, stride=2, dilation=2)),
 ])
 def test_highlighted_cells_are_the_neighbourhood(shape, na) -> None:
-    per_axis = lambda name, default, a: (lambda x: x[a] if isinstance(x, tuple) else x)(na.get(name, default))  # noqa: E731
-    args = [[per_axis(n, d, a) for n, d in (("kernel_size", 1), ("stride", 1), ("dilation", 1), ("is_causal", False))]
-            for a in range(len(shape))]
+    args = axis_args(na, len(shape))
     queries = [q for q, _ in default_queries(shape)] + [tuple(s - 1 for s in shape)]
     for q in queries:
         lay = neighborhood_layers(shape, q, **na)
@@ -38,10 +36,10 @@ def test_highlighted_cells_are_the_neighbourhood(shape, na) -> None:
             for (k_eff, _), (s, _, _) in zip(axes, combo):
                 slot = slot * k_eff + s
             expected[tuple(c for _, c, _ in combo)] = slot
-        torch.testing.assert_close(lay.slot, expected, msg=lambda m: f"query {q}: {m}")
+        torch.testing.assert_close(lay.slot, expected, msg=f"query {q}")
         assert lay.same_stride_group[q] and lay.same_dilation_group[q]
         # Non-causal queries of one stride group share the window: the same highlighted cells.
-        if not any(per_axis("is_causal", False, a) for a in range(len(shape))):
+        if not any(causal for *_, causal in args):
             for other in zip(*torch.nonzero(lay.same_stride_group, as_tuple=True)):
                 other = tuple(int(o) for o in other)
                 assert torch.equal(neighborhood_layers(shape, other, **na).attended, lay.attended)

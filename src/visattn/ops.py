@@ -138,8 +138,7 @@ _ARGS = ("query", "key", "value", "rpb", "attn_bias", "key_padding_mask", "kerne
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.args = dict(zip(_ARGS, inputs))
-    tensors = [ctx.args[n] for n in _ARGS[:6]]
+    tensors, ctx.args = inputs[:6], dict(zip(_ARGS[6:], inputs[6:]))  # tensors only via save_for_backward
     ctx.present = [t is not None for t in tensors]
     ctx.save_for_backward(*(t for t in tensors if t is not None))
 

@@ -134,7 +134,10 @@ def plot_neighborhoods(shape: Sequence[int], kernel_size: IntOrTuple, stride: In
         qr, qc = (0, q[0]) if len(shape) == 1 else q
         for r in range(grid[0]):
             for c in range(grid[1]):
-                face = colors["key"] if slot[r, c] >= 0 else (colors["dil"] if same_d[r, c] and dilated else colors["empty"])
+                if slot[r, c] >= 0:
+                    face = colors["key"]
+                else:
+                    face = colors["dil"] if same_d[r, c] and dilated else colors["empty"]
                 ax.add_patch(Rectangle((c, r), 1, 1, facecolor=face, edgecolor="#bbbbbb", lw=0.5))
                 if slot[r, c] >= 0 and max(grid) <= 24:
                     ax.text(c + 0.5, r + 0.5, str(int(slot[r, c])), ha="center", va="center", fontsize=6,
@@ -161,10 +164,9 @@ def plot_neighborhoods(shape: Sequence[int], kernel_size: IntOrTuple, stride: In
         handles.append(Patch(facecolor="white", edgecolor=colors["stride"], ls="--",
                              label="same stride group (same window)"))
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fitted = "" if spec.kernel_size == spec.requested_kernel_size else f" (fitted kernel {_fmt(spec.kernel_size)})"
     fig.suptitle(f"shape {shape}: kernel {_fmt(spec.requested_kernel_size)}, stride {_fmt(spec.stride)}, "
-                 f"dilation {_fmt(spec.dilation)}, causal {_fmt(spec.is_causal)}"
-                 + ("" if spec.kernel_size == spec.requested_kernel_size else f" (fitted kernel {_fmt(spec.kernel_size)})"),
-                 fontsize=10)
+                 f"dilation {_fmt(spec.dilation)}, causal {_fmt(spec.is_causal)}{fitted}", fontsize=10)
     fig.tight_layout(rect=(0, 0.12 if len(shape) == 2 else 0.18, 1, 0.95))
     fig.savefig(out, dpi=130)
     plt.close(fig)

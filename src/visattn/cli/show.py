@@ -37,7 +37,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
 
     def window_args(q: argparse.ArgumentParser, kernel: str) -> None:
-        q.add_argument("--kernel-size", type=_ints, default=_ints(kernel), help=f"per axis, e.g. 5 or 5,3 (default {kernel})")
+        q.add_argument("--kernel-size", type=_ints, default=_ints(kernel),
+                       help=f"per axis, e.g. 5 or 5,3 (default {kernel})")
         q.add_argument("--stride", type=_ints, default=(1,), help="per axis (default 1)")
         q.add_argument("--dilation", type=_ints, default=(1,), help="per axis (default 1)")
         q.add_argument("--causal", type=_bools, default=(False,), help="per axis, e.g. 0 or 1,0 (default 0)")
