@@ -220,7 +220,7 @@ def _na_eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec:
     """
     if not isinstance(spec, NASpec):
         spec = make_spec(fn, tuple(query.shape[1:-2]), *spec)
-    if backend is None and torch.onnx.is_in_onnx_export() and torch.compiler.is_compiling():
+    if backend is None and torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export():
         # torch.onnx.export(dynamo=True) traces with torch.export: the gather-based reference
         # derives its indices from the (possibly symbolic) sizes with tensor ops, so the ONNX graph
         # keeps dynamic spatial axes. (The tiled backend builds its plan with Python ints.)
