@@ -125,3 +125,17 @@ def test_inductor_fullgraph_matches_eager() -> None:
     torch.testing.assert_close(y_c, y_e, atol=1e-5, rtol=1e-4)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_torch_export_keeps_one_custom_op_with_dynamic_sizes() -> None:
+    """``torch.export`` (e.g. for AOTInductor/ExecuTorch) sees the attention as one custom-op node and
+    the exported program serves other resolutions."""
+    module = _module().eval()
+    Dim = torch.export.Dim
+    x = torch.randn(2, 12, 13, 16)
+    program = torch.export.export(module, (x,), dynamic_shapes=({1: Dim("H", min=10), 2: Dim("W", min=10)},))
+    ops = [n.target for n in program.graph.nodes if n.op == "call_function" and "visattn" in str(n.target)]
+    assert ops == [torch.ops.visattn.na_forward.default]
+    x2 = torch.randn(2, 17, 21, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x2), module(x2), atol=1e-6, rtol=1e-5)
