@@ -102,7 +102,13 @@ def test_show_attention_command(tmp_path) -> None:
     assert _is_png(synthetic)
 
 
-def test_show_argument_errors(capsys) -> None:
+def test_show_argument_errors(capsys, tmp_path) -> None:
     with pytest.raises(SystemExit):
         main(["show", "neighborhood", "--kernel-size", "five"])
     assert "comma-separated ints" in capsys.readouterr().err
+    assert main(["show", "neighborhood", "--kernel-size", "3", "--stride", "4", "--out", str(tmp_path / "x.png")]) == 2
+    assert "stride=(4, 4) exceeds kernel_size=(3, 3)" in capsys.readouterr().err
+    assert main(["show", "attention", "--image", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    assert main(["show", "neighborhood", "--shape", "4", "4", "4", "--out", str(tmp_path / "y.png")]) == 2
+    assert "only 1-D and 2-D grids" in capsys.readouterr().err

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -66,6 +67,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors(run):
+    """Bad arguments (a ValueError from the library, naming the fix) print one line, exit code 2."""
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"visattn show {args.kind}: error: {e}", file=sys.stderr)
+            return 2
+
+    wrapped.__name__ = run.__name__
+    return wrapped
+
+
+@_user_errors
 def run_neighborhood(args: argparse.Namespace) -> int:
     from ..viz import plot_neighborhoods
 
@@ -87,6 +102,7 @@ def _read_image(path: str):
     return img[..., :3]
 
 
+@_user_errors
 def run_attention(args: argparse.Namespace) -> int:
     import torch
 
