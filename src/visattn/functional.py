@@ -14,8 +14,9 @@ from typing import Optional, Union
 import torch
 
 from .backends import Extras, Problem, Result, select_backend
-from .backends.base import lse_dtype
-from .spec import BoolOrTuple, IntOrTuple, NASpec, make_spec, neighbor_table
+from .backends.base import lse_dtype, safe_logsumexp
+from . import ops  # noqa: F401  (registers the torch.library custom ops)
+from .spec import BoolOrTuple, IntOrTuple, NASpec, _as_tuple, make_spec, neighbor_table
 
 __all__ = ["na1d", "na2d", "na3d", "na_av", "neighborhood_attention", "merge_attentions"]
 
@@ -113,7 +114,7 @@ def merge_attentions(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> t
     if len(outputs) != len(lses) or not outputs:
         raise ValueError(f"merge_attentions: got {len(outputs)} outputs and {len(lses)} lses; pass equally many, >= 1.")
     lse_all = torch.stack([l.float() if l.dtype in (torch.float16, torch.bfloat16) else l for l in lses])
-    lse = torch.logsumexp(lse_all, dim=0)
+    lse = safe_logsumexp(lse_all, dim=0)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     weights = torch.exp(lse_all - safe)  # exp(-inf) = 0 for empty parts
     out = sum(w.unsqueeze(-1) * o.to(w.dtype) for w, o in zip(weights, outputs))
@@ -184,19 +185,17 @@ def neighborhood_attention(
     if any(L == 0 for L in spec.spatial) or B == 0:
         return _empty(query, Dv, spec, return_lse, return_attn, additional_keys)
 
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, key, value, rpb, attn_bias, additional_keys, additional_values))
-    problem = Problem(
-        spec=spec, batch=B, heads=H, heads_kv=Hkv, dim=D, dim_v=Dv, dtype=query.dtype, device=query.device,
-        scale=float(scale), requires_grad=grad, has_rpb=rpb is not None, has_attn_bias=attn_bias is not None,
-        has_key_padding_mask=key_padding_mask is not None, return_attn=return_attn,
-    )
-    impl = select_backend(problem, backend, fn)
-    k_, v_ = key, value
-    if Hkv != H and not impl.supports_gqa:
-        k_, v_ = key.repeat_interleave(H // Hkv, dim=-2), value.repeat_interleave(H // Hkv, dim=-2)
-    res: Result = impl.forward(query, k_, v_, problem, extras)
-    out, lse, attn = res.out, res.lse, res.attn
+    if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+        # One opaque custom op (visattn.ops) instead of tracing a backend: no graph break, and the
+        # backend and the window rules are applied at run time from the real (possibly dynamic) sizes.
+        req = [list(_as_tuple(fn, n, a, rank, t)) for n, a, t in
+               (("stride", stride, int), ("dilation", dilation, int), ("is_causal", is_causal, bool))]
+        out, lse, attn = torch.ops.visattn.na_forward(
+            query, key, value, rpb, attn_bias, key_padding_mask, list(spec.requested_kernel_size), *req,
+            float(scale), backend or "", return_attn)
+    else:
+        out, lse, attn = _na_eager(query, key, value, spec, float(scale), backend, rpb, attn_bias,
+                                   key_padding_mask, return_attn, fn)
     if additional_keys is not None:
         out_x, lse_x = _dense_attention(query, additional_keys, additional_values, float(scale))
         out, lse_new = merge_attentions([out, out_x], [lse, lse_x])
@@ -209,6 +208,41 @@ def neighborhood_attention(
         lse = lse_new
     result = (out,) + ((lse,) if return_lse else ()) + ((attn,) if return_attn else ())
     return result[0] if len(result) == 1 else result
+
+
+def _na_eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: Union[NASpec, tuple], scale: float,
+              backend: Optional[str], rpb: Optional[torch.Tensor], attn_bias: Optional[torch.Tensor],
+              key_padding_mask: Optional[torch.Tensor], return_attn: bool, fn: str):
+    """Pick a backend for the (validated) call and run it: ``(out, lse, attn or None)``.
+
+    ``spec`` is a :class:`NASpec`, or ``(kernel_size, stride, dilation, is_causal)`` as requested
+    (the custom ops in :mod:`visattn.ops` pass those, and the rules are applied here to real sizes).
+    """
+    if not isinstance(spec, NASpec):
+        spec = make_spec(fn, tuple(query.shape[1:-2]), *spec)
+    if backend is None and torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export():
+        # torch.onnx.export(dynamo=True) traces with torch.export: the gather-based reference
+        # derives its indices from the (possibly symbolic) sizes with tensor ops, so the ONNX graph
+        # keeps dynamic spatial axes. (The tiled backend builds its plan with Python ints.)
+        backend = "reference"
+    elif backend is None and torch.jit.is_tracing():
+        # The TorchScript ONNX exporter records the ops it sees: the pure-PyTorch tiled backend
+        # traces (its index tensors become constants, fixing the spatial size).
+        backend = "torch"
+    B, H, Hkv = query.shape[0], query.shape[-2], key.shape[-2]
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, rpb, attn_bias))
+    problem = Problem(
+        spec=spec, batch=B, heads=H, heads_kv=Hkv, dim=query.shape[-1], dim_v=value.shape[-1], dtype=query.dtype,
+        device=query.device, scale=scale, requires_grad=grad, has_rpb=rpb is not None,
+        has_attn_bias=attn_bias is not None, has_key_padding_mask=key_padding_mask is not None,
+        return_attn=return_attn,
+    )
+    impl = select_backend(problem, backend, fn)
+    if Hkv != H and not impl.supports_gqa:
+        key, value = key.repeat_interleave(H // Hkv, dim=-2), value.repeat_interleave(H // Hkv, dim=-2)
+    res: Result = impl.forward(query, key, value, problem, Extras(rpb, attn_bias, key_padding_mask))
+    return res.out, res.lse, res.attn
 
 
 def _extra_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -155,7 +155,7 @@ def make_spec(
             )
     eff = [fit_axis(L, k, s, d) if L > 0 else (k, s, d) for L, k, s, d in zip(spatial, ks, st, dl)]
     return NASpec(
-        spatial=tuple(int(L) for L in spatial),
+        spatial=tuple(L if isinstance(L, torch.SymInt) else int(L) for L in spatial),  # SymInt: keep dynamic
         kernel_size=tuple(e[0] for e in eff),
         stride=tuple(e[1] for e in eff),
         dilation=tuple(e[2] for e in eff),
@@ -187,9 +187,22 @@ class AxisWindows:
         return (self.length - self.group + self.dilation - 1) // self.dilation
 
 
-@lru_cache(maxsize=256)
+def _static(*values) -> bool:
+    """Plain ints (cacheable), as opposed to symbolic sizes seen while exporting with dynamic shapes."""
+    return not any(isinstance(v, torch.SymInt) for v in values)
+
+
 def axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> AxisWindows:
-    """Apply the window rules (module docstring) to every coordinate of one axis (CPU tensors)."""
+    """Apply the window rules (module docstring) to every coordinate of one axis (CPU tensors).
+
+    Cached for int sizes; a symbolic size (``torch.export`` with dynamic shapes) is computed with
+    traced tensor ops instead, so the exported graph derives the windows from its input's shape.
+    """
+    args = (length, kernel, stride, dilation, causal)
+    return _axis_windows_cached(*args) if _static(*args) else _axis_windows(*args)
+
+
+def _axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> AxisWindows:
     x = torch.arange(length, dtype=torch.int64)
     g = x % dilation
     p = x // dilation
@@ -210,20 +223,27 @@ def axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: b
     return AxisWindows(length, kernel, dilation, g, p, base, lo, hi)
 
 
+_axis_windows_cached = lru_cache(maxsize=256)(_axis_windows)
+
+
 def spec_windows(spec: NASpec) -> list[AxisWindows]:
     """:func:`axis_windows` for every axis of ``spec``."""
     return [axis_windows(L, k, s, d, c) for L, k, s, d, c in spec.axes()]
 
 
-@lru_cache(maxsize=64)
 def neighbor_table(spec: NASpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Explicit neighbourhoods of every query, flattened row-major over the spatial axes.
 
     Returns ``(index, valid, rel)``: ``index [N, K]`` flat key token of each slot (0 where the slot
     is empty), ``valid [N, K]`` bool, and ``rel [N, K]`` the flat index into a relative-position
     table of shape ``(2*rk-1, ...)`` (``rk`` = requested kernel) of key minus query group positions.
-    ``N = prod(spatial)``, ``K = prod(kernel_size)``.
+    ``N = prod(spatial)``, ``K = prod(kernel_size)``. Cached, except for symbolic sizes (see
+    :func:`axis_windows`).
     """
+    return _neighbor_table_cached(spec) if _static(*spec.spatial, *spec.kernel_size) else _neighbor_table(spec)
+
+
+def _neighbor_table(spec: NASpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     index = torch.zeros((1, 1), dtype=torch.int64)
     valid = torch.ones((1, 1), dtype=torch.bool)
     rel = torch.zeros((1, 1), dtype=torch.int64)
@@ -238,6 +258,9 @@ def neighbor_table(spec: NASpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         rel = (rel[:, None, :, None] * (2 * rk - 1) + r[None, :, None, :]).reshape(-1, rel.shape[1] * k)
         valid = (valid[:, None, :, None] & ok[None, :, None, :]).reshape(-1, valid.shape[1] * k)
     return index, valid, rel
+
+
+_neighbor_table_cached = lru_cache(maxsize=64)(_neighbor_table)
 
 
 def na_flops(spec: NASpec, batch: int, heads: int, dim: int, dim_v: int | None = None) -> int:

@@ -88,6 +88,20 @@ class Backend(ABC):
         ``supports_gqa``); returns a :class:`Result`."""
 
 
+def safe_logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``torch.logsumexp`` whose all ``-inf`` rows give ``-inf`` with zero, not NaN, gradients.
+
+    ``logsumexp``'s backward is ``grad * exp(x - lse)``, i.e. ``0 * exp(-inf + inf) = NaN`` on a row
+    with no finite entry (a query whose keys are all masked); such rows are filled with zeros before
+    the reduction and set back to ``-inf`` after, so their gradient is masked away (no data-dependent
+    branch, so it traces for ``torch.compile`` and ONNX).
+    """
+    with torch.no_grad():
+        empty = torch.isneginf(x.amax(dim=dim, keepdim=True))
+    lse = torch.logsumexp(x.masked_fill(empty, 0.0), dim=dim)
+    return lse.masked_fill(empty.squeeze(dim), float("-inf"))
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """LSE is kept in float32 for half inputs, in the input dtype otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

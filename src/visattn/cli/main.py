@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 _COMMANDS = {
     "info": "info",
     "bench": "bench",
+    "show": "show",
 }
 
 
