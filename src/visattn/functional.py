@@ -8,7 +8,6 @@ for NATTEN runs unchanged. Validation happens once here; backends receive a chec
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
