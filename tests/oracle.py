@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from visattn.bench.problem import GRAD_TOLERANCE, TOLERANCE
 from visattn.spec import make_spec, neighbor_table
 
-# (atol, rtol) per dtype, for outputs/LSE and for gradients; not tuned per case.
-TOL = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (2e-5, 2e-4),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (2e-2, 2e-2),
-}
-GRAD_TOL = {
-    torch.float64: (1e-9, 1e-7),
-    torch.float32: (1e-4, 1e-3),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (6e-2, 6e-2),
-}
+# (atol, rtol) per dtype, for outputs/LSE and for gradients; one table shared with `visattn bench`.
+TOL, GRAD_TOL = TOLERANCE, GRAD_TOLERANCE
 
 
 def oracle(q, k, v, extra_k=None, extra_v=None, *, kernel_size, stride, dilation, is_causal, scale=None):
