@@ -1,0 +1,321 @@
+"""Triton backend: fused forward and backward kernels on CUDA (or on CPU under ``TRITON_INTERPRET=1``).
+
+The kernels (:mod:`visattn.backends.triton_kernels`) tile queries and keys in up to three
+dimensions; this file builds the per-axis window tables from :mod:`visattn.spec`, chooses tiles
+(autotuned on a GPU, fixed small ones in the interpreter), launches, and wires the autograd
+``Function``. Extra KV tokens are merged by the dispatcher through the LSE this backend returns,
+so the backward accepts a gradient on LSE (``delta = rowsum(dO * O) - dLSE``).
+
+Supported: ranks 1-3, per-axis kernel/stride/dilation/causal, GQA/MQA (natively), ``D``/``D_v`` up
+to 256 (independently), fp16/bf16/fp32, relative positional bias (with its gradient). Refused (the
+dispatcher routes elsewhere): float64, ``attn_bias``, ``key_padding_mask``, ``return_attn``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from ..spec import NASpec, axis_windows
+from .base import Backend, Extras, Problem, Result
+
+_MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpret() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (read when the kernels are defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=1)
+def _triton_missing() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e}); install it with pip install 'visattn[triton]'"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Window tables
+
+
+@lru_cache(maxsize=256)
+def _axis_table(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> torch.Tensor:
+    """``[4, L]`` int32 per axis: ``lo, hi`` (each query's window, group positions) and ``qmin,
+    qmax`` (the group positions of the queries that see each key; ``qmin > qmax`` if none).
+
+    Windows are monotone in the group position, so the queries seeing key ``t`` are the contiguous
+    run ``{p : lo(p) <= t <= hi(p)}``, found by two binary searches per dilation group.
+    """
+    w = axis_windows(length, kernel, stride, dilation, causal)
+    qmin = torch.empty(length, dtype=torch.int64)
+    qmax = torch.empty(length, dtype=torch.int64)
+    for g in range(dilation):
+        coords = torch.arange(g, length, dilation)
+        t = torch.arange(len(coords))
+        qmin[coords] = torch.searchsorted(w.hi[coords].contiguous(), t, right=False)
+        qmax[coords] = torch.searchsorted(w.lo[coords].contiguous(), t, right=True) - 1
+    return torch.stack([w.lo, w.hi, qmin, qmax]).to(torch.int32)
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def _tables(spec: NASpec, device: torch.device) -> list[torch.Tensor]:
+    """The three per-axis tables (leading virtual axes of length 1 for rank < 3) on ``device``."""
+    key = (spec, device)
+    tabs = _DEVICE_TABLES.get(key)
+    if tabs is None:
+        if len(_DEVICE_TABLES) > 128:
+            _DEVICE_TABLES.clear()
+        axes = [(1, 1, 1, 1, False)] * (3 - spec.rank) + list(spec.axes())
+        tabs = _DEVICE_TABLES[key] = [_axis_table(*a).to(device) for a in axes]
+    return tabs
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pad3(values: tuple, fill) -> tuple:
+    return (fill,) * (3 - len(values)) + tuple(values)
+
+
+def _strides5(t: torch.Tensor, rank: int) -> tuple[int, ...]:
+    """``(batch, axis0, axis1, axis2, head)`` strides of a ``[B, *S, H, ...]`` tensor seen as rank 3."""
+    s = t.stride()
+    return (s[0], *_pad3(tuple(s[1:rank + 1]), 0), s[rank + 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile configurations
+#
+# A config is (query tile T0,T1,T2, key tile K0,K1,K2); the leading axes of a rank-r problem are
+# virtual (length 1), so their extents are 1. On a GPU, tl.dot needs >= 16 rows and columns, and
+# 64-128 queries x 32-64 keys per step are what FlashAttention-class kernels use at D = 64; the
+# 2-D/3-D shapes below spread that budget over the axes so that the key box of a tile (tile +
+# window - 1 per axis) wastes little: a square-ish query tile minimises the halo. The autotuner
+# picks among them per (sizes, dilation, window, head dims); Triton caches the choice on disk.
+
+_GPU_CONFIGS = {
+    1: [((1, 1, 64), (1, 1, 32)), ((1, 1, 64), (1, 1, 64)), ((1, 1, 128), (1, 1, 32)), ((1, 1, 128), (1, 1, 64))],
+    2: [((1, 8, 16), (1, 8, 8)), ((1, 8, 16), (1, 4, 16)), ((1, 16, 8), (1, 8, 8)), ((1, 8, 8), (1, 4, 8)),
+        ((1, 16, 16), (1, 8, 8)), ((1, 8, 16), (1, 8, 16))],
+    3: [((2, 8, 8), (2, 4, 8)), ((4, 4, 8), (2, 4, 8)), ((4, 8, 4), (4, 4, 4)), ((2, 4, 8), (2, 4, 4)),
+        ((4, 4, 4), (2, 4, 4)), ((2, 8, 8), (1, 8, 8))],
+}
+# Interpreter: tiny tiles that still straddle every axis (several query and key tiles per axis,
+# partial tiles, key tiles of a different shape than query tiles) so the CPU tests exercise the
+# multi-dimensional walk; tl.dot has no minimum size there.
+_INTERPRET_CONFIG = {
+    1: ((1, 1, 8), (1, 1, 4)),
+    2: ((1, 4, 4), (1, 2, 4)),
+    3: ((2, 2, 4), (2, 4, 2)),
+}
+
+
+def _meta(cfg) -> dict:
+    (t0, t1, t2), (k0, k1, k2) = cfg
+    return dict(T0=t0, T1=t1, T2=t2, K0=k0, K1=k1, K2=k2)
+
+
+_AUTOTUNED: dict = {}
+
+
+def _launcher(kind: str, rank: int):
+    """The kernel ``kind`` (fwd / dq / dkdv) for ``rank``: autotuned on a GPU, plain in the interpreter.
+
+    For dK/dV the roles swap (``K*`` is the key tile that a program owns, ``T*`` the query tiles it
+    walks), and the same shape table serves both.
+    """
+    from . import triton_kernels as tk
+
+    fn = {"fwd": tk.na_fwd_kernel, "dq": tk.na_bwd_dq_kernel, "dkdv": tk.na_bwd_dkdv_kernel}[kind]
+    if _interpret():
+        return fn, _meta(_INTERPRET_CONFIG[rank])
+    key = (kind, rank)
+    if key not in _AUTOTUNED:
+        import triton
+
+        configs = []
+        for cfg in _GPU_CONFIGS[rank]:
+            if kind == "dkdv":  # own a key tile of the query-tile shape, walk queries in key-tile steps
+                cfg = (cfg[1], cfg[0])
+            for warps in (4, 8):
+                configs.append(triton.Config(_meta(cfg), num_warps=warps, num_stages=2))
+        _AUTOTUNED[key] = triton.autotune(
+            configs=configs,
+            key=["L0", "L1", "L2", "DIL0", "DIL1", "DIL2", "WIN0", "WIN1", "WIN2", "G",
+                 "HEAD_DIM", "HEAD_DIM_V", "HAS_RPB"],
+            reset_to_zero=["DRPB"] if kind == "dq" else None,
+            cache_results=True,
+        )(fn)
+    return _AUTOTUNED[key], {}
+
+
+def _grid(spec3: tuple, dil3: tuple, rows: int, tile_names: tuple[str, str, str]):
+    """Launch grid: (query or key tiles over all dilation groups, ``rows`` = B * heads)."""
+    def grid(meta):
+        n = 1
+        for L, d, name in zip(spec3, dil3, tile_names):
+            n *= d * _cdiv(_cdiv(L, d), meta[name])
+        return (n, rows)
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+
+
+class _Call:
+    """Everything a launch needs besides the tensors: padded rank-3 geometry and scalar arguments."""
+
+    def __init__(self, p: Problem, q: torch.Tensor, rpb: Optional[torch.Tensor]):
+        spec = p.spec
+        self.rank = spec.rank
+        self.spatial3 = _pad3(spec.spatial, 1)
+        self.dil3 = _pad3(spec.dilation, 1)
+        rk3 = _pad3(spec.requested_kernel_size if rpb is not None else (1,) * spec.rank, 1)
+        win3 = _pad3(tuple(k * d for k, d in zip(spec.kernel_size, spec.dilation)), 1)
+        self.tabs = _tables(spec, q.device)
+        self.heads, self.groups = p.heads, p.heads // p.heads_kv
+        self.batch = p.batch
+        self.scale = p.scale
+        self.common = dict(
+            L0=self.spatial3[0], L1=self.spatial3[1], L2=self.spatial3[2],
+            DIL0=self.dil3[0], DIL1=self.dil3[1], DIL2=self.dil3[2],
+            RK0=rk3[0], RK1=rk3[1], RK2=rk3[2], WIN0=win3[0], WIN1=win3[1], WIN2=win3[2],
+            H=p.heads, G=self.groups, scale=float(p.scale),
+            HEAD_DIM=p.dim, HEAD_DIM_V=p.dim_v,
+            BLOCK_D=max(16, _next_pow2(p.dim)), BLOCK_DV=max(16, _next_pow2(p.dim_v)),
+            HAS_RPB=rpb is not None,
+            # fp32 inputs: exact fp32 products (TF32 would miss the fp32 tolerance by ~1e-3).
+            PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+
+    def strides(self, *tensors: torch.Tensor) -> list[int]:
+        out: list[int] = []
+        for t in tensors:
+            out.extend(_strides5(t, self.rank))
+        return out
+
+    def grid(self, rows: int, names: tuple[str, str, str]):
+        return _grid(self.spatial3, self.dil3, rows, names)
+
+
+def _fwd(call: _Call, q, k, v, rpb) -> tuple[torch.Tensor, torch.Tensor]:
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
+    kernel, meta = _launcher("fwd", call.rank)
+    dummy = rpb if rpb is not None else lse
+    kernel[call.grid(call.batch * call.heads, ("T0", "T1", "T2"))](
+        q, k, v, out, lse, dummy, *call.tabs,
+        *call.strides(q, k, v, out), *_lse_strides(lse, call.rank),
+        **call.common, **meta)
+    return out, lse
+
+
+def _lse_strides(lse: torch.Tensor, rank: int) -> list[int]:
+    s = lse.stride()
+    return [s[0], *_pad3(tuple(s[1:rank + 1]), 0), s[rank + 1]]
+
+
+def _bwd(call: _Call, q, k, v, out, lse, rpb, dout, dlse):
+    # delta folds the LSE gradient in: dlogits = P * (dP - (rowsum(dO * O) - dLSE)).
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    drpb = torch.zeros(rpb.shape, device=q.device, dtype=torch.float32) if rpb is not None else delta
+    rpb_arg = rpb if rpb is not None else delta
+    lse_s = _lse_strides(lse, call.rank)
+    kernel, meta = _launcher("dq", call.rank)
+    kernel[call.grid(call.batch * call.heads, ("T0", "T1", "T2"))](
+        q, k, v, dout, lse, delta, dq, drpb, rpb_arg, *call.tabs,
+        *call.strides(q, k, v, dout), *lse_s, **call.common, **meta)
+    kernel, meta = _launcher("dkdv", call.rank)
+    if meta:  # the interpreter config: the owned key tile is the forward's query tile
+        meta = _meta(((meta["K0"], meta["K1"], meta["K2"]), (meta["T0"], meta["T1"], meta["T2"])))
+    kernel[call.grid(call.batch * (call.heads // call.groups), ("K0", "K1", "K2"))](
+        q, k, v, dout, lse, delta, dk, dv, rpb_arg, *call.tabs,
+        *call.strides(q, k, v, dout), *lse_s, **call.common, **meta)
+    return dq, dk, dv, (drpb.to(rpb.dtype) if rpb is not None else None)
+
+
+def _prepare(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index the head dim with unit stride; everything else may be strided."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _TritonNA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, problem: Problem):
+        call = _Call(problem, q, rpb)
+        q, k, v = _prepare(q), _prepare(k), _prepare(v)
+        rpb_c = rpb.contiguous() if rpb is not None else None
+        out, lse = _fwd(call, q, k, v, rpb_c)
+        ctx.save_for_backward(q, k, v, out, lse, rpb_c)
+        ctx.call = call
+        ctx.has_rpb = rpb is not None
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, rpb = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        # dq/dk/dv are allocated like q/k/v, which must share strides with the kernel's view.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        dq, dk, dv, drpb = _bwd(ctx.call, q, k, v, out, lse, rpb, dout.contiguous(), dlse)
+        return dq, dk, dv, drpb, None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "fused Triton kernels: multi-dim query tiles x key boxes, online softmax, fused backward"
+    supports_gqa = True
+
+    def unavailable(self) -> Optional[str]:
+        missing = _triton_missing()
+        if missing:
+            return missing
+        if not torch.cuda.is_available() and not _interpret():
+            return ("no CUDA GPU on this machine (set TRITON_INTERPRET=1 before importing visattn to run "
+                    "the kernels on CPU in Triton's interpreter, for testing only: it is very slow)")
+        return None
+
+    def refuse(self, p: Problem) -> Optional[str]:
+        if p.device.type != "cuda" and not _interpret():
+            return f"tensors are on {p.device}; the Triton kernels need CUDA tensors"
+        if p.dtype not in _DTYPES:
+            return f"dtype {p.dtype} is not supported (float16, bfloat16, float32); use backend='torch'"
+        if max(p.dim, p.dim_v) > _MAX_HEAD_DIM:
+            return f"head_dim={p.dim}, dim_v={p.dim_v}: at most {_MAX_HEAD_DIM} is supported"
+        if p.has_attn_bias:
+            return "attn_bias is not supported (use backend='torch')"
+        if p.has_key_padding_mask:
+            return "key_padding_mask is not supported (use backend='torch')"
+        if p.return_attn:
+            return "return_attn=True needs the probabilities, which a fused kernel never stores"
+        return None
+
+    def priority(self, p: Problem) -> float:
+        # First choice on CUDA; in the interpreter (CPU) only when forced by name.
+        return 10.0 if p.device.type == "cuda" else -50.0
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras: Extras) -> Result:
+        out, lse = _TritonNA.apply(q, k, v, extras.rpb, p)
+        return Result(out, lse.to(torch.float32))
+
+
+__all__ = ["TritonBackend"]
