@@ -236,7 +236,9 @@ def _bwd(call: _Call, q, k, v, out, lse, rpb, dout, dlse):
         delta = delta - dlse.float()
     delta = delta.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    drpb = torch.zeros(rpb.shape, device=q.device, dtype=torch.float32) if rpb is not None else delta
+    # Without rpb the kernel never touches DRPB, but the autotuner zeroes it between trials: give
+    # it a scratch buffer of its own, never a live tensor.
+    drpb = torch.zeros(rpb.shape if rpb is not None else (1,), device=q.device, dtype=torch.float32)
     rpb_arg = rpb if rpb is not None else delta
     lse_s = _lse_strides(lse, call.rank)
     kernel, meta = _launcher("dq", call.rank)
