@@ -92,7 +92,7 @@ INTERP_CASES = [
     Case((8, 8), (4, 4), (4, 4), batch=1, heads=1, dim=16),
     Case((9, 7), (5, 3), (2, 3), (1, 2), batch=1, heads=1, dim=16, dim_v=24),
     Case((4, 5, 3), (3, 3, 2), (1, 2, 1), (1, 1, 1), (True, False, False), batch=1, dim=16),
-    Case((6, 5, 4), (2, 3, 2), (2, 1, 1), (2, 1, 2), batch=1, heads=2, heads_kv=1, dim=16),
+    Case((5, 4, 4), (2, 3, 2), (2, 1, 1), (2, 1, 2), batch=1, heads=2, heads_kv=1, dim=16),
 ]
 
 
@@ -124,7 +124,7 @@ def test_interp_parity_fp16():
 def _rpb_check(device: str, dtype: torch.dtype) -> None:
     """Relative positional bias: forward and all gradients (q, k, v, rpb) match the reference in fp64."""
     g = torch.Generator().manual_seed(3)
-    shape, kw = (1, 7, 9, 2, 16), dict(kernel_size=(3, 4), dilation=(2, 1), stride=(1, 2), is_causal=(False, False))
+    shape, kw = (1, 6, 8, 2, 16), dict(kernel_size=(3, 4), dilation=(2, 1), stride=(1, 2), is_causal=(False, False))
     leaves = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3)]
     leaves.append(torch.randn(2, 5, 7, generator=g, dtype=torch.float64))
     mine = [t.to(device, dtype).requires_grad_() for t in leaves]
