@@ -90,12 +90,6 @@ def _pad3(values: tuple, fill) -> tuple:
     return (fill,) * (3 - len(values)) + tuple(values)
 
 
-def _strides5(t: torch.Tensor, rank: int) -> tuple[int, ...]:
-    """``(batch, axis0, axis1, axis2, head)`` strides of a ``[B, *S, H, ...]`` tensor seen as rank 3."""
-    s = t.stride()
-    return (s[0], *_pad3(tuple(s[1:rank + 1]), 0), s[rank + 1])
-
-
 # ---------------------------------------------------------------------------------------------
 # Tile configurations
 #
@@ -105,14 +99,15 @@ def _strides5(t: torch.Tensor, rank: int) -> tuple[int, ...]:
 # 2-D/3-D shapes below spread that budget over the axes so that the key box of a tile (tile +
 # window - 1 per axis) wastes little: a square-ish query tile minimises the halo. The autotuner
 # picks among them per (sizes, dilation, window, head dims); Triton caches the choice on disk.
+# Each candidate costs a compile (seconds) the first time a shape is seen, so the list is short;
+# VISATTN_TRITON_AUTOTUNE=0 skips tuning and uses the first entry with 4 warps.
 
 _GPU_CONFIGS = {
-    1: [((1, 1, 64), (1, 1, 32)), ((1, 1, 64), (1, 1, 64)), ((1, 1, 128), (1, 1, 32)), ((1, 1, 128), (1, 1, 64))],
-    2: [((1, 8, 16), (1, 8, 8)), ((1, 8, 16), (1, 4, 16)), ((1, 16, 8), (1, 8, 8)), ((1, 8, 8), (1, 4, 8)),
-        ((1, 16, 16), (1, 8, 8)), ((1, 8, 16), (1, 8, 16))],
-    3: [((2, 8, 8), (2, 4, 8)), ((4, 4, 8), (2, 4, 8)), ((4, 8, 4), (4, 4, 4)), ((2, 4, 8), (2, 4, 4)),
-        ((4, 4, 4), (2, 4, 4)), ((2, 8, 8), (1, 8, 8))],
+    1: [((1, 1, 128), (1, 1, 64)), ((1, 1, 64), (1, 1, 32)), ((1, 1, 128), (1, 1, 32))],
+    2: [((1, 8, 16), (1, 8, 8)), ((1, 8, 16), (1, 4, 16)), ((1, 16, 16), (1, 8, 8))],
+    3: [((2, 8, 8), (2, 4, 8)), ((4, 4, 8), (2, 4, 8)), ((4, 8, 4), (4, 4, 4))],
 }
+_GPU_WARPS = (4, 8)
 # Interpreter: tiny tiles that still straddle every axis (several query and key tiles per axis,
 # partial tiles, key tiles of a different shape than query tiles) so the CPU tests exercise the
 # multi-dimensional walk; tl.dot has no minimum size there.
@@ -142,15 +137,16 @@ def _launcher(kind: str, rank: int):
     fn = {"fwd": tk.na_fwd_kernel, "dq": tk.na_bwd_dq_kernel, "dkdv": tk.na_bwd_dkdv_kernel}[kind]
     if _interpret():
         return fn, _meta(_INTERPRET_CONFIG[rank])
-    key = (kind, rank)
+    tune = os.environ.get("VISATTN_TRITON_AUTOTUNE", "1") != "0"
+    key = (kind, rank, tune)
     if key not in _AUTOTUNED:
         import triton
 
         configs = []
-        for cfg in _GPU_CONFIGS[rank]:
+        for cfg in _GPU_CONFIGS[rank] if tune else _GPU_CONFIGS[rank][:1]:
             if kind == "dkdv":  # own a key tile of the query-tile shape, walk queries in key-tile steps
                 cfg = (cfg[1], cfg[0])
-            for warps in (4, 8):
+            for warps in _GPU_WARPS if tune else _GPU_WARPS[:1]:
                 configs.append(triton.Config(_meta(cfg), num_warps=warps, num_stages=2))
         _AUTOTUNED[key] = triton.autotune(
             configs=configs,
@@ -179,57 +175,96 @@ def _grid(spec3: tuple, dil3: tuple, rows: int, tile_names: tuple[str, str, str]
 class _Call:
     """Everything a launch needs besides the tensors: padded rank-3 geometry and scalar arguments."""
 
-    def __init__(self, p: Problem, q: torch.Tensor, rpb: Optional[torch.Tensor]):
-        spec = p.spec
+    def __init__(self, spec: NASpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_rpb: bool,
+                 scale: float):
         self.rank = spec.rank
         self.spatial3 = _pad3(spec.spatial, 1)
         self.dil3 = _pad3(spec.dilation, 1)
-        rk3 = _pad3(spec.requested_kernel_size if rpb is not None else (1,) * spec.rank, 1)
-        win3 = _pad3(tuple(k * d for k, d in zip(spec.kernel_size, spec.dilation)), 1)
+        rk3 = _pad3(spec.requested_kernel_size if has_rpb else (1,) * spec.rank, 1)
+        win3 = _pad3(tuple(k_ * d for k_, d in zip(spec.kernel_size, spec.dilation)), 1)
         self.tabs = _tables(spec, q.device)
-        self.heads, self.groups = p.heads, p.heads // p.heads_kv
-        self.batch = p.batch
-        self.scale = p.scale
+        self.batch, self.heads, self.heads_kv = q.shape[0], q.shape[-2], k.shape[-2]
+        dim, dim_v = q.shape[-1], v.shape[-1]
         self.common = dict(
             L0=self.spatial3[0], L1=self.spatial3[1], L2=self.spatial3[2],
             DIL0=self.dil3[0], DIL1=self.dil3[1], DIL2=self.dil3[2],
             RK0=rk3[0], RK1=rk3[1], RK2=rk3[2], WIN0=win3[0], WIN1=win3[1], WIN2=win3[2],
-            H=p.heads, G=self.groups, scale=float(p.scale),
-            HEAD_DIM=p.dim, HEAD_DIM_V=p.dim_v,
-            BLOCK_D=max(16, _next_pow2(p.dim)), BLOCK_DV=max(16, _next_pow2(p.dim_v)),
-            HAS_RPB=rpb is not None,
-            # fp32 inputs: exact fp32 products (TF32 would miss the fp32 tolerance by ~1e-3).
-            PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            H=self.heads, G=self.heads // self.heads_kv, scale=float(scale),
+            HEAD_DIM=dim, HEAD_DIM_V=dim_v,
+            BLOCK_D=max(16, _next_pow2(dim)), BLOCK_DV=max(16, _next_pow2(dim_v)),
+            HAS_RPB=has_rpb,
+            # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores (plain TF32 misses the fp32
+            # tolerance by ~1e-3; "ieee" falls back to FMA loops, several times slower).
+            PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
         )
 
     def strides(self, *tensors: torch.Tensor) -> list[int]:
+        """``(batch, axis0, axis1, axis2, head)`` strides of each ``[B, *S, H, ...]`` tensor."""
         out: list[int] = []
         for t in tensors:
-            out.extend(_strides5(t, self.rank))
+            s = t.stride()
+            out.extend((s[0], *_pad3(tuple(s[1:self.rank + 1]), 0), s[self.rank + 1]))
         return out
 
-    def grid(self, rows: int, names: tuple[str, str, str]):
-        return _grid(self.spatial3, self.dil3, rows, names)
+    def launch(self, kind: str, tile_names: tuple[str, str, str], rows: int, *args) -> None:
+        kernel, meta = _launcher(kind, self.rank)
+        if kind == "dkdv" and meta:  # interpreter config: own a key tile shaped like the query tile
+            meta = _meta(((meta["K0"], meta["K1"], meta["K2"]), (meta["T0"], meta["T1"], meta["T2"])))
+        kernel[_grid(self.spatial3, self.dil3, rows, tile_names)](*args, **self.common, **meta)
 
 
-def _fwd(call: _Call, q, k, v, rpb) -> tuple[torch.Tensor, torch.Tensor]:
+def _spec(q: torch.Tensor, kernel_size, stride, dilation, is_causal, requested_kernel_size) -> NASpec:
+    """Rebuild the (already validated and fitted) spec from the op's plain arguments."""
+    return NASpec(spatial=tuple(q.shape[1:-2]), kernel_size=tuple(kernel_size), stride=tuple(stride),
+                  dilation=tuple(dilation), is_causal=tuple(bool(c) for c in is_causal),
+                  requested_kernel_size=tuple(requested_kernel_size))
+
+
+def _prepare(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index the head dim with unit stride; every other dim may be strided."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (no graph break), with a registered backward.
+#
+# The spec travels as plain int/bool lists so the ops have a schema; they are called only by
+# TritonBackend after functional.py validated everything.
+
+
+@torch.library.custom_op("visattn::triton_na_fwd", mutates_args=())
+def _na_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
+            kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
+            requested_kernel_size: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``out [B, *S, H, D_v]`` (q's dtype) and ``lse [B, *S, H]`` (float32)."""
+    spec = _spec(q, kernel_size, stride, dilation, is_causal, requested_kernel_size)
+    q, k, v = _prepare(q), _prepare(k), _prepare(v)
+    call = _Call(spec, q, k, v, rpb is not None, scale)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
-    kernel, meta = _launcher("fwd", call.rank)
-    dummy = rpb if rpb is not None else lse
-    kernel[call.grid(call.batch * call.heads, ("T0", "T1", "T2"))](
-        q, k, v, out, lse, dummy, *call.tabs,
-        *call.strides(q, k, v, out), *_lse_strides(lse, call.rank),
-        **call.common, **meta)
+    rpb_arg = rpb.contiguous() if rpb is not None else lse  # never read without HAS_RPB
+    call.launch("fwd", ("T0", "T1", "T2"), call.batch * call.heads,
+                q, k, v, out, lse, rpb_arg, *call.tabs,
+                *call.strides(q, k, v, out, lse.unsqueeze(-1)))  # lse as [B, *S, H, 1] for its strides
     return out, lse
 
 
-def _lse_strides(lse: torch.Tensor, rank: int) -> list[int]:
-    s = lse.stride()
-    return [s[0], *_pad3(tuple(s[1:rank + 1]), 0), s[rank + 1]]
+@_na_fwd.register_fake
+def _na_fwd_fake(q, k, v, rpb, kernel_size, stride, dilation, is_causal, requested_kernel_size, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-def _bwd(call: _Call, q, k, v, out, lse, rpb, dout, dlse):
+@torch.library.custom_op("visattn::triton_na_bwd", mutates_args=())
+def _na_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            rpb: Optional[torch.Tensor], dout: torch.Tensor, dlse: Optional[torch.Tensor],
+            kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
+            requested_kernel_size: list[int], scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``dq, dk, dv`` (contiguous, input dtypes) and ``drpb`` (``[0]`` without rpb)."""
+    spec = _spec(q, kernel_size, stride, dilation, is_causal, requested_kernel_size)
+    # dq/dk/dv are written with q/k/v's strides, so those must be dense.
+    q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
+    call = _Call(spec, q, k, v, rpb is not None, scale)
     # delta folds the LSE gradient in: dlogits = P * (dP - (rowsum(dO * O) - dLSE)).
     delta = (dout.float() * out.float()).sum(-1)
     if dlse is not None:
@@ -239,47 +274,39 @@ def _bwd(call: _Call, q, k, v, out, lse, rpb, dout, dlse):
     # Without rpb the kernel never touches DRPB, but the autotuner zeroes it between trials: give
     # it a scratch buffer of its own, never a live tensor.
     drpb = torch.zeros(rpb.shape if rpb is not None else (1,), device=q.device, dtype=torch.float32)
-    rpb_arg = rpb if rpb is not None else delta
-    lse_s = _lse_strides(lse, call.rank)
-    kernel, meta = _launcher("dq", call.rank)
-    kernel[call.grid(call.batch * call.heads, ("T0", "T1", "T2"))](
-        q, k, v, dout, lse, delta, dq, drpb, rpb_arg, *call.tabs,
-        *call.strides(q, k, v, dout), *lse_s, **call.common, **meta)
-    kernel, meta = _launcher("dkdv", call.rank)
-    if meta:  # the interpreter config: the owned key tile is the forward's query tile
-        meta = _meta(((meta["K0"], meta["K1"], meta["K2"]), (meta["T0"], meta["T1"], meta["T2"])))
-    kernel[call.grid(call.batch * (call.heads // call.groups), ("K0", "K1", "K2"))](
-        q, k, v, dout, lse, delta, dk, dv, rpb_arg, *call.tabs,
-        *call.strides(q, k, v, dout), *lse_s, **call.common, **meta)
-    return dq, dk, dv, (drpb.to(rpb.dtype) if rpb is not None else None)
+    rpb_arg = rpb.contiguous() if rpb is not None else delta
+    strides = call.strides(q, k, v, dout, delta.unsqueeze(-1))
+    call.launch("dq", ("T0", "T1", "T2"), call.batch * call.heads,
+                q, k, v, dout, lse, delta, dq, drpb, rpb_arg, *call.tabs, *strides)
+    call.launch("dkdv", ("K0", "K1", "K2"), call.batch * call.heads_kv,
+                q, k, v, dout, lse, delta, dk, dv, rpb_arg, *call.tabs, *strides)
+    return dq, dk, dv, (drpb.to(rpb.dtype) if rpb is not None else drpb[:0])
 
 
-def _prepare(t: torch.Tensor) -> torch.Tensor:
-    """Kernels index the head dim with unit stride; everything else may be strided."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+@_na_bwd.register_fake
+def _na_bwd_fake(q, k, v, out, lse, rpb, dout, dlse, kernel_size, stride, dilation, is_causal, requested_kernel_size, scale):
+    drpb = torch.empty_like(rpb, memory_format=torch.contiguous_format) if rpb is not None else q.new_empty(0, dtype=torch.float32)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), drpb)
 
 
-class _TritonNA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rpb, problem: Problem):
-        call = _Call(problem, q, rpb)
-        q, k, v = _prepare(q), _prepare(k), _prepare(v)
-        rpb_c = rpb.contiguous() if rpb is not None else None
-        out, lse = _fwd(call, q, k, v, rpb_c)
-        ctx.save_for_backward(q, k, v, out, lse, rpb_c)
-        ctx.call = call
-        ctx.has_rpb = rpb is not None
-        return out, lse
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, rpb, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, rpb)
+    ctx.params = params
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, rpb = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        # dq/dk/dv are allocated like q/k/v, which must share strides with the kernel's view.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        dq, dk, dv, drpb = _bwd(ctx.call, q, k, v, out, lse, rpb, dout.contiguous(), dlse)
-        return dq, dk, dv, drpb, None
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, rpb = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, drpb = _na_bwd(q, k, v, out, lse, rpb, dout, dlse, *ctx.params)
+    return (dq, dk, dv, drpb if rpb is not None else None) + (None,) * len(ctx.params)
+
+
+torch.library.register_autograd("visattn::triton_na_fwd", _backward, setup_context=_setup_context)
 
 
 class TritonBackend(Backend):
@@ -316,8 +343,10 @@ class TritonBackend(Backend):
         return 10.0 if p.device.type == "cuda" else -50.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras: Extras) -> Result:
-        out, lse = _TritonNA.apply(q, k, v, extras.rpb, p)
-        return Result(out, lse.to(torch.float32))
+        s = p.spec
+        out, lse = _na_fwd(q, k, v, extras.rpb, list(s.kernel_size), list(s.stride), list(s.dilation),
+                           list(s.is_causal), list(s.requested_kernel_size), p.scale)
+        return Result(out, lse)
 
 
 __all__ = ["TritonBackend"]
