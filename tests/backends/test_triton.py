@@ -148,6 +148,31 @@ def test_interp_rpb():
 
 
 @needs_interpreter
+def test_interp_custom_op_and_compile():
+    """The kernels are torch.library ops: schema, fake and autograd registrations pass ``opcheck``,
+    and ``torch.compile(fullgraph=True)`` traces through them (forward and backward)."""
+    import visattn.backends.triton_na  # noqa: F401  (registers the ops)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    params = ([3], [1], [1], [False], [3], 0.25)
+    op = torch.ops.visattn.triton_na_fwd.default
+    # test_aot_dispatch_dynamic is left out: the torch.compile check below covers tracing.
+    torch.library.opcheck(op, (q, k, v, None, *params),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def f(q, k, v):
+        out, lse = op(q, k, v, None, *params)
+        return out.sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager_grads = torch.autograd.grad(f(q, k, v), (q, k, v))
+    compiled_grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+@needs_interpreter
 def test_interp_dispatch():
     """On CPU the interpreter is only used when forced; unsupported features are refused, not faked."""
     assert select_backend(_problem()).name == "torch"
@@ -157,6 +182,44 @@ def test_interp_dispatch():
     q = torch.randn(1, 6, 2, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="backend='triton' cannot serve this call: dtype torch.float64"):
         neighborhood_attention(q, q, q, 3, backend="triton")
+
+
+# --- GPU code generation without a GPU --------------------------------------------------------
+
+def _compile(kind: str, arch: int, dtype: str, cfg, dim: int = 64, warps: int = 4):
+    """Lower one kernel to a cubin for ``sm_<arch>`` with Triton's bundled LLVM and ptxas."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from visattn.backends import triton_kernels as tk
+    from visattn.backends.triton_na import _meta
+
+    fn = {"fwd": tk.na_fwd_kernel, "dq": tk.na_bwd_dq_kernel, "dkdv": tk.na_bwd_dkdv_kernel}[kind]
+    consts = dict(HEAD_DIM=dim, HEAD_DIM_V=dim, BLOCK_D=dim, BLOCK_DV=dim, HAS_RPB=True,
+                  PREC="tf32x3" if dtype == "fp32" else "tf32", **_meta(cfg))
+    ptr = {**dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "RPB"), f"*{dtype}"),
+           **dict.fromkeys(("LSE", "DELTA", "DRPB"), "*fp32"), **dict.fromkeys(("TAB0", "TAB1", "TAB2"), "*i32")}
+    sig = {a: "constexpr" if a in consts else ptr.get(a, "fp32" if a == "scale" else "i32") for a in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps, num_stages=2))
+
+
+@pytest.mark.slow
+@needs_triton
+@pytest.mark.skipif(INTERPRET, reason="the interpreter replaces the kernels; nothing to compile")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+def test_kernels_compile_for_gpu(kind: str, arch: int):
+    """Without a GPU: each kernel lowers to a cubin for Ampere/Hopper, on tensor cores, within the
+    shared-memory budget (catches GPU-only errors the interpreter cannot see)."""
+    from visattn.backends.triton_na import _GPU_CONFIGS
+
+    cfg = _GPU_CONFIGS[2][0]
+    compiled = _compile(kind, arch, "fp16", cfg if kind != "dkdv" else (cfg[1], cfg[0]))
+    ptx = compiled.asm["ptx"]
+    assert ("wgmma" in ptx) if arch == 90 else ("mma.sync" in ptx)
+    assert compiled.metadata.shared <= (227 if arch == 90 else 163) * 1024
 
 
 # --- GPU ------------------------------------------------------------------------------------
