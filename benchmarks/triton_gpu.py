@@ -4,6 +4,12 @@ Usage (on a machine with a CUDA GPU)::
 
     PYTHONPATH=src python benchmarks/triton_gpu.py            # the target shapes
     PYTHONPATH=src python benchmarks/triton_gpu.py --quick    # smaller shapes, a smoke run
+    PYTHONPATH=src python benchmarks/triton_gpu.py --only 2d_na_k13 --dtypes float16
+
+The first run of each shape autotunes (3 tiles x 2 warp counts per kernel, three kernels: a few
+minutes for all problems on a 16-core host); Triton caches compiled kernels and tuning results on
+disk, so split a first run with ``--only`` if a time limit applies, or set
+``VISATTN_TRITON_AUTOTUNE=0`` for a quick untuned run.
 
 For each problem (the issue's targets: 2-D NA 128x128 k=13, 3-D NA 16x32x32 k=7, and the blocked
 case stride = kernel) and dtype (fp16, bf16) it
@@ -168,7 +174,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--only", nargs="*", help="problem names to run")
+    ap.add_argument("--only", nargs="*", help=f"problem names to run ({', '.join([*PROBLEMS, *QUICK])})")
+    ap.add_argument("--dtypes", nargs="*", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"])
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("triton_gpu.py: no CUDA GPU here; nothing to time.")
@@ -179,7 +186,7 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  B={BATCH} H={HEADS} D={DIM}")
     rows = []
     for name, problem in problems.items():
-        for dtype in (torch.float16, torch.bfloat16):
+        for dtype in (getattr(torch, d) for d in args.dtypes):
             errs = check(problem, dtype)
             print(f"check {name:<16} {str(dtype).split('.')[-1]:<9} max|err| vs torch fp32: "
                   + " ".join(f"{k}={v:.2e}" for k, v in errs.items()), flush=True)

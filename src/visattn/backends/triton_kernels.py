@@ -38,12 +38,19 @@ def _split(m, T1: tl.constexpr, T2: tl.constexpr):
 
 
 @triton.jit
-def _axis_tile_ids(pid, L1, L2, DIL1, DIL2, T1: tl.constexpr, T2: tl.constexpr):
-    """Split a flat tile id into per-axis tile ids; an axis has ``DIL * cdiv(cdiv(L, DIL), T)``
-    tiles (each dilation group is tiled separately, at the length of the longest group)."""
+def _program(L0, L1, L2, DIL0, DIL1, DIL2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """This program's row (batch * heads + head) and per-axis tile ids.
+
+    An axis has ``DIL * cdiv(cdiv(L, DIL), T)`` tiles (each dilation group is tiled separately, at
+    the length of the longest group). The grid is 1-D with tiles fastest, so neighbouring programs
+    share a (batch, head) and reuse each other's keys from L2 (and no grid axis hits 65535).
+    """
+    n0 = DIL0 * tl.cdiv(tl.cdiv(L0, DIL0), T0)
     n1 = DIL1 * tl.cdiv(tl.cdiv(L1, DIL1), T1)
     n2 = DIL2 * tl.cdiv(tl.cdiv(L2, DIL2), T2)
-    return pid // (n1 * n2), (pid // n2) % n1, pid % n2
+    pid = tl.program_id(0)
+    tile = pid % (n0 * n1 * n2)
+    return pid // (n0 * n1 * n2), tile // (n1 * n2), (tile // n2) % n1, tile % n2
 
 
 @triton.jit
@@ -103,11 +110,10 @@ def na_fwd_kernel(
 
     ``WIN*`` (kernel * dilation per axis) are unused in the body: they key the autotuner.
     """
-    bh = tl.program_id(1)
+    bh, ta0, ta1, ta2 = _program(L0, L1, L2, DIL0, DIL1, DIL2, T0, T1, T2)
     b = bh // H
     h = bh % H
     hk = h // G  # GQA: query head h reads kv head h // G
-    ta0, ta1, ta2 = _axis_tile_ids(tl.program_id(0), L1, L2, DIL1, DIL2, T1, T2)
 
     m = tl.arange(0, T0 * T1 * T2)
     i0, i1, i2 = _split(m, T1, T2)
@@ -199,11 +205,10 @@ def na_bwd_dq_kernel(
     LSE. ``DQ`` has Q's strides, ``DO`` has O's (``so*``). With ``HAS_RPB`` the bias gradient
     (``dS`` summed over queries with one offset) is accumulated into float32 ``DRPB`` atomically.
     """
-    bh = tl.program_id(1)
+    bh, ta0, ta1, ta2 = _program(L0, L1, L2, DIL0, DIL1, DIL2, T0, T1, T2)
     b = bh // H
     h = bh % H
     hk = h // G
-    ta0, ta1, ta2 = _axis_tile_ids(tl.program_id(0), L1, L2, DIL1, DIL2, T1, T2)
 
     m = tl.arange(0, T0 * T1 * T2)
     i0, i1, i2 = _split(m, T1, T2)
@@ -287,13 +292,12 @@ def na_bwd_dkdv_kernel(
 
     Walks the box of queries that can see the tile in ``T0 x T1 x T2`` query tiles, for each of
     the ``G`` query heads sharing this kv head (GQA needs no atomics: one program owns its keys).
-    ``DK``/``DV`` have K's/V's strides. Program grid axis 1 is ``B * H_kv``.
+    ``DK``/``DV`` have K's/V's strides. Program rows are ``B * H_kv``.
     """
-    bh = tl.program_id(1)
     HKV = H // G
+    bh, ta0, ta1, ta2 = _program(L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2)
     b = bh // HKV
     hk = bh % HKV
-    ta0, ta1, ta2 = _axis_tile_ids(tl.program_id(0), L1, L2, DIL1, DIL2, K1, K2)
 
     n = tl.arange(0, K0 * K1 * K2)
     j0, j1, j2 = _split(n, K1, K2)
@@ -325,7 +329,7 @@ def na_bwd_dkdv_kernel(
     pend0 = tl.max(qmax0, 0)
     pend1 = tl.max(qmax1, 0)
     pend2 = tl.max(qmax2, 0)
-    for hq in range(0, G):
+    for hq in range(G):
         h = hk * G + hq
         for s0 in range(tl.min(qmin0, 0), pend0 + 1, T0):
             p0 = s0 + i0

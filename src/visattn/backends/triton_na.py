@@ -2,8 +2,9 @@
 
 The kernels (:mod:`visattn.backends.triton_kernels`) tile queries and keys in up to three
 dimensions; this file builds the per-axis window tables from :mod:`visattn.spec`, chooses tiles
-(autotuned on a GPU, fixed small ones in the interpreter), launches, and wires the autograd
-``Function``. Extra KV tokens are merged by the dispatcher through the LSE this backend returns,
+(autotuned on a GPU, fixed small ones in the interpreter), launches, and exposes forward and
+backward as ``torch.library`` custom ops (``visattn::triton_na_fwd`` / ``_bwd``) with a registered
+autograd formula, so ``torch.compile(fullgraph=True)`` sees one opaque op. Extra KV tokens are merged by the dispatcher through the LSE this backend returns,
 so the backward accepts a gradient on LSE (``delta = rowsum(dO * O) - dLSE``).
 
 Supported: ranks 1-3, per-axis kernel/stride/dilation/causal, GQA/MQA (natively), ``D``/``D_v`` up
@@ -127,16 +128,18 @@ _AUTOTUNED: dict = {}
 
 
 def _launcher(kind: str, rank: int):
-    """The kernel ``kind`` (fwd / dq / dkdv) for ``rank``: autotuned on a GPU, plain in the interpreter.
+    """The kernel ``kind`` (fwd / dq / dkdv) for ``rank`` and the launch meta-parameters it still
+    needs: autotuned on a GPU (meta chosen by the tuner), plain with a fixed tile in the interpreter.
 
     For dK/dV the roles swap (``K*`` is the key tile that a program owns, ``T*`` the query tiles it
-    walks), and the same shape table serves both.
+    walks); each config is transposed so the owned tile gets the forward's query-tile shape.
     """
     from . import triton_kernels as tk
 
     fn = {"fwd": tk.na_fwd_kernel, "dq": tk.na_bwd_dq_kernel, "dkdv": tk.na_bwd_dkdv_kernel}[kind]
     if _interpret():
-        return fn, _meta(_INTERPRET_CONFIG[rank])
+        cfg = _INTERPRET_CONFIG[rank]
+        return fn, _meta((cfg[1], cfg[0]) if kind == "dkdv" else cfg)
     tune = os.environ.get("VISATTN_TRITON_AUTOTUNE", "1") != "0"
     key = (kind, rank, tune)
     if key not in _AUTOTUNED:
@@ -159,12 +162,12 @@ def _launcher(kind: str, rank: int):
 
 
 def _grid(spec3: tuple, dil3: tuple, rows: int, tile_names: tuple[str, str, str]):
-    """Launch grid: (query or key tiles over all dilation groups, ``rows`` = B * heads)."""
+    """1-D launch grid: ``rows`` (B * heads) x the query or key tiles of all dilation groups."""
     def grid(meta):
-        n = 1
+        n = rows
         for L, d, name in zip(spec3, dil3, tile_names):
             n *= d * _cdiv(_cdiv(L, d), meta[name])
-        return (n, rows)
+        return (n,)
     return grid
 
 
@@ -208,8 +211,6 @@ class _Call:
 
     def launch(self, kind: str, tile_names: tuple[str, str, str], rows: int, *args) -> None:
         kernel, meta = _launcher(kind, self.rank)
-        if kind == "dkdv" and meta:  # interpreter config: own a key tile shaped like the query tile
-            meta = _meta(((meta["K0"], meta["K1"], meta["K2"]), (meta["T0"], meta["T1"], meta["T2"])))
         kernel[_grid(self.spatial3, self.dil3, rows, tile_names)](*args, **self.common, **meta)
 
 
