@@ -143,6 +143,14 @@ def na_fwd_kernel(
     kend0 = tl.max(hi0, 0)
     kend1 = tl.max(hi1, 0)
     kend2 = tl.max(hi2, 0)
+    # The keys every valid query of the tile sees: a key block inside this box needs no per-pair
+    # window test (every block, for blocked attention with tiles aligned to the windows).
+    all_lo0 = tl.max(tl.where(qok, lo0, -1), 0)
+    all_lo1 = tl.max(tl.where(qok, lo1, -1), 0)
+    all_lo2 = tl.max(tl.where(qok, lo2, -1), 0)
+    all_hi0 = tl.min(tl.where(qok, hi0, _FAR), 0)
+    all_hi1 = tl.min(tl.where(qok, hi1, _FAR), 0)
+    all_hi2 = tl.min(tl.where(qok, hi2, _FAR), 0)
     for s0 in range(tl.min(lo0, 0), kend0 + 1, K0):
         t0 = s0 + j0
         for s1 in range(tl.min(lo1, 0), kend1 + 1, K1):
@@ -156,9 +164,14 @@ def na_fwd_kernel(
                             mask=kok[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
                 v = tl.load(V + b * svb + hk * svh + voff[:, None] + dv[None, :],
                             mask=kok[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0)
-                inside = ((t0[None, :] >= lo0[:, None]) & (t0[None, :] <= hi0[:, None])
-                          & (t1[None, :] >= lo1[:, None]) & (t1[None, :] <= hi1[:, None])
-                          & (t2[None, :] >= lo2[:, None]) & (t2[None, :] <= hi2[:, None]))
+                full = ((s0 >= all_lo0) & (s0 + K0 - 1 <= all_hi0) & (s1 >= all_lo1) & (s1 + K1 - 1 <= all_hi1)
+                        & (s2 >= all_lo2) & (s2 + K2 - 1 <= all_hi2))
+                if full:
+                    inside = tl.broadcast_to(qok[:, None], [T0 * T1 * T2, K0 * K1 * K2])
+                else:
+                    inside = ((t0[None, :] >= lo0[:, None]) & (t0[None, :] <= hi0[:, None])
+                              & (t1[None, :] >= lo1[:, None]) & (t1[None, :] <= hi1[:, None])
+                              & (t2[None, :] >= lo2[:, None]) & (t2[None, :] <= hi2[:, None]))
                 s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
                 if HAS_RPB:
                     ridx = _rpb_index(p0[:, None], p1[:, None], p2[:, None], t0[None, :], t1[None, :],
@@ -242,6 +255,14 @@ def na_bwd_dq_kernel(
     kend0 = tl.max(hi0, 0)
     kend1 = tl.max(hi1, 0)
     kend2 = tl.max(hi2, 0)
+    # The keys every valid query of the tile sees: a key block inside this box needs no per-pair
+    # window test (every block, for blocked attention with tiles aligned to the windows).
+    all_lo0 = tl.max(tl.where(qok, lo0, -1), 0)
+    all_lo1 = tl.max(tl.where(qok, lo1, -1), 0)
+    all_lo2 = tl.max(tl.where(qok, lo2, -1), 0)
+    all_hi0 = tl.min(tl.where(qok, hi0, _FAR), 0)
+    all_hi1 = tl.min(tl.where(qok, hi1, _FAR), 0)
+    all_hi2 = tl.min(tl.where(qok, hi2, _FAR), 0)
     for s0 in range(tl.min(lo0, 0), kend0 + 1, K0):
         t0 = s0 + j0
         for s1 in range(tl.min(lo1, 0), kend1 + 1, K1):
@@ -255,9 +276,14 @@ def na_bwd_dq_kernel(
                             mask=kok[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
                 v = tl.load(V + b * svb + hk * svh + voff[:, None] + dv[None, :],
                             mask=kok[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0)
-                inside = ((t0[None, :] >= lo0[:, None]) & (t0[None, :] <= hi0[:, None])
-                          & (t1[None, :] >= lo1[:, None]) & (t1[None, :] <= hi1[:, None])
-                          & (t2[None, :] >= lo2[:, None]) & (t2[None, :] <= hi2[:, None]))
+                full = ((s0 >= all_lo0) & (s0 + K0 - 1 <= all_hi0) & (s1 >= all_lo1) & (s1 + K1 - 1 <= all_hi1)
+                        & (s2 >= all_lo2) & (s2 + K2 - 1 <= all_hi2))
+                if full:
+                    inside = tl.broadcast_to(qok[:, None], [T0 * T1 * T2, K0 * K1 * K2])
+                else:
+                    inside = ((t0[None, :] >= lo0[:, None]) & (t0[None, :] <= hi0[:, None])
+                              & (t1[None, :] >= lo1[:, None]) & (t1[None, :] <= hi1[:, None])
+                              & (t2[None, :] >= lo2[:, None]) & (t2[None, :] <= hi2[:, None]))
                 s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
                 if HAS_RPB:
                     ridx = _rpb_index(p0[:, None], p1[:, None], p2[:, None], t0[None, :], t1[None, :],
