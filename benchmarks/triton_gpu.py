@@ -97,8 +97,13 @@ def make_inputs(problem: dict, dtype: torch.dtype, device: str = "cuda"):
     return [torch.randn(shape, generator=g).to(device, dtype).requires_grad_() for _ in range(3)]
 
 
+# Error allowed against the fp32 result (max abs error / max(1, max |reference|), inputs ~N(0, 1)):
+# half-precision rounding of the inputs, of P before the PV product, and of the outputs.
+CHECK_TOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float32: 1e-4}
+
+
 def check(problem: dict, dtype: torch.dtype) -> dict:
-    """Max abs error of Triton (``dtype``) vs the torch backend (float32): out, LSE, dQ/dK/dV."""
+    """Error of Triton (``dtype``) vs the torch backend (float32): out, LSE, dQ/dK/dV."""
     kw = {k: problem[k] for k in ("kernel_size", "stride", "dilation")}
     q, k, v = make_inputs(problem, dtype)
     ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
@@ -107,9 +112,12 @@ def check(problem: dict, dtype: torch.dtype) -> dict:
     d_out = torch.randn_like(r_out)
     grads = torch.autograd.grad((out.float() * d_out).sum() + lse.sum(), (q, k, v))
     r_grads = torch.autograd.grad((r_out * d_out).sum() + r_lse.sum(), ref)
-    errs = {"out": (out.float() - r_out).abs().max().item(), "lse": (lse - r_lse).abs().max().item()}
+    def err(a, b):  # max abs error, relative to the largest reference value when that exceeds 1
+        return ((a.float() - b).abs().max() / b.abs().max().clamp(min=1)).item()
+
+    errs = {"out": err(out, r_out), "lse": err(lse, r_lse)}
     for name, a, b in zip(("dq", "dk", "dv"), grads, r_grads):
-        errs[name] = (a.float() - b).abs().max().item()
+        errs[name] = err(a, b)
     return errs
 
 
@@ -188,7 +196,8 @@ def main(argv=None) -> int:
     for name, problem in problems.items():
         for dtype in (getattr(torch, d) for d in args.dtypes):
             errs = check(problem, dtype)
-            print(f"check {name:<16} {str(dtype).split('.')[-1]:<9} max|err| vs torch fp32: "
+            verdict = "ok" if max(errs.values()) <= CHECK_TOL[dtype] else "MISMATCH"
+            print(f"check {name:<16} {str(dtype).split('.')[-1]:<9} {verdict:<8} err vs torch fp32: "
                   + " ".join(f"{k}={v:.2e}" for k, v in errs.items()), flush=True)
             rows += bench(name, problem, dtype, args.reps)
     print()

@@ -139,7 +139,7 @@ def _rpb_check(device: str, dtype: torch.dtype) -> None:
     r_grads = torch.autograd.grad((r_out * d_out).sum() + r_lse.sum(), ref)
     gatol, grtol = GRAD_TOL[dtype]
     for name, a, b in zip(("dq", "dk", "dv", "drpb"), grads, r_grads):
-        torch.testing.assert_close(a.double().cpu(), b, atol=gatol, rtol=grtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double().cpu(), b, atol=gatol, rtol=grtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @needs_interpreter

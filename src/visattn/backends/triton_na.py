@@ -175,6 +175,15 @@ def _grid(spec3: tuple, dil3: tuple, rows: int, tile_names: tuple[str, str, str]
 # Launch
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision. fp32 on NVIDIA: 3xTF32 keeps fp32 accuracy on tensor cores
+    (plain TF32 misses the fp32 tolerance by ~1e-3; "ieee" falls back to FMA loops, several times
+    slower). Half inputs ignore it. ROCm builds only accept "ieee" for fp32."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if torch.version.hip else "tf32x3"
+
+
 class _Call:
     """Everything a launch needs besides the tensors: padded rank-3 geometry and scalar arguments."""
 
@@ -196,9 +205,7 @@ class _Call:
             HEAD_DIM=dim, HEAD_DIM_V=dim_v,
             BLOCK_D=max(16, _next_pow2(dim)), BLOCK_DV=max(16, _next_pow2(dim_v)),
             HAS_RPB=has_rpb,
-            # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores (plain TF32 misses the fp32
-            # tolerance by ~1e-3; "ieee" falls back to FMA loops, several times slower).
-            PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
+            PREC=_dot_precision(q.dtype),
         )
 
     def strides(self, *tensors: torch.Tensor) -> list[int]:
