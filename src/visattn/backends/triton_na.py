@@ -96,17 +96,23 @@ def _pad3(values: tuple, fill) -> tuple:
 #
 # A config is (query tile T0,T1,T2, key tile K0,K1,K2); the leading axes of a rank-r problem are
 # virtual (length 1), so their extents are 1. On a GPU, tl.dot needs >= 16 rows and columns, and
-# 64-128 queries x 32-64 keys per step are what FlashAttention-class kernels use at D = 64; the
-# 2-D/3-D shapes below spread that budget over the axes so that the key box of a tile (tile +
-# window - 1 per axis) wastes little: a square-ish query tile minimises the halo. The autotuner
-# picks among them per (sizes, dilation, window, head dims); Triton caches the choice on disk.
-# Each candidate costs a compile (seconds) the first time a shape is seen, so the list is short;
+# 64-128 queries x 32-64 keys per step are what FlashAttention-class kernels use at D = 64.
+#
+# What decides the speed is the useful fraction of the (query, key) pairs a tile computes: a tile
+# of T queries per axis visits a key box of T + k - 1 per axis, rounded up to key tiles. For 2-D
+# NA with k = 13: T = 8x16 with 4x16 key tiles visits 20x32 keys per query for 169 useful (26 %);
+# 8x8 with 4x8 visits 20x24 (35 %, smaller MMAs). A 1-D mask over the flattened image (FlexAttention
+# with 128-token blocks) visits 13 rows x 128 (10 %). For 3-D NA with k = 7: 4x4x8 with 2x2x16 key
+# tiles visits 10x10x16 (21 %) against ~13 % for the flattened view. Blocked attention (stride =
+# kernel) with tiles aligned to the windows visits only useful keys. The autotuner picks per
+# (sizes, dilation, window, GQA group, head dims); Triton caches the choice on disk. Each candidate
+# costs a compile (seconds) the first time a shape is seen, so the lists are short;
 # VISATTN_TRITON_AUTOTUNE=0 skips tuning and uses the first entry with 4 warps.
 
 _GPU_CONFIGS = {
     1: [((1, 1, 128), (1, 1, 64)), ((1, 1, 64), (1, 1, 32)), ((1, 1, 128), (1, 1, 32))],
-    2: [((1, 8, 16), (1, 8, 8)), ((1, 8, 16), (1, 4, 16)), ((1, 16, 16), (1, 8, 8))],
-    3: [((2, 8, 8), (2, 4, 8)), ((4, 4, 8), (2, 4, 8)), ((4, 8, 4), (4, 4, 4))],
+    2: [((1, 8, 16), (1, 4, 16)), ((1, 8, 8), (1, 4, 8)), ((1, 16, 16), (1, 8, 8))],
+    3: [((4, 4, 8), (2, 2, 16)), ((2, 8, 8), (2, 4, 8)), ((4, 4, 8), (2, 4, 8))],
 }
 _GPU_WARPS = (4, 8)
 # Interpreter: tiny tiles that still straddle every axis (several query and key tiles per axis,
