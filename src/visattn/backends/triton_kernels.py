@@ -111,7 +111,7 @@ def na_fwd_kernel(
     ``WIN*`` (kernel * dilation per axis) are unused in the body: they key the autotuner.
     """
     bh, ta0, ta1, ta2 = _program(L0, L1, L2, DIL0, DIL1, DIL2, T0, T1, T2)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # int64: batch offsets may pass 2**31 elements
     h = bh % H
     hk = h // G  # GQA: query head h reads kv head h // G
 
@@ -219,7 +219,7 @@ def na_bwd_dq_kernel(
     (``dS`` summed over queries with one offset) is accumulated into float32 ``DRPB`` atomically.
     """
     bh, ta0, ta1, ta2 = _program(L0, L1, L2, DIL0, DIL1, DIL2, T0, T1, T2)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # int64: batch offsets may pass 2**31 elements
     h = bh % H
     hk = h // G
 
@@ -322,7 +322,7 @@ def na_bwd_dkdv_kernel(
     """
     HKV = H // G
     bh, ta0, ta1, ta2 = _program(L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2)
-    b = bh // HKV
+    b = (bh // HKV).to(tl.int64)  # int64: batch offsets may pass 2**31 elements
     hk = bh % HKV
 
     n = tl.arange(0, K0 * K1 * K2)
