@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 # subcommand -> module in visattn.cli; the one place to add a command.
 _COMMANDS = {
     "info": "info",
+    "train": "train",
 }
 
 
