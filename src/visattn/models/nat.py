@@ -269,7 +269,7 @@ class NAT(nn.Module):
     ``forward(x [B, C_in, H, W])`` returns logits ``[B, num_classes]`` (or pooled features
     ``[B, num_features]`` when ``num_classes=0``); with ``features_only=True`` it returns a list of
     channels-first maps ``[B, feature_info[i]["num_chs"], ceil(H/r), ceil(W/r)]`` for the stages in
-    ``out_indices``, with ``r = 4 * 2**stage``.
+    ``out_indices`` (default: every stage), with ``r = 4 * 2**stage``.
 
     Args: ``depths``/``num_heads`` per stage; ``embed_dim`` (doubles each stage); ``mlp_ratio``;
     ``kernel_size`` (7 in the papers); ``dilations`` one list per stage (``None``: NAT, all 1);
@@ -294,7 +294,7 @@ class NAT(nn.Module):
         in_chans: int = 3,
         num_classes: int = 1000,
         features_only: bool = False,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: Optional[Sequence[int]] = None,
         attn_type: str = "na",
         backend: Optional[str] = None,
     ) -> None:
@@ -309,6 +309,7 @@ class NAT(nn.Module):
             raise ValueError(f"NAT: dilations={dilations} must hold one list per stage with one entry per block "
                              f"(depths={depths}); see visattn.models.dinat_dilations.")
         num_stages = len(depths)
+        out_indices = tuple(range(num_stages)) if out_indices is None else tuple(out_indices)
         bad = [i for i in out_indices if not 0 <= i < num_stages]
         if bad:
             raise ValueError(f"NAT: out_indices={tuple(out_indices)} has {bad} outside 0..{num_stages - 1}.")
