@@ -103,7 +103,7 @@ def test_official_checkpoint_loads_and_lands_in_place(tmp_path):
     assert torch.equal(model.stages[1].downsample.conv.weight, sd["levels.0.downsample.reduction.weight"])
     assert torch.equal(model.stages[3].downsample.norm.bias, sd["levels.2.downsample.norm.bias"])
     assert torch.equal(model.stages[2].blocks[2].ls2.gamma, sd["levels.2.blocks.2.gamma2"])
-    assert torch.equal(model.stages[0].blocks[1].attn.rpb, sd["levels.0.blocks.1.attn.rpb"])
+    assert torch.equal(model.stages[1].blocks[1].attn.rpb, sd["levels.1.blocks.1.attn.rpb"])
     assert torch.equal(model.head.weight, sd["head.weight"])
 
 
