@@ -28,7 +28,6 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 from .spec import IntOrTuple, NASpec, make_spec, na_flops
 
@@ -70,10 +69,14 @@ def register_na_flop_formula(op) -> None:
     ``op`` is a ``torch.ops.<ns>.<name>`` packet whose schema starts like NATTEN's
     ``na*d(query, key, value, kernel_size, stride, dilation, is_causal, ...)``.
     """
+    from torch.utils.flop_counter import register_flop_formula
+
     register_flop_formula(op)(na_op_flop_formula)
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_val=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
@@ -111,7 +114,7 @@ class _KernelReplacer:
     it is removed per op and ``formula(m, input)`` is added under ``"neighborhood_attention"``.
     """
 
-    def __init__(self, model: nn.Module, counter: FlopCounterMode) -> None:
+    def __init__(self, model: nn.Module, counter) -> None:
         self.counter = counter
         self.removed: dict[Any, int] = {}
         self.macs = 0
@@ -173,6 +176,9 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, tuple], *, by_op: 
     Returns the total MACs (an int; divide by 1e9 for the papers' "G"), or with ``by_op=True`` a
     dict ``{op name: MACs}`` whose values sum to the total.
     """
+    # Imported here: torch.utils.flop_counter costs ~0.1-0.5 s, too much for ``import visattn``.
+    from torch.utils.flop_counter import FlopCounterMode
+
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,

@@ -76,7 +76,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator, max_shift: int) -> torch.Ten
 
 def build_demo_model(img_size: int = 32, num_classes: int = 10, in_chans: int = 1, drop_path_rate: float = 0.1,
                      backend: Optional[str] = None) -> NAT:
-    """A 3-stage DiNAT sized for 32x32 digits (~0.4M parameters).
+    """A 3-stage DiNAT sized for 32x32 digits (0.45M parameters).
 
     Kernel 3 (a 7x7 window would cover the whole 8x8 first map); stage 1 alternates NA and DiNA
     with dilation 2, chosen by the same rule as the paper's (:func:`visattn.models.dinat_dilations`).

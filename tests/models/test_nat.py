@@ -9,8 +9,15 @@ import pytest
 import torch
 
 import visattn
-from visattn.models import (NAT, NAT_CONFIGS, convert_official_state_dict, create_model, dinat_dilations,
-                            list_models, load_official_checkpoint)
+from visattn.models import (
+    NAT,
+    NAT_CONFIGS,
+    convert_official_state_dict,
+    create_model,
+    dinat_dilations,
+    list_models,
+    load_official_checkpoint,
+)
 from visattn.models.nat import GlobalAttention2D, NATBlock
 
 VARIANTS = sorted(NAT_CONFIGS)

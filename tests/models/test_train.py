@@ -19,7 +19,7 @@ _QUICK = dict(img_size=16, batch_size=32, lr=3e-3, warmup_epochs=0.2, label_smoo
 
 
 def test_digits_split_is_stratified_and_standardized():
-    (x_tr, y_tr), (x_val, y_val) = digits_dataset(img_size=16)
+    (x_tr, _), (x_val, y_val) = digits_dataset(img_size=16)
     assert x_tr.shape[1:] == (1, 16, 16) and len(x_tr) + len(x_val) == 1797
     counts = torch.bincount(y_val, minlength=10)
     assert counts.min() >= 34 and counts.max() <= 37  # ~20% of every class (174..183 images each)
@@ -58,7 +58,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    info = init_distributed("cpu")  # the code path `visattn train` takes under torchrun
+    init_distributed("cpu")  # the code path `visattn train` takes under torchrun
     torch.manual_seed(0)
     model = build_demo_model(16, drop_path_rate=0.0)
     net = torch.nn.parallel.DistributedDataParallel(model)

@@ -25,7 +25,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     p.add_argument("--model", default=d.model,
-                   help="'demo' (a 0.2M-parameter DiNAT for 32x32) or a registered model, e.g. dinat_mini "
+                   help="'demo' (a 0.45M-parameter DiNAT for 32x32) or a registered model, e.g. dinat_mini "
                         "(default: %(default)s)")
     p.add_argument("--img-size", type=int, default=d.img_size,
                    help="digits are upsampled from 8x8 to this size (default: %(default)s)")

@@ -13,8 +13,8 @@ from .timm_hook import register_timm
 
 __all__ = [
     "NAT",
-    "NATConfig",
     "NAT_CONFIGS",
+    "NATConfig",
     "convert_official_state_dict",
     "create_model",
     "dinat_dilations",

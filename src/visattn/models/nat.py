@@ -33,7 +33,7 @@ from torch import nn
 
 from ..nn import NeighborhoodAttention2D
 
-__all__ = ["NAT", "NATConfig", "NAT_CONFIGS", "dinat_dilations"]
+__all__ = ["NAT", "NAT_CONFIGS", "NATConfig", "dinat_dilations"]
 
 
 # --------------------------------------------------------------------------------------------------
