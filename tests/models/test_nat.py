@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -286,3 +287,24 @@ def test_timm_hook():
     assert "dinat_tiny" in register_timm()
     model = timm.create_model("dinat_mini", num_classes=4, depths=(1, 1, 1, 1), features_only=True)
     assert [f.shape[1] for f in model(torch.randn(1, 3, 64, 64))] == [64, 128, 256, 512]
+
+
+def test_register_timm_without_timm_says_how_to_install():
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        from visattn.models import register_timm
+
+        with pytest.raises(ImportError, match="pip install timm"):
+            register_timm()
+    else:
+        pytest.skip("timm is importable here; test_timm_hook covers it")
+
+
+def test_import_visattn_loads_no_optional_dependency():
+    import subprocess
+    import sys
+
+    code = ("import sys, visattn; bad = [m for m in ('timm', 'sklearn', 'matplotlib', 'torch.utils.flop_counter') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
