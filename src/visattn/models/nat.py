@@ -407,6 +407,11 @@ class NAT(nn.Module):
             self._init_weights(self.head)
 
 
+# NATConfig fields a caller may override (the paper_* fields are facts, not options).
+_ARCH_FIELDS = ("depths", "num_heads", "embed_dim", "mlp_ratio", "drop_path_rate", "kernel_size", "dilated",
+                "layer_scale")
+
+
 def build_nat(name: str, *, img_size: Sequence[int] | int = 224, **kwargs) -> NAT:
     """Build the registered variant ``name``; ``kwargs`` override its config or go to :class:`NAT`.
 
@@ -414,7 +419,7 @@ def build_nat(name: str, *, img_size: Sequence[int] | int = 224, **kwargs) -> NA
     ``dilations=...`` to set them by hand.
     """
     cfg = NAT_CONFIGS[name]
-    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in NATConfig.__dataclass_fields__}
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _ARCH_FIELDS}
     cfg = replace(cfg, **overrides)
     if cfg.dilated and "dilations" not in kwargs:
         kwargs["dilations"] = dinat_dilations(cfg.depths, cfg.kernel_size, img_size)
