@@ -189,6 +189,13 @@ def test_features_only_out_indices_subset_match_full_model():
     torch.testing.assert_close(b[1], a[3])
 
 
+def test_features_only_builds_only_the_stages_it_needs():
+    model = _tiny(features_only=True, out_indices=(0, 1))
+    assert len(model.stages) == 2 and len(model(torch.randn(1, 3, 32, 32))) == 2
+    sum(f.square().sum() for f in model(torch.randn(1, 3, 32, 32))).backward()
+    assert all(p.grad is not None for p in model.parameters())  # no unused parameters (DDP-safe)
+
+
 def test_classifier_forward_features_and_reset():
     model = _tiny(num_classes=5).eval()
     x = torch.randn(2, 3, 40, 72)

@@ -328,7 +328,9 @@ class NAT(nn.Module):
         rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
         self.stages = nn.ModuleList()
         start = 0
-        for i in range(num_stages):
+        # A backbone stops at its deepest requested output: later stages would be dead weight (and
+        # unused parameters, which DistributedDataParallel rejects).
+        for i in range(max(self.out_indices) + 1 if features_only else num_stages):
             self.stages.append(NATStage(
                 self.embed_dims[max(i - 1, 0)], self.embed_dims[i], num_heads[i], dilations[i],
                 rates[start:start + depths[i]], downsample=i > 0, kernel_size=kernel_size, mlp_ratio=mlp_ratio,
@@ -388,7 +390,7 @@ class NAT(nn.Module):
         self._check_input(x)
         x = self.pos_drop(self.stem(x))
         outs = []
-        for i, stage in enumerate(self.stages[: max(self.out_indices) + 1]):
+        for i, stage in enumerate(self.stages):
             x = stage(x)
             if i in self.out_indices:
                 outs.append(self.out_norms[str(i)](x).permute(0, 3, 1, 2).contiguous())
