@@ -13,6 +13,7 @@ _COMMANDS = {
     "info": "info",
     "bench": "bench",
     "show": "show",
+    "train": "train",
 }
 
 

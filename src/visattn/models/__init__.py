@@ -1,0 +1,29 @@
+"""Vision backbones built from :mod:`visattn.nn`: NAT and DiNAT, a registry, and checkpoint conversion.
+
+``create_model("dinat_tiny", num_classes=10)``, ``list_models("nat_*")``; official checkpoints
+load through :func:`load_official_checkpoint`; timm users call :func:`register_timm`.
+"""
+
+import sys
+
+from .convert import convert_official_state_dict, load_official_checkpoint
+from .nat import NAT, NAT_CONFIGS, NATConfig, dinat_dilations
+from .registry import create_model, list_models, model_info, register_model
+from .timm_hook import register_timm
+
+__all__ = [
+    "NAT",
+    "NAT_CONFIGS",
+    "NATConfig",
+    "convert_official_state_dict",
+    "create_model",
+    "dinat_dilations",
+    "list_models",
+    "load_official_checkpoint",
+    "model_info",
+    "register_model",
+    "register_timm",
+]
+
+if "timm" in sys.modules:  # imported after timm: register now (no import cost, timm is loaded already)
+    register_timm()

@@ -1,0 +1,429 @@
+"""NAT and DiNAT: hierarchical neighborhood-attention backbones, one implementation.
+
+"Neighborhood Attention Transformer" (Hassani et al., CVPR 2023) and "Dilated Neighborhood Attention
+Transformer" (Hassani & Shi, 2022). DiNAT *is* NAT with a per-layer dilation: every other layer of a
+stage uses dilated NA whose dilation is chosen so the window spans the whole feature map at the
+training resolution (``feature_size // kernel_size``: 8, 4, 2, 1 at 224). So :class:`NAT` takes an
+optional ``dilations`` list per stage and the variants below are just configs.
+
+Layout (module names differ from the official code on purpose; :mod:`visattn.models.convert` maps
+official checkpoints):
+
+* ``stem``: two 3x3 stride-2 convs (no activation between them, as in the paper) and a LayerNorm;
+  ``[B, C_in, H, W] -> [B, ceil(H/4), ceil(W/4), C]`` (channels-last from here on);
+* ``stages[i]``: for ``i > 0`` a 3x3 stride-2 conv (no bias) + LayerNorm that doubles the width,
+  then ``depths[i]`` pre-norm blocks ``x + drop_path(ls1 * NA(norm1(x)))``,
+  ``x + drop_path(ls2 * MLP(norm2(x)))``. The downsampler opens a stage (timm style) rather than
+  closing the previous one, so stage ``i``'s output *is* the stride ``4 * 2**i`` feature map;
+* ``norm`` + global average pool + ``head`` for classification, or per-output LayerNorms
+  ``out_norms`` in ``features_only`` mode (as the official detection/segmentation backbones).
+
+Any input size works: the stem and downsamplers round up, and a feature map smaller than a window
+(or than a dilated window) follows the variable-resolution rule of :func:`visattn.spec.fit_axis`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import NeighborhoodAttention2D
+
+__all__ = ["NAT", "NAT_CONFIGS", "NATConfig", "dinat_dilations"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Variant configs
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NATConfig:
+    """Architecture of one variant, plus the numbers its paper prints (for tests and docs).
+
+    ``dilated`` turns a NAT into a DiNAT: odd layers (1, 3, ...) of every stage get dilation
+    ``max(1, feature_size // kernel_size)`` at ``img_size`` (see :func:`dinat_dilations`).
+    ``paper_params_m`` / ``paper_gmacs`` are the papers' "# of Params" (millions) and "FLOPs"
+    (G multiply-accumulates, fvcore's convention) at 224x224.
+    """
+
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    embed_dim: int
+    mlp_ratio: float
+    drop_path_rate: float
+    kernel_size: int = 7
+    dilated: bool = False
+    layer_scale: Optional[float] = None
+    paper: str = ""
+    paper_params_m: Optional[int] = None
+    paper_gmacs: Optional[float] = None
+
+
+_NAT_PAPER = "Neighborhood Attention Transformer (CVPR 2023), Table 1"
+_DINAT_PAPER = "Dilated Neighborhood Attention Transformer (2022), Table 2 / official DiNAT.md"
+
+# Sources: SHI-Labs/Neighborhood-Attention-Transformer classification/nat.py, dinat.py (model
+# definitions) and NAT.md / DiNAT.md (params and FLOPs tables). DiNAT-Large's row is the
+# ImageNet-22k-pretrained model at 224x224 (200M, 30.6G); 34.5G belongs to DiNAT_s-Large (Swin-like).
+NAT_CONFIGS: dict[str, NATConfig] = {
+    "nat_mini": NATConfig((3, 4, 6, 5), (2, 4, 8, 16), 64, 3.0, 0.2, paper=_NAT_PAPER,
+                          paper_params_m=20, paper_gmacs=2.7),
+    "nat_tiny": NATConfig((3, 4, 18, 5), (2, 4, 8, 16), 64, 3.0, 0.2, paper=_NAT_PAPER,
+                          paper_params_m=28, paper_gmacs=4.3),
+    "nat_small": NATConfig((3, 4, 18, 5), (3, 6, 12, 24), 96, 2.0, 0.3, layer_scale=1e-5, paper=_NAT_PAPER,
+                           paper_params_m=51, paper_gmacs=7.8),
+    "nat_base": NATConfig((3, 4, 18, 5), (4, 8, 16, 32), 128, 2.0, 0.5, layer_scale=1e-5, paper=_NAT_PAPER,
+                          paper_params_m=90, paper_gmacs=13.7),
+    "dinat_mini": NATConfig((3, 4, 6, 5), (2, 4, 8, 16), 64, 3.0, 0.2, dilated=True, paper=_DINAT_PAPER,
+                            paper_params_m=20, paper_gmacs=2.7),
+    "dinat_tiny": NATConfig((3, 4, 18, 5), (2, 4, 8, 16), 64, 3.0, 0.2, dilated=True, paper=_DINAT_PAPER,
+                            paper_params_m=28, paper_gmacs=4.3),
+    "dinat_small": NATConfig((3, 4, 18, 5), (3, 6, 12, 24), 96, 2.0, 0.3, dilated=True, paper=_DINAT_PAPER,
+                             paper_params_m=51, paper_gmacs=7.8),
+    "dinat_base": NATConfig((3, 4, 18, 5), (4, 8, 16, 32), 128, 2.0, 0.5, dilated=True, layer_scale=1e-5,
+                            paper=_DINAT_PAPER, paper_params_m=90, paper_gmacs=13.7),
+    # 0.35 is the ImageNet-1k fine-tuning rate; the 22k pre-training used 0.2.
+    "dinat_large": NATConfig((3, 4, 18, 5), (6, 12, 24, 48), 192, 2.0, 0.35, dilated=True, paper=_DINAT_PAPER,
+                             paper_params_m=200, paper_gmacs=30.6),
+}
+
+
+def dinat_dilations(depths: Sequence[int], kernel_size: int, img_size: Sequence[int] | int = 224,
+                    stem_stride: int = 4) -> list[list[int]]:
+    """DiNAT's per-layer dilations: 1 on even layers, ``feature_size // kernel_size`` on odd ones.
+
+    This is the rule behind the official configs: at 224 the stage maps are 56, 28, 14, 7 and
+    ``[[1, 8, 1], [1, 4, 1, 4], [1, 2, ...], [1, 1, ...]]``; at 384 it gives 13, 6, 3, 1, exactly the
+    official ``dinat_large_384``. On a non-square input the shorter side decides (the dilation is one
+    int per layer, as in the paper; :func:`visattn.spec.fit_axis` handles what is left).
+    """
+    size = min(img_size) if isinstance(img_size, (tuple, list)) else int(img_size)
+    feat = -(-size // stem_stride)
+    out = []
+    for depth in depths:
+        d = max(1, feat // kernel_size)
+        out.append([1 if j % 2 == 0 else d for j in range(depth)])
+        feat = -(-feat // 2)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch of whole samples with probability ``p``.
+
+    ``x [B, ...] -> [B, ...]``; survivors are scaled by ``1 / (1 - p)`` so the expectation is kept.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"DropPath: p={p} must be in [0, 1).")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale of a residual branch (CaiT); ``[..., C] -> [..., C]``."""
+
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP: ``[..., C] -> [..., C]`` through ``hidden`` channels."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class GlobalAttention2D(nn.Module):
+    """Dense self-attention over all ``H*W`` tokens (SDPA): NAT's attention with the window removed.
+
+    ``x [B, H, W, C] -> [B, H, W, C]``. Same ``qkv``/``proj`` parameters as
+    :class:`~visattn.nn.NeighborhoodAttention2D` minus the relative-position table (which has no
+    meaning without a window); used as the dense baseline (``attn_type="global"``), cost
+    ``O((HW)^2)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"GlobalAttention2D: dim={dim} is not divisible by num_heads={num_heads}.")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, H, W, C)))
+
+
+class NATBlock(nn.Module):
+    """One NAT/DiNAT layer (pre-norm transformer block with neighborhood attention).
+
+    ``x [B, H, W, C] -> [B, H, W, C]``. ``dilation > 1`` makes it a DiNA layer.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 layer_scale: Optional[float] = None, attn_type: str = "na", backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        if attn_type == "na":
+            self.attn = NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation=dilation, qkv_bias=qkv_bias,
+                                                attn_drop=attn_drop, proj_drop=drop, rel_pos_bias=True,
+                                                backend=backend)
+        elif attn_type == "global":
+            self.attn = GlobalAttention2D(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        else:
+            raise ValueError(f"NATBlock: attn_type={attn_type!r}; choose 'na' (neighborhood attention, the paper) "
+                             f"or 'global' (dense attention over all tokens, a baseline).")
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class ConvStem(nn.Module):
+    """Overlapping tokenizer: two 3x3 stride-2 convs + LayerNorm, ``[B, C_in, H, W] -> [B, H/4, W/4, C]``."""
+
+    def __init__(self, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv2(self.conv1(x)).permute(0, 2, 3, 1))
+
+
+class ConvDownsample(nn.Module):
+    """Overlapping downsampler: 3x3 stride-2 conv (no bias) + LayerNorm, ``[B, H, W, C] -> [B, H/2, W/2, 2C]``."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, out_dim, 3, stride=2, padding=1, bias=False)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class NATStage(nn.Module):
+    """Optional downsampler, then ``len(dilations)`` blocks; ``[B, H, W, C_in] -> [B, H', W', C]``."""
+
+    def __init__(self, in_dim: int, dim: int, num_heads: int, dilations: Sequence[int], drop_paths: Sequence[float],
+                 downsample: bool, **block_kw) -> None:
+        super().__init__()
+        self.downsample = ConvDownsample(in_dim, dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*(NATBlock(dim, num_heads, dilation=d, drop_path=p, **block_kw)
+                                      for d, p in zip(dilations, drop_paths)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+class NAT(nn.Module):
+    """NAT / DiNAT backbone and classifier.
+
+    ``forward(x [B, C_in, H, W])`` returns logits ``[B, num_classes]`` (or pooled features
+    ``[B, num_features]`` when ``num_classes=0``); with ``features_only=True`` it returns a list of
+    channels-first maps ``[B, feature_info[i]["num_chs"], ceil(H/r), ceil(W/r)]`` for the stages in
+    ``out_indices`` (default: every stage), with ``r = 4 * 2**stage``.
+
+    Args: ``depths``/``num_heads`` per stage; ``embed_dim`` (doubles each stage); ``mlp_ratio``;
+    ``kernel_size`` (7 in the papers); ``dilations`` one list per stage (``None``: NAT, all 1);
+    ``layer_scale`` initial value or ``None``; ``drop_path_rate`` (linear over blocks);
+    ``attn_type`` ``"na"`` or ``"global"`` (dense baseline); ``backend`` forwarded to
+    :func:`visattn.neighborhood_attention`.
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (3, 4, 18, 5),
+        num_heads: Sequence[int] = (2, 4, 8, 16),
+        embed_dim: int = 64,
+        mlp_ratio: float = 3.0,
+        kernel_size: int = 7,
+        dilations: Optional[Sequence[Sequence[int]]] = None,
+        layer_scale: Optional[float] = None,
+        drop_path_rate: float = 0.2,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        qkv_bias: bool = True,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        features_only: bool = False,
+        out_indices: Optional[Sequence[int]] = None,
+        attn_type: str = "na",
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        depths, num_heads = tuple(depths), tuple(num_heads)
+        if len(num_heads) != len(depths):
+            raise ValueError(f"NAT: num_heads={num_heads} needs one entry per stage, like depths={depths}.")
+        if dilations is None:
+            dilations = [[1] * d for d in depths]
+        dilations = [list(d) for d in dilations]
+        if [len(d) for d in dilations] != list(depths):
+            raise ValueError(f"NAT: dilations={dilations} must hold one list per stage with one entry per block "
+                             f"(depths={depths}); see visattn.models.dinat_dilations.")
+        num_stages = len(depths)
+        out_indices = tuple(range(num_stages)) if out_indices is None else tuple(out_indices)
+        bad = [i for i in out_indices if not 0 <= i < num_stages]
+        if bad:
+            raise ValueError(f"NAT: out_indices={tuple(out_indices)} has {bad} outside 0..{num_stages - 1}.")
+        self.depths, self.num_heads, self.kernel_size, self.dilations = depths, num_heads, kernel_size, dilations
+        self.embed_dims = [embed_dim * 2 ** i for i in range(num_stages)]
+        self.num_features = self.embed_dims[-1]
+        self.features_only = features_only
+        self.out_indices = tuple(out_indices)
+        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}")
+                             for i, c in enumerate(self.embed_dims)]
+
+        self.stem = ConvStem(in_chans, embed_dim)
+        self.pos_drop = nn.Dropout(drop_rate)
+        total = sum(depths)
+        # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last block).
+        rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
+        self.stages = nn.ModuleList()
+        start = 0
+        # A backbone stops at its deepest requested output: later stages would be dead weight (and
+        # unused parameters, which DistributedDataParallel rejects).
+        for i in range(max(self.out_indices) + 1 if features_only else num_stages):
+            self.stages.append(NATStage(
+                self.embed_dims[max(i - 1, 0)], self.embed_dims[i], num_heads[i], dilations[i],
+                rates[start:start + depths[i]], downsample=i > 0, kernel_size=kernel_size, mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, layer_scale=layer_scale,
+                attn_type=attn_type, backend=backend))
+            start += depths[i]
+        if features_only:
+            self.out_norms = nn.ModuleDict({str(i): nn.LayerNorm(self.embed_dims[i]) for i in self.out_indices})
+            self.num_classes = 0
+        else:
+            self.norm = nn.LayerNorm(self.num_features)
+            self.num_classes = num_classes
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # As the official code: truncated-normal linears, unit LayerNorms; convs keep PyTorch's init.
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Parameter-name fragments to exclude from weight decay (the relative-position tables)."""
+        return {"rpb"}
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        in_chans = self.stem.conv1.in_channels
+        if x.dim() != 4 or x.shape[1] != in_chans:
+            raise ValueError(f"{type(self).__name__}: expected images [B, {in_chans}, H, W] (channels-first), "
+                             f"got {tuple(x.shape)}.")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final feature map, normalized: ``[B, C_in, H, W] -> [B, ceil(H/32), ceil(W/32), num_features]``."""
+        if self.features_only:
+            raise RuntimeError("NAT.forward_features: this model was built with features_only=True (no final "
+                               "norm); call the model itself to get the multi-scale maps.")
+        self._check_input(x)
+        x = self.pos_drop(self.stem(x))
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool and classify: ``[B, h, w, C] -> [B, num_classes]`` (``[B, C]`` with ``pre_logits``)."""
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor):
+        if not self.features_only:
+            return self.forward_head(self.forward_features(x))
+        self._check_input(x)
+        x = self.pos_drop(self.stem(x))
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(self.out_norms[str(i)](x).permute(0, 3, 1, 2).contiguous())
+        return outs
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a fresh ``Linear(num_features, num_classes)`` (``0``: identity, pooled features)."""
+        if self.features_only:
+            raise RuntimeError("NAT.reset_classifier: a features_only model has no classifier.")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+
+# NATConfig fields a caller may override (the paper_* fields are facts, not options).
+_ARCH_FIELDS = ("depths", "num_heads", "embed_dim", "mlp_ratio", "drop_path_rate", "kernel_size", "dilated",
+                "layer_scale")
+
+
+def build_nat(name: str, *, img_size: Sequence[int] | int = 224, **kwargs) -> NAT:
+    """Build the registered variant ``name``; ``kwargs`` override its config or go to :class:`NAT`.
+
+    For DiNAT variants, ``img_size`` picks the dilations (:func:`dinat_dilations`); pass
+    ``dilations=...`` to set them by hand.
+    """
+    cfg = NAT_CONFIGS[name]
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _ARCH_FIELDS}
+    cfg = replace(cfg, **overrides)
+    if cfg.dilated and "dilations" not in kwargs:
+        kwargs["dilations"] = dinat_dilations(cfg.depths, cfg.kernel_size, img_size)
+    return NAT(depths=cfg.depths, num_heads=cfg.num_heads, embed_dim=cfg.embed_dim, mlp_ratio=cfg.mlp_ratio,
+               kernel_size=cfg.kernel_size, layer_scale=cfg.layer_scale, drop_path_rate=cfg.drop_path_rate, **kwargs)
