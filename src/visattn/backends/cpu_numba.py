@@ -1,0 +1,210 @@
+"""The ``cpu`` backend: fused numba kernels for the forward and the backward on CPU tensors.
+
+Why numba: it ships wheels for every platform PyTorch does, needs no compiler at install time, does
+not touch PyTorch's C++ ABI, and caches compiled kernels on disk (``cache=True``), so the first-call
+compile (a few seconds per dtype) is paid once per machine, not once per process. Without numba the
+package still works: this backend reports itself unavailable and the portable ``torch`` backend
+serves CPU calls.
+
+The wrapper does three cheap things around the kernels (:mod:`visattn.backends.cpu_kernels`):
+puts each dilated axis in group-major order (one ``index_select``, only when ``dilation > 1``),
+pads the rank to 3, and derives the per-axis key/query runs from :func:`visattn.spec.axis_windows`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..spec import NASpec, axis_windows
+from .base import Backend, Extras, Problem, Result, lse_dtype
+
+_MISSING = "numba is not installed (pip install 'visattn[cpu]'); CPU calls use the portable torch backend"
+
+#: Queries per forward work item along the last axis: enough items to balance threads, few enough
+#: that per-item overhead (scratch allocation, scheduling) stays negligible.
+_QBLOCK = 16
+
+
+def _numba_missing() -> Optional[str]:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return _MISSING
+    return None
+
+
+def _kernels():
+    """The numba module, compiled lazily (cold: a few seconds per dtype; warm: loaded from disk)."""
+    from . import cpu_kernels
+
+    return cpu_kernels
+
+
+def _set_threads() -> int:
+    """Run numba's pool with torch's thread count, so the op never oversubscribes a torch model."""
+    import numba
+
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+@lru_cache(maxsize=256)
+def _axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool, requested: int):
+    """Per-axis tables in group-major memory order (see :mod:`cpu_kernels`).
+
+    Returns ``(perm, lo, hi, rof, qlo, qhi)``: ``perm [L]`` the coordinate stored at each memory
+    index (``None`` when ``dilation == 1``: identity), then int64 ``[L]`` arrays indexed by memory
+    index.
+    """
+    w = axis_windows(length, kernel, stride, dilation, causal)
+    group, pos, lo, hi = (t.numpy() for t in (w.group, w.pos, w.lo, w.hi))
+    sizes = np.bincount(group, minlength=dilation)
+    offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])[group]  # memory start of each coord's group
+    perm = np.argsort(group * length + pos, kind="stable")
+    lo_m = (offset + lo)[perm]
+    hi_m = (offset + hi)[perm]
+    rof = (offset + pos - (requested - 1))[perm]
+    # Windows move monotonically with the query, so lo_m/hi_m are non-decreasing and the queries
+    # seeing key j are one run: those with hi_m >= j and lo_m <= j.
+    keys = np.arange(length)
+    qlo = np.searchsorted(hi_m, keys, side="left")
+    qhi = np.searchsorted(lo_m, keys, side="right") - 1
+    return (perm if dilation > 1 else None), lo_m, hi_m, rof, qlo, qhi
+
+
+@lru_cache(maxsize=64)
+def _tables(spec: NASpec):
+    """Rank-3 padded tables: ``perms`` (per real axis) and int64 ``lo, hi, rof, qlo, qhi [3, Lmax]``."""
+    axes = [_axis_tables(L, k, s, d, c, rk) for (L, k, s, d, c), rk in zip(spec.axes(), spec.requested_kernel_size)]
+    pad = 3 - len(axes)
+    lmax = max(spec.spatial)
+    stacked = []
+    for field in range(1, 6):
+        t = np.zeros((3, lmax), dtype=np.int64)
+        for a, ax in enumerate(axes):
+            t[pad + a, : len(ax[field])] = ax[field]
+        stacked.append(t)
+    perms = [None if ax[0] is None else torch.from_numpy(ax[0]) for ax in axes]
+    return perms, stacked
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+class _NAFunction(torch.autograd.Function):
+    """Fused forward/backward on rank-3 padded, group-major tensors ``[B, L0, L1, L2, H, D]``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, has_rpb: bool, scale: float, spec: NASpec):
+        kern = _kernels()
+        _, (lo, hi, rof, qlo, qhi) = _tables(spec)
+        nthreads = _set_threads()
+        q, k, v, rpb = (t.detach().contiguous() for t in (q, k, v, rpb))
+        dt = q.dtype
+        npdt = np.float32 if dt == torch.float32 else np.float64
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=dt)
+        lse = torch.empty(q.shape[:-1], dtype=dt)
+        fast = dt == torch.float32
+        kern.forward(q.numpy(), k.numpy(), v.numpy(), rpb.numpy(), has_rpb, npdt(scale), npdt(0), lo, hi, rof,
+                     _QBLOCK, fast, kern.POW2_F32, out.numpy(), lse.numpy())
+        ctx.save_for_backward(q, k, v, rpb, out, lse)
+        ctx.meta = (has_rpb, scale, spec, nthreads)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        kern = _kernels()
+        q, k, v, rpb, out, lse = ctx.saved_tensors
+        has_rpb, scale, spec, _ = ctx.meta
+        _, (lo, hi, rof, qlo, qhi) = _tables(spec)
+        nthreads = _set_threads()
+        dt = q.dtype
+        npdt = np.float32 if dt == torch.float32 else np.float64
+        dout = torch.zeros_like(out) if dout is None else dout.to(dt).contiguous()
+        # delta_i = rowsum(dO * O) - dLSE_i: the dS = P * (dP - delta) of softmax, with the
+        # gradient flowing into the LSE folded in.
+        delta = (dout * out).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(dt)
+        delta = delta.contiguous()
+        fast = dt == torch.float32
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # Bias gradients accumulate per chunk of work (deterministic, no races), summed here.
+        nchunks = 4 * nthreads if has_rpb else 1
+        drpb = torch.zeros(nchunks, *rpb.shape, dtype=dt)
+        args = (q.numpy(), k.numpy(), v.numpy(), rpb.numpy(), has_rpb, npdt(scale), npdt(0))
+        kern.backward_dq(*args, lo, hi, rof, lse.numpy(), delta.numpy(), dout.numpy(), fast, kern.POW2_F32,
+                         nchunks, dq.numpy(), drpb.numpy())
+        kern.backward_dkv(*args, rof, qlo, qhi, lse.numpy(), delta.numpy(), dout.numpy(), fast, kern.POW2_F32,
+                          dk.numpy(), dv.numpy())
+        return dq, dk, dv, (drpb.sum(0) if has_rpb else None), None, None, None
+
+
+def _permute(t: torch.Tensor, perms, first_axis: int, inverse: bool = False) -> torch.Tensor:
+    """Reorder the dilated spatial axes of ``t`` (axis ``first_axis + a``) to group-major (or back)."""
+    for a, perm in enumerate(perms):
+        if perm is not None:
+            idx = torch.argsort(perm) if inverse else perm
+            t = t.index_select(first_axis + a, idx)
+    return t
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    description = "fused numba CPU kernels: forward (out + LSE) and race-free backward, kernels cached on disk"
+    supports_gqa = True
+
+    def unavailable(self) -> Optional[str]:
+        return _numba_missing()
+
+    def refuse(self, p: Problem) -> Optional[str]:
+        if p.device.type != "cpu":
+            return f"tensors are on {p.device}, this backend runs on CPU tensors only"
+        if p.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            return f"dtype {p.dtype} is not supported (float32/float64, half types computed in float32)"
+        if p.has_attn_bias:
+            return "attn_bias is not supported (the torch backend serves it)"
+        if p.has_key_padding_mask:
+            return "key_padding_mask is not supported (the torch backend serves it)"
+        if p.return_attn:
+            return "return_attn is not supported: the fused kernels never materialize the weights"
+        return None
+
+    def priority(self, p: Problem) -> float:
+        return 10.0
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras: Extras) -> Result:
+        spec = p.spec
+        B, H, Hk, r = p.batch, p.heads, p.heads_kv, spec.rank
+        cdt = lse_dtype(q.dtype)
+        perms, _ = _tables(spec)
+        shape3 = (1,) * (3 - r) + spec.spatial
+        q3, k3, v3 = (_permute(t.to(cdt), perms, 1).reshape(B, *shape3, *t.shape[-2:]) for t in (q, k, v))
+        if extras.rpb is not None:
+            rpb = extras.rpb.to(cdt).reshape(H, *((1,) * (3 - r)), *extras.rpb.shape[1:])
+        else:
+            rpb = torch.zeros(1, 1, 1, 1, dtype=cdt)
+        out, lse = _NAFunction.apply(q3, k3, v3, rpb, extras.rpb is not None, p.scale, spec)
+        out = _permute(out.reshape(B, *spec.spatial, H, p.dim_v), perms, 1, inverse=True)
+        lse = _permute(lse.reshape(B, *spec.spatial, H), perms, 1, inverse=True)
+        return Result(out.to(q.dtype), lse)
+
+
+def cache_info() -> str:
+    """Where numba keeps the compiled kernels and whether any are there (for ``visattn info``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    cache_dir = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(here, "__pycache__")
+    try:
+        n = sum(1 for f in os.listdir(cache_dir) if f.startswith("cpu_kernels") and f.endswith(".nbc"))
+    except OSError:
+        n = 0
+    return f"{n} compiled kernel(s) cached in {cache_dir}" if n else f"no kernels cached yet (first call compiles, cache: {cache_dir})"
