@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from functools import lru_cache
 from typing import Optional
 
@@ -41,9 +42,21 @@ def _numba_missing() -> Optional[str]:
 
 def _kernels():
     """The numba module, compiled lazily (cold: a few seconds per dtype; warm: loaded from disk)."""
+    import numba
+    from numba.np.ufunc import parallel
+
+    # numba's "omp" layer loads the system libgomp, a second OpenMP runtime next to PyTorch's, whose
+    # idle workers spin after every kernel and steal the cores from the torch ops that follow. The
+    # "workqueue" pool sleeps when idle. It must not be entered by two threads at once, hence
+    # _LAUNCH. A layer chosen by the user (env var) or already started is left alone.
+    if "NUMBA_THREADING_LAYER" not in os.environ and not parallel._is_initialized:
+        numba.config.THREADING_LAYER = "workqueue"
     from . import cpu_kernels
 
     return cpu_kernels
+
+
+_LAUNCH = threading.Lock()
 
 
 def _set_threads() -> int:
@@ -96,8 +109,9 @@ def _tables(spec: NASpec):
     return perms, stacked
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """``[..., X]`` contiguous tensor as a 2-D numpy array of rows (shares memory)."""
+    return t.reshape(-1, t.shape[-1]).numpy()
 
 
 class _NAFunction(torch.autograd.Function):
@@ -106,27 +120,28 @@ class _NAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rpb, has_rpb: bool, scale: float, spec: NASpec):
         kern = _kernels()
-        _, (lo, hi, rof, qlo, qhi) = _tables(spec)
-        nthreads = _set_threads()
+        _, (lo, hi, rof, _, _) = _tables(spec)
         q, k, v, rpb = (t.detach().contiguous() for t in (q, k, v, rpb))
         dt = q.dtype
         npdt = np.float32 if dt == torch.float32 else np.float64
+        shape = (*q.shape[:4], q.shape[4], k.shape[4])
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=dt)
         lse = torch.empty(q.shape[:-1], dtype=dt)
-        fast = dt == torch.float32
-        kern.forward(q.numpy(), k.numpy(), v.numpy(), rpb.numpy(), has_rpb, npdt(scale), npdt(0), lo, hi, rof,
-                     _QBLOCK, fast, kern.POW2_F32, out.numpy(), lse.numpy())
+        with _LAUNCH:
+            _set_threads()
+            kern.forward(_rows(q), _rows(k), _rows(v), shape, rpb.numpy(), has_rpb, npdt(scale), npdt(0), lo, hi, rof,
+                         _QBLOCK, dt == torch.float32, _rows(out), lse.reshape(-1).numpy())
         ctx.save_for_backward(q, k, v, rpb, out, lse)
-        ctx.meta = (has_rpb, scale, spec, nthreads)
+        ctx.meta = (has_rpb, scale, spec, shape)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         kern = _kernels()
         q, k, v, rpb, out, lse = ctx.saved_tensors
-        has_rpb, scale, spec, _ = ctx.meta
+        has_rpb, scale, spec, shape = ctx.meta
         _, (lo, hi, rof, qlo, qhi) = _tables(spec)
-        nthreads = _set_threads()
+        nthreads = torch.get_num_threads()
         dt = q.dtype
         npdt = np.float32 if dt == torch.float32 else np.float64
         dout = torch.zeros_like(out) if dout is None else dout.to(dt).contiguous()
@@ -135,17 +150,18 @@ class _NAFunction(torch.autograd.Function):
         delta = (dout * out).sum(-1)
         if dlse is not None:
             delta = delta - dlse.to(dt)
-        delta = delta.contiguous()
+        delta = delta.contiguous().reshape(-1).numpy()
         fast = dt == torch.float32
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         # Bias gradients accumulate per chunk of work (deterministic, no races), summed here.
-        nchunks = 4 * nthreads if has_rpb else 1
-        drpb = torch.zeros(nchunks, *rpb.shape, dtype=dt)
-        args = (q.numpy(), k.numpy(), v.numpy(), rpb.numpy(), has_rpb, npdt(scale), npdt(0))
-        kern.backward_dq(*args, lo, hi, rof, lse.numpy(), delta.numpy(), dout.numpy(), fast, kern.POW2_F32,
-                         nchunks, dq.numpy(), drpb.numpy())
-        kern.backward_dkv(*args, rof, qlo, qhi, lse.numpy(), delta.numpy(), dout.numpy(), fast, kern.POW2_F32,
-                          dk.numpy(), dv.numpy())
+        nchunks = 4 * nthreads if has_rpb else 2 * nthreads
+        drpb = torch.zeros(nchunks if has_rpb else 1, *rpb.shape, dtype=dt)
+        args = (_rows(q), _rows(k), _rows(v), shape, rpb.numpy(), has_rpb, npdt(scale), npdt(0))
+        lse_np, dout_np = lse.reshape(-1).numpy(), _rows(dout)
+        with _LAUNCH:
+            _set_threads()
+            kern.backward_dq(*args, lo, hi, rof, lse_np, delta, dout_np, fast, nchunks, _rows(dq), drpb.numpy())
+            kern.backward_dkv(*args, rof, qlo, qhi, lse_np, delta, dout_np, fast, _rows(dk), _rows(dv))
         return dq, dk, dv, (drpb.sum(0) if has_rpb else None), None, None, None
 
 
