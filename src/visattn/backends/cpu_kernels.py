@@ -2,12 +2,14 @@
 
 Imported only by :mod:`visattn.backends.cpu_numba` once numba is known to be installed.
 
-Every kernel sees a rank-3 problem (lower ranks get leading axes of length 1) in *group-major*
-memory order: along an axis with dilation ``d`` the tokens are stored group by group, so a query's
-keys are a contiguous run ``[lo[i], hi[i]]`` of memory indices on every axis and dilation never
-appears in the kernels (the wrapper permutes once). Per-axis tables, all ``int64 [3, Lmax]``:
+Every kernel sees a rank-3 problem (lower ranks get leading axes of length 1) and walks each axis
+in *group-major* order: along an axis with dilation ``d`` the indices ``i`` enumerate dilation
+group 0, then group 1, ..., and ``pos[i]`` is the coordinate they stand for. A query's keys are then
+a contiguous run ``[lo[i], hi[i]]`` of indices on every axis and dilation never appears in the
+loops; tensors stay in their own layout (no permuted copies). Per-axis tables, ``int64 [3, Lmax]``:
 
-* ``lo, hi``: the key run of query ``i``; ``rof``: ``key - rof[i]`` indexes the bias table;
+* ``pos``: coordinate of index ``i``; ``lo, hi``: the key run of query index ``i``;
+  ``rof``: ``key index - rof[i]`` indexes the bias table;
 * ``qlo, qhi``: the queries whose run contains key ``j`` (windows move monotonically, so this is a
   contiguous run too); used by the key-centric dK/dV pass, which is therefore race-free.
 
@@ -15,11 +17,11 @@ Tensors are heads-last and contiguous: ``q [B, L0, L1, L2, H, D]``, ``k [.., Hk,
 ``v [.., Hk, Dv]``, ``lse/delta [B, L0, L1, L2, H]``, ``rpb [H, R0, R1, R2]``. Query head ``h`` uses
 kv head ``h // (H // Hk)`` (GQA natively).
 
-Speed comes from (1) a query block: ``QB`` consecutive queries along the last axis share their key
-rows on the other axes, so each key row is streamed once per block while it is hot in L1; (2)
-scores of a block are kept in a small scratch tile, never a full ``[N, K]`` matrix; (3) the
-exponentials are evaluated as a vectorizable polynomial (numba has no vector ``exp`` without
-Intel's SVML) for float32, and with ``math.exp`` for float64, whose tolerance is 1e-10.
+Speed comes from (1) inner loops that are plain contiguous ``D``-vectors (rows of 2-D arrays,
+indexed without creating views, which would cost atomic reference counts per key); (2) scores of a
+query kept in a small scratch row, never a ``[N, K]`` matrix; (3) exponentials evaluated as a
+vectorizable polynomial for float32 (numba has no vector ``exp`` without Intel's SVML), and with
+``math.exp`` for float64, whose parity tolerance is 1e-10.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _widest(lo, hi):
 
 
 @njit(parallel=True, **_OPTS)
-def forward(q, k, v, shape, rpb, has_rpb, scale, zero, lo, hi, rof, qblock, fast, out, lse):
+def forward(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, qblock, fast, out, lse):
     """Fused forward: writes ``out [T*H, Dv]`` and ``lse [T*H]``.
 
     ``q [T*H, D]``, ``k [T*Hk, D]``, ``v [T*Hk, Dv]`` are the heads-last tensors flattened to rows
@@ -134,13 +136,13 @@ def forward(q, k, v, shape, rpb, has_rpb, scale, zero, lo, hi, rof, qblock, fast
         ibuf = np.empty(kmax, dtype=np.int32)
         acc = np.empty(Dv, dtype=q.dtype)
         for x2 in range(blk * qblock, min((blk + 1) * qblock, L2)):
-            row = (((b * L0 + x0) * L1 + x1) * L2 + x2) * H + h
+            row = (((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 + pos[2, x2]) * H + h
             n = 0
             for a0 in range(lo[0, x0], hi[0, x0] + 1):
                 for a1 in range(lo[1, x1], hi[1, x1] + 1):
-                    krow0 = ((b * L0 + a0) * L1 + a1) * L2 * Hk + hk
+                    krow0 = ((b * L0 + pos[0, a0]) * L1 + pos[1, a1]) * L2 * Hk + hk
                     for a2 in range(lo[2, x2], hi[2, x2] + 1):
-                        t = _dot(q, row, k, krow0 + a2 * Hk, D, zero) * scale
+                        t = _dot(q, row, k, krow0 + pos[2, a2] * Hk, D, zero) * scale
                         if has_rpb:
                             t += rpb[h, a0 - rof[0, x0], a1 - rof[1, x1], a2 - rof[2, x2]]
                         s[n] = t
@@ -154,9 +156,9 @@ def forward(q, k, v, shape, rpb, has_rpb, scale, zero, lo, hi, rof, qblock, fast
             n = 0
             for a0 in range(lo[0, x0], hi[0, x0] + 1):
                 for a1 in range(lo[1, x1], hi[1, x1] + 1):
-                    krow0 = ((b * L0 + a0) * L1 + a1) * L2 * Hk + hk
+                    krow0 = ((b * L0 + pos[0, a0]) * L1 + pos[1, a1]) * L2 * Hk + hk
                     for a2 in range(lo[2, x2], hi[2, x2] + 1):
-                        _axpy(s[n], v, krow0 + a2 * Hk, acc, Dv)
+                        _axpy(s[n], v, krow0 + pos[2, a2] * Hk, acc, Dv)
                         n += 1
             inv = _ONE / total
             for d in range(Dv):
@@ -165,13 +167,15 @@ def forward(q, k, v, shape, rpb, has_rpb, scale, zero, lo, hi, rof, qblock, fast
 
 
 @njit(parallel=True, **_OPTS)
-def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, lo, hi, rof, lse, delta, dout, fast, nchunks, dq, drpb):
+def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, out, lse, dlse, has_dlse, dout, fast,
+                nchunks, delta, dq, drpb):
     """Query-centric pass: writes ``dq [T*H, D]`` and accumulates ``drpb [nchunks, H, R0, R1, R2]``
     per chunk of work (the caller sums the chunks, so no two threads add to the same entry).
 
-    Layouts as in :func:`forward`; ``lse, delta [T*H]``, ``dout [T*H, Dv]``.
+    Layouts as in :func:`forward`; ``lse, dlse [T*H]``, ``out, dout [T*H, Dv]``.
     ``dS = P * (dP - delta)`` with ``delta = rowsum(dO * O) - dLSE``, so gradients flowing into
-    the LSE (e.g. from the extra-KV merge) are included.
+    the LSE (e.g. from the extra-KV merge) are included; ``delta [T*H]`` is written for
+    :func:`backward_dkv`, which must run after this pass.
     """
     B, L0, L1, L2, H, Hk = shape
     D = q.shape[1]
@@ -193,27 +197,30 @@ def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, lo, hi, rof, lse, del
             b = rest // L0
             hk = h // G
             for x2 in range(L2):
-                row = (((b * L0 + x0) * L1 + x1) * L2 + x2) * H + h
+                row = (((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 + pos[2, x2]) * H + h
                 n = 0
                 for a0 in range(lo[0, x0], hi[0, x0] + 1):
                     for a1 in range(lo[1, x1], hi[1, x1] + 1):
-                        krow0 = ((b * L0 + a0) * L1 + a1) * L2 * Hk + hk
+                        krow0 = ((b * L0 + pos[0, a0]) * L1 + pos[1, a1]) * L2 * Hk + hk
                         for a2 in range(lo[2, x2], hi[2, x2] + 1):
-                            t = _dot(q, row, k, krow0 + a2 * Hk, D, zero) * scale
+                            t = _dot(q, row, k, krow0 + pos[2, a2] * Hk, D, zero) * scale
                             if has_rpb:
                                 t += rpb[h, a0 - rof[0, x0], a1 - rof[1, x1], a2 - rof[2, x2]]
                             s[n] = t
                             n += 1
                 _exp_rows(s, ibuf, n, lse[row], fast, zero)
-                dl = delta[row]
+                dl = _dot(dout, row, out, row, Dv, zero)
+                if has_dlse:
+                    dl -= dlse[row]
+                delta[row] = dl
                 for d in range(D):
                     acc[d] = zero
                 n = 0
                 for a0 in range(lo[0, x0], hi[0, x0] + 1):
                     for a1 in range(lo[1, x1], hi[1, x1] + 1):
-                        krow0 = ((b * L0 + a0) * L1 + a1) * L2 * Hk + hk
+                        krow0 = ((b * L0 + pos[0, a0]) * L1 + pos[1, a1]) * L2 * Hk + hk
                         for a2 in range(lo[2, x2], hi[2, x2] + 1):
-                            kr = krow0 + a2 * Hk
+                            kr = krow0 + pos[2, a2] * Hk
                             ds = s[n] * (_dot(dout, row, v, kr, Dv, zero) - dl)
                             _axpy(ds, k, kr, acc, D)
                             if has_rpb:
@@ -224,7 +231,7 @@ def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, lo, hi, rof, lse, del
 
 
 @njit(parallel=True, **_OPTS)
-def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, rof, qlo, qhi, lse, delta, dout, fast, dk, dv):
+def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, pos, rof, qlo, qhi, lse, delta, dout, fast, dk, dv):
     """Key-centric pass: every key gathers from the queries that see it, so ``dk [T*Hk, D]`` and
     ``dv [T*Hk, Dv]`` (written) need no atomics and no per-thread copies. The query heads of a kv
     head (GQA) are summed inside. Layouts as in :func:`backward_dq`."""
@@ -246,7 +253,7 @@ def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, rof, qlo, qhi, lse, 
         ak = np.empty(D, dtype=q.dtype)
         av = np.empty(Dv, dtype=q.dtype)
         for y2 in range(L2):
-            kr = (((b * L0 + y0) * L1 + y1) * L2 + y2) * Hk + hk
+            kr = (((b * L0 + pos[0, y0]) * L1 + pos[1, y1]) * L2 + pos[2, y2]) * Hk + hk
             for d in range(D):
                 ak[d] = zero
             for d in range(Dv):
@@ -255,9 +262,9 @@ def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, rof, qlo, qhi, lse, 
                 n = 0
                 for x0 in range(qlo[0, y0], qhi[0, y0] + 1):
                     for x1 in range(qlo[1, y1], qhi[1, y1] + 1):
-                        qrow0 = ((b * L0 + x0) * L1 + x1) * L2 * H + h
+                        qrow0 = ((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 * H + h
                         for x2 in range(qlo[2, y2], qhi[2, y2] + 1):
-                            qr = qrow0 + x2 * H
+                            qr = qrow0 + pos[2, x2] * H
                             t = _dot(k, kr, q, qr, D, zero) * scale
                             if has_rpb:
                                 t += rpb[h, y0 - rof[0, x0], y1 - rof[1, x1], y2 - rof[2, x2]]
@@ -267,9 +274,9 @@ def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, rof, qlo, qhi, lse, 
                 n = 0
                 for x0 in range(qlo[0, y0], qhi[0, y0] + 1):
                     for x1 in range(qlo[1, y1], qhi[1, y1] + 1):
-                        qrow0 = ((b * L0 + x0) * L1 + x1) * L2 * H + h
+                        qrow0 = ((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 * H + h
                         for x2 in range(qlo[2, y2], qhi[2, y2] + 1):
-                            qr = qrow0 + x2 * H
+                            qr = qrow0 + pos[2, x2] * H
                             p = s[n]
                             ds = p * (_dot(dout, qr, v, kr, Dv, zero) - delta[qr])
                             _axpy(p, dout, qr, av, Dv)

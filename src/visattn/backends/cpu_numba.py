@@ -6,14 +6,14 @@ compile (a few seconds per dtype) is paid once per machine, not once per process
 package still works: this backend reports itself unavailable and the portable ``torch`` backend
 serves CPU calls.
 
-The wrapper does three cheap things around the kernels (:mod:`visattn.backends.cpu_kernels`):
-puts each dilated axis in group-major order (one ``index_select``, only when ``dilation > 1``),
-pads the rank to 3, and derives the per-axis key/query runs from :func:`visattn.spec.axis_windows`.
+The wrapper only views the tensors as rank 3 (leading axes of length 1), casts half inputs to
+float32, and derives small per-axis tables (key runs, their inverse, the group-major order that
+removes dilation from the loops) from :func:`visattn.spec.axis_windows`; see
+:mod:`visattn.backends.cpu_kernels`. No tensor is permuted or padded.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from functools import lru_cache
@@ -71,42 +71,37 @@ def _set_threads() -> int:
 
 @lru_cache(maxsize=256)
 def _axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool, requested: int):
-    """Per-axis tables in group-major memory order (see :mod:`cpu_kernels`).
-
-    Returns ``(perm, lo, hi, rof, qlo, qhi)``: ``perm [L]`` the coordinate stored at each memory
-    index (``None`` when ``dilation == 1``: identity), then int64 ``[L]`` arrays indexed by memory
-    index.
-    """
+    """Per-axis tables in group-major order (see :mod:`cpu_kernels`), int64 ``[L]`` each:
+    ``(pos, lo, hi, rof, qlo, qhi)``."""
     w = axis_windows(length, kernel, stride, dilation, causal)
-    group, pos, lo, hi = (t.numpy() for t in (w.group, w.pos, w.lo, w.hi))
+    group, gpos, lo, hi = (t.numpy() for t in (w.group, w.pos, w.lo, w.hi))
     sizes = np.bincount(group, minlength=dilation)
-    offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])[group]  # memory start of each coord's group
-    perm = np.argsort(group * length + pos, kind="stable")
-    lo_m = (offset + lo)[perm]
-    hi_m = (offset + hi)[perm]
-    rof = (offset + pos - (requested - 1))[perm]
-    # Windows move monotonically with the query, so lo_m/hi_m are non-decreasing and the queries
-    # seeing key j are one run: those with hi_m >= j and lo_m <= j.
+    offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])[group]  # first index of each coord's group
+    pos = np.argsort(group * length + gpos, kind="stable")  # index -> coordinate
+    lo_i = (offset + lo)[pos]
+    hi_i = (offset + hi)[pos]
+    rof = (offset + gpos - (requested - 1))[pos]
+    # Windows move monotonically with the query, so lo_i/hi_i are non-decreasing and the queries
+    # seeing key j are one run: those with hi_i >= j and lo_i <= j.
     keys = np.arange(length)
-    qlo = np.searchsorted(hi_m, keys, side="left")
-    qhi = np.searchsorted(lo_m, keys, side="right") - 1
-    return (perm if dilation > 1 else None), lo_m, hi_m, rof, qlo, qhi
+    qlo = np.searchsorted(hi_i, keys, side="left")
+    qhi = np.searchsorted(lo_i, keys, side="right") - 1
+    return pos, lo_i, hi_i, rof, qlo, qhi
 
 
 @lru_cache(maxsize=64)
-def _tables(spec: NASpec):
-    """Rank-3 padded tables: ``perms`` (per real axis) and int64 ``lo, hi, rof, qlo, qhi [3, Lmax]``."""
+def _tables(spec: NASpec) -> list[np.ndarray]:
+    """Rank-3 padded tables ``[pos, lo, hi, rof, qlo, qhi]``, each int64 ``[3, Lmax]``."""
     axes = [_axis_tables(L, k, s, d, c, rk) for (L, k, s, d, c), rk in zip(spec.axes(), spec.requested_kernel_size)]
     pad = 3 - len(axes)
     lmax = max(spec.spatial)
     stacked = []
-    for field in range(1, 6):
+    for field in range(6):
         t = np.zeros((3, lmax), dtype=np.int64)
         for a, ax in enumerate(axes):
             t[pad + a, : len(ax[field])] = ax[field]
         stacked.append(t)
-    perms = [None if ax[0] is None else torch.from_numpy(ax[0]) for ax in axes]
-    return perms, stacked
+    return stacked
 
 
 def _rows(t: torch.Tensor) -> np.ndarray:
@@ -119,8 +114,9 @@ class _NAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, rpb, has_rpb: bool, scale: float, spec: NASpec):
+        ctx.set_materialize_grads(False)  # an unused LSE then costs no zero-filled gradient
         kern = _kernels()
-        _, (lo, hi, rof, _, _) = _tables(spec)
+        pos, lo, hi, rof, _, _ = _tables(spec)
         q, k, v, rpb = (t.detach().contiguous() for t in (q, k, v, rpb))
         dt = q.dtype
         npdt = np.float32 if dt == torch.float32 else np.float64
@@ -129,7 +125,7 @@ class _NAFunction(torch.autograd.Function):
         lse = torch.empty(q.shape[:-1], dtype=dt)
         with _LAUNCH:
             _set_threads()
-            kern.forward(_rows(q), _rows(k), _rows(v), shape, rpb.numpy(), has_rpb, npdt(scale), npdt(0), lo, hi, rof,
+            kern.forward(_rows(q), _rows(k), _rows(v), shape, rpb.numpy(), has_rpb, npdt(scale), npdt(0), pos, lo, hi, rof,
                          _QBLOCK, dt == torch.float32, _rows(out), lse.reshape(-1).numpy())
         ctx.save_for_backward(q, k, v, rpb, out, lse)
         ctx.meta = (has_rpb, scale, spec, shape)
@@ -140,38 +136,26 @@ class _NAFunction(torch.autograd.Function):
         kern = _kernels()
         q, k, v, rpb, out, lse = ctx.saved_tensors
         has_rpb, scale, spec, shape = ctx.meta
-        _, (lo, hi, rof, qlo, qhi) = _tables(spec)
-        nthreads = torch.get_num_threads()
+        pos, lo, hi, rof, qlo, qhi = _tables(spec)
         dt = q.dtype
         npdt = np.float32 if dt == torch.float32 else np.float64
         dout = torch.zeros_like(out) if dout is None else dout.to(dt).contiguous()
-        # delta_i = rowsum(dO * O) - dLSE_i: the dS = P * (dP - delta) of softmax, with the
-        # gradient flowing into the LSE folded in.
-        delta = (dout * out).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.to(dt)
-        delta = delta.contiguous().reshape(-1).numpy()
+        has_dlse = dlse is not None
+        dlse = dlse.to(dt).contiguous() if has_dlse else lse  # lse: an unused placeholder
         fast = dt == torch.float32
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = torch.empty_like(lse)
         # Bias gradients accumulate per chunk of work (deterministic, no races), summed here.
-        nchunks = 4 * nthreads if has_rpb else 2 * nthreads
+        nchunks = 4 * torch.get_num_threads()
         drpb = torch.zeros(nchunks if has_rpb else 1, *rpb.shape, dtype=dt)
-        args = (_rows(q), _rows(k), _rows(v), shape, rpb.numpy(), has_rpb, npdt(scale), npdt(0))
-        lse_np, dout_np = lse.reshape(-1).numpy(), _rows(dout)
+        args = (_rows(q), _rows(k), _rows(v), shape, rpb.numpy(), has_rpb, npdt(scale), npdt(0), pos)
+        lse_np, delta_np, dout_np = lse.reshape(-1).numpy(), delta.reshape(-1).numpy(), _rows(dout)
         with _LAUNCH:
             _set_threads()
-            kern.backward_dq(*args, lo, hi, rof, lse_np, delta, dout_np, fast, nchunks, _rows(dq), drpb.numpy())
-            kern.backward_dkv(*args, rof, qlo, qhi, lse_np, delta, dout_np, fast, _rows(dk), _rows(dv))
+            kern.backward_dq(*args, lo, hi, rof, _rows(out), lse_np, dlse.reshape(-1).numpy(), has_dlse, dout_np,
+                             fast, nchunks, delta_np, _rows(dq), drpb.numpy())
+            kern.backward_dkv(*args, rof, qlo, qhi, lse_np, delta_np, dout_np, fast, _rows(dk), _rows(dv))
         return dq, dk, dv, (drpb.sum(0) if has_rpb else None), None, None, None
-
-
-def _permute(t: torch.Tensor, perms, first_axis: int, inverse: bool = False) -> torch.Tensor:
-    """Reorder the dilated spatial axes of ``t`` (axis ``first_axis + a``) to group-major (or back)."""
-    for a, perm in enumerate(perms):
-        if perm is not None:
-            idx = torch.argsort(perm) if inverse else perm
-            t = t.index_select(first_axis + a, idx)
-    return t
 
 
 class CpuBackend(Backend):
@@ -202,17 +186,14 @@ class CpuBackend(Backend):
         spec = p.spec
         B, H, Hk, r = p.batch, p.heads, p.heads_kv, spec.rank
         cdt = lse_dtype(q.dtype)
-        perms, _ = _tables(spec)
         shape3 = (1,) * (3 - r) + spec.spatial
-        q3, k3, v3 = (_permute(t.to(cdt), perms, 1).reshape(B, *shape3, *t.shape[-2:]) for t in (q, k, v))
+        q3, k3, v3 = (t.to(cdt).reshape(B, *shape3, *t.shape[-2:]) for t in (q, k, v))
         if extras.rpb is not None:
             rpb = extras.rpb.to(cdt).reshape(H, *((1,) * (3 - r)), *extras.rpb.shape[1:])
         else:
             rpb = torch.zeros(1, 1, 1, 1, dtype=cdt)
         out, lse = _NAFunction.apply(q3, k3, v3, rpb, extras.rpb is not None, p.scale, spec)
-        out = _permute(out.reshape(B, *spec.spatial, H, p.dim_v), perms, 1, inverse=True)
-        lse = _permute(lse.reshape(B, *spec.spatial, H), perms, 1, inverse=True)
-        return Result(out.to(q.dtype), lse)
+        return Result(out.reshape(B, *spec.spatial, H, p.dim_v).to(q.dtype), lse.reshape(B, *spec.spatial, H))
 
 
 def cache_info() -> str:
