@@ -160,8 +160,12 @@ class _NAFunction(torch.autograd.Function):
 
 class CpuBackend(Backend):
     name = "cpu"
-    description = "fused numba CPU kernels: forward (out + LSE) and race-free backward, kernels cached on disk"
     supports_gqa = True
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        """What ``visattn info`` prints: the kernels and whether compiled ones are cached here."""
+        return f"fused numba CPU kernels, forward (out + LSE) and race-free backward; {cache_info()}"
 
     def unavailable(self) -> Optional[str]:
         return _numba_missing()
@@ -197,11 +201,13 @@ class CpuBackend(Backend):
 
 
 def cache_info() -> str:
-    """Where numba keeps the compiled kernels and whether any are there (for ``visattn info``)."""
+    """Whether compiled kernels are cached on disk (numba's default location: ``__pycache__`` next
+    to :mod:`cpu_kernels`, or ``$NUMBA_CACHE_DIR``), for ``visattn info``."""
     here = os.path.dirname(os.path.abspath(__file__))
     cache_dir = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(here, "__pycache__")
-    try:
-        n = sum(1 for f in os.listdir(cache_dir) if f.startswith("cpu_kernels") and f.endswith(".nbc"))
-    except OSError:
-        n = 0
-    return f"{n} compiled kernel(s) cached in {cache_dir}" if n else f"no kernels cached yet (first call compiles, cache: {cache_dir})"
+    found = []
+    for root, _, files in os.walk(cache_dir):
+        found += [f for f in files if f.startswith("cpu_kernels.") and f.endswith(".nbc")]
+    if found:
+        return f"{len(found)} compiled kernel(s) cached in {cache_dir}"
+    return f"not compiled yet: the first call per dtype compiles (~20-50 s) and caches in {cache_dir}"
