@@ -168,7 +168,7 @@ def forward(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, qblock,
 
 @njit(parallel=True, **_OPTS)
 def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, out, lse, dlse, has_dlse, dout, fast,
-                nchunks, delta, dq, drpb):
+                qblock, nchunks, delta, dq, drpb):
     """Query-centric pass: writes ``dq [T*H, D]`` and accumulates ``drpb [nchunks, H, R0, R1, R2]``
     per chunk of work (the caller sums the chunks, so no two threads add to the same entry).
 
@@ -181,7 +181,8 @@ def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, out
     D = q.shape[1]
     Dv = v.shape[1]
     G = H // Hk
-    items = B * L0 * L1 * H
+    nblk = (L2 + qblock - 1) // qblock
+    items = B * L0 * L1 * nblk * H
     kmax = _widest(lo, hi)
     per = (items + nchunks - 1) // nchunks
     for c in prange(nchunks):
@@ -191,12 +192,14 @@ def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, out
         for item in range(c * per, min(items, (c + 1) * per)):
             h = item % H
             rest = item // H
+            blk = rest % nblk
+            rest //= nblk
             x1 = rest % L1
             rest //= L1
             x0 = rest % L0
             b = rest // L0
             hk = h // G
-            for x2 in range(L2):
+            for x2 in range(blk * qblock, min((blk + 1) * qblock, L2)):
                 row = (((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 + pos[2, x2]) * H + h
                 n = 0
                 for a0 in range(lo[0, x0], hi[0, x0] + 1):
@@ -231,7 +234,7 @@ def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, out
 
 
 @njit(parallel=True, **_OPTS)
-def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, pos, rof, qlo, qhi, lse, delta, dout, fast, dk, dv):
+def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, pos, rof, qlo, qhi, lse, delta, dout, fast, qblock, dk, dv):
     """Key-centric pass: every key gathers from the queries that see it, so ``dk [T*Hk, D]`` and
     ``dv [T*Hk, Dv]`` (written) need no atomics and no per-thread copies. The query heads of a kv
     head (GQA) are summed inside. Layouts as in :func:`backward_dq`."""
@@ -239,11 +242,14 @@ def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, pos, rof, qlo, qhi, 
     D = q.shape[1]
     Dv = v.shape[1]
     G = H // Hk
-    items = B * L0 * L1 * Hk
+    nblk = (L2 + qblock - 1) // qblock
+    items = B * L0 * L1 * nblk * Hk
     qmax = _widest(qlo, qhi)
     for item in prange(items):
         hk = item % Hk
         rest = item // Hk
+        blk = rest % nblk
+        rest //= nblk
         y1 = rest % L1
         rest //= L1
         y0 = rest % L0
@@ -252,7 +258,7 @@ def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, pos, rof, qlo, qhi, 
         ibuf = np.empty(qmax, dtype=np.int32)
         ak = np.empty(D, dtype=q.dtype)
         av = np.empty(Dv, dtype=q.dtype)
-        for y2 in range(L2):
+        for y2 in range(blk * qblock, min((blk + 1) * qblock, L2)):
             kr = (((b * L0 + pos[0, y0]) * L1 + pos[1, y1]) * L2 + pos[2, y2]) * Hk + hk
             for d in range(D):
                 ak[d] = zero

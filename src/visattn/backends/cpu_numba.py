@@ -27,8 +27,8 @@ from .base import Backend, Extras, Problem, Result, lse_dtype
 
 _MISSING = "numba is not installed (pip install 'visattn[cpu]'); CPU calls use the portable torch backend"
 
-#: Queries per forward work item along the last axis: enough items to balance threads, few enough
-#: that per-item overhead (scratch allocation, scheduling) stays negligible.
+#: Queries (keys in the dK/dV pass) per work item along the last axis: enough items to balance
+#: threads even in 1-D, few enough that per-item overhead (scratch allocation) stays negligible.
 _QBLOCK = 16
 
 
@@ -153,8 +153,8 @@ class _NAFunction(torch.autograd.Function):
         with _LAUNCH:
             _set_threads()
             kern.backward_dq(*args, lo, hi, rof, _rows(out), lse_np, dlse.reshape(-1).numpy(), has_dlse, dout_np,
-                             fast, nchunks, delta_np, _rows(dq), drpb.numpy())
-            kern.backward_dkv(*args, rof, qlo, qhi, lse_np, delta_np, dout_np, fast, _rows(dk), _rows(dv))
+                             fast, _QBLOCK, nchunks, delta_np, _rows(dq), drpb.numpy())
+            kern.backward_dkv(*args, rof, qlo, qhi, lse_np, delta_np, dout_np, fast, _QBLOCK, _rows(dk), _rows(dv))
         return dq, dk, dv, (drpb.sum(0) if has_rpb else None), None, None, None
 
 
