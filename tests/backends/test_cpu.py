@@ -147,6 +147,8 @@ def test_small_sweep_with_bounds_checking(tmp_path, request) -> None:
     """Kernels compiled with NUMBA_BOUNDSCHECK=1 in a subprocess: any out-of-bounds read raises.
 
     The bounds-checked build is cached under pytest's cache dir, so only the first run compiles.
+    It runs on numba's "omp" pool: the "workqueue" pool the backend uses by default drops
+    exceptions raised inside parallel loops, which would hide the IndexError.
     """
     cache = request.config.cache.mkdir("numba-boundscheck") if request.config.cache else tmp_path
     script = textwrap.dedent("""
@@ -158,7 +160,7 @@ def test_small_sweep_with_bounds_checking(tmp_path, request) -> None:
         print("ok")
     """)
     here = os.path.dirname(__file__)
-    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(cache),
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(cache), "NUMBA_THREADING_LAYER": "omp",
            "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
