@@ -2,7 +2,8 @@
 
 Why numba: it ships wheels for every platform PyTorch does, needs no compiler at install time, does
 not touch PyTorch's C++ ABI, and caches compiled kernels on disk (``cache=True``), so the first-call
-compile (a few seconds per dtype) is paid once per machine, not once per process. Without numba the
+compile (20-50 s per dtype on a 2-core machine) is paid once per machine, not once per process
+(a warm process loads them in about a second). Without numba the
 package still works: this backend reports itself unavailable and the portable ``torch`` backend
 serves CPU calls.
 
@@ -41,14 +42,16 @@ def _numba_missing() -> Optional[str]:
 
 
 def _kernels():
-    """The numba module, compiled lazily (cold: a few seconds per dtype; warm: loaded from disk)."""
+    """The kernel module; numba compiles each kernel on its first call per dtype, or loads it from disk."""
     import numba
     from numba.np.ufunc import parallel
 
     # numba's "omp" layer loads the system libgomp, a second OpenMP runtime next to PyTorch's, whose
     # idle workers spin after every kernel and steal the cores from the torch ops that follow. The
     # "workqueue" pool sleeps when idle. It must not be entered by two threads at once, hence
-    # _LAUNCH. A layer chosen by the user (env var) or already started is left alone.
+    # _LAUNCH, and it drops exceptions raised inside parallel loops (the kernels raise none; the
+    # bounds-checked test runs on "omp"). A layer chosen by the user (env var) or already started
+    # is left alone.
     if "NUMBA_THREADING_LAYER" not in os.environ and not parallel._is_initialized:
         numba.config.THREADING_LAYER = "workqueue"
     from . import cpu_kernels
@@ -110,7 +113,8 @@ def _rows(t: torch.Tensor) -> np.ndarray:
 
 
 class _NAFunction(torch.autograd.Function):
-    """Fused forward/backward on rank-3 padded, group-major tensors ``[B, L0, L1, L2, H, D]``."""
+    """Fused forward/backward on rank-3 views ``q [B, L0, L1, L2, H, D]``, ``k/v [.., Hk, D(v)]``,
+    ``rpb [H, R0, R1, R2]`` (a dummy ``[1, 1, 1, 1]`` when ``has_rpb`` is False)."""
 
     @staticmethod
     def forward(ctx, q, k, v, rpb, has_rpb: bool, scale: float, spec: NASpec):
