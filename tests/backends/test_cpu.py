@@ -108,6 +108,9 @@ def test_selected_automatically_for_cpu_tensors_and_refusals_route_elsewhere() -
     p = Problem(spec=make_spec("t", (8, 8), 3), batch=2, heads=2, heads_kv=2, dim=8, dim_v=8,
                 dtype=torch.float32, device=torch.device("cpu"), scale=0.3)
     assert select_backend(p).name == "cpu"
+    # Very large windows are dense-GEMM territory: the torch backend is chosen, cpu stays forceable.
+    big = Problem(**{**p.__dict__, "spec": make_spec("t", (40, 40), 31)})
+    assert select_backend(big).name == "torch" and select_backend(big, "cpu").name == "cpu"
     bias = torch.randn(2, 8, 8, 2, 9)
     with pytest.raises(ValueError, match="attn_bias"):
         neighborhood_attention(q, k, v, 3, attn_bias=bias, backend="cpu")
@@ -164,3 +167,24 @@ def test_small_sweep_with_bounds_checking(tmp_path, request) -> None:
            "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_concurrent_callers_get_identical_results() -> None:
+    """Python threads may call the op at once (e.g. a server); launches are serialized, results
+    stay deterministic."""
+    import threading
+
+    q = torch.randn(1, 10, 9, 2, 8, dtype=torch.float64)
+    want = neighborhood_attention(q, q, q, 3, backend="cpu")
+    got: list[torch.Tensor] = []
+
+    def work() -> None:
+        for _ in range(5):
+            got.append(neighborhood_attention(q, q, q, 3, backend="cpu"))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 15 and all(torch.equal(g, want) for g in got)
