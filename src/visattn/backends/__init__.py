@@ -18,6 +18,7 @@ __all__ = ["Backend", "Extras", "Problem", "Result", "get_backend", "list_backen
 _BUILTIN = {
     "reference": "reference:ReferenceBackend",
     "torch": "torch_tiled:TorchTiledBackend",
+    "cpu": "cpu_numba:CpuBackend",
     "triton": "triton_na:TritonBackend",
 }
 _INSTANCES: dict[str, Backend] = {}

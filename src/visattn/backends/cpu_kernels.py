@@ -1,0 +1,294 @@
+"""numba kernels of the ``cpu`` backend: fused forward and backward of neighborhood attention.
+
+Imported only by :mod:`visattn.backends.cpu_numba` once numba is known to be installed.
+
+Every kernel sees a rank-3 problem (lower ranks get leading axes of length 1) and walks each axis
+in *group-major* order: along an axis with dilation ``d`` the indices ``i`` enumerate dilation
+group 0, then group 1, ..., and ``pos[i]`` is the coordinate they stand for. A query's keys are then
+a contiguous run ``[lo[i], hi[i]]`` of indices on every axis and dilation never appears in the
+loops; tensors stay in their own layout (no permuted copies). Per-axis tables, ``int64 [3, Lmax]``:
+
+* ``pos``: coordinate of index ``i``; ``lo, hi``: the key run of query index ``i``;
+  ``rof``: ``key index - rof[i]`` indexes the bias table;
+* ``qlo, qhi``: the queries whose run contains key ``j`` (windows move monotonically, so this is a
+  contiguous run too); used by the key-centric dK/dV pass, which is therefore race-free.
+
+Tensors are the contiguous heads-last ``[B, L0, L1, L2, H, D]`` ones viewed as 2-D arrays of rows
+(``q [T*H, D]``, ``k [T*Hk, D]``, ``v [T*Hk, Dv]``, ``lse/delta [T*H]``, ``T = B*L0*L1*L2``), plus
+``rpb [H, R0, R1, R2]``. Query head ``h`` uses kv head ``h // (H // Hk)`` (GQA natively).
+
+Speed comes from (1) inner loops that are plain contiguous ``D``-vectors (rows of 2-D arrays,
+indexed without creating views, which would cost atomic reference counts per key); (2) scores of a
+query kept in a small scratch row, never a ``[N, K]`` matrix; (3) exponentials evaluated as a
+vectorizable polynomial for float32 (numba has no vector ``exp`` without Intel's SVML), and with
+``math.exp`` for float64, whose parity tolerance is 1e-10.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# float32 constants: a Python float would promote the whole vectorized loop to float64.
+_LN2 = np.float32(math.log(2.0))
+_LOG2E = np.float32(1.0 / math.log(2.0))
+_HALF = np.float32(0.5)
+_ONE = np.float32(1.0)
+_C2, _C3, _C4, _C5, _C6 = (np.float32(1.0 / math.factorial(i)) for i in range(2, 7))
+_BIAS = np.int32(127)
+# Scores this far below the row max give exp(x) < 1.2e-38 and are flushed to the smallest normal
+# float32, which also keeps the exponent bits in range.
+_XMIN32 = np.float32(-87.0)
+
+_OPTS = dict(cache=True, nogil=True, fastmath=True, boundscheck=None)
+
+
+@njit(inline="always", **_OPTS)
+def _exp_rows(buf, ibuf, n, shift, fast, zero):
+    """``buf[:n] = exp(buf[:n] - shift)``; returns the sum.
+
+    ``fast`` (float32): ``exp(x) = 2**e * exp(r)`` with a degree-6 polynomial for ``exp(r)`` and
+    ``2**e`` built from its IEEE bits in the int32 scratch ``ibuf``; both loops vectorize, where a
+    per-element ``expf`` call (LLVM cannot vectorize it without SVML) took half of the forward's
+    time. Relative error < 2e-7. Otherwise ``math.exp``, exact enough for float64.
+    """
+    total = zero
+    if fast:
+        bits_as_float = ibuf.view(np.float32)
+        for j in range(n):
+            x = max(buf[j] - shift, _XMIN32)
+            e = np.floor(x * _LOG2E + _HALF)
+            r = x - e * _LN2
+            buf[j] = _ONE + r * (_ONE + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * _C6)))))
+            ibuf[j] = (np.int32(e) + _BIAS) << 23
+        for j in range(n):
+            y = buf[j] * bits_as_float[j]
+            buf[j] = y
+            total += y
+    else:
+        for j in range(n):
+            y = math.exp(buf[j] - shift)
+            buf[j] = y
+            total += y
+    return total
+
+
+# The helpers index rows of 2-D arrays instead of taking row views: a view costs two atomic
+# reference-count updates on the parent array, which also bounce its cache line between threads.
+@njit(inline="always", **_OPTS)
+def _dot(a, i, b, j, n, zero):
+    """``a[i, :n] . b[j, :n]``."""
+    t = zero
+    for d in range(n):
+        t += a[i, d] * b[j, d]
+    return t
+
+
+@njit(inline="always", **_OPTS)
+def _axpy(alpha, x, i, y, n):
+    """``y[:n] += alpha * x[i, :n]``."""
+    for d in range(n):
+        y[d] += alpha * x[i, d]
+
+
+@njit(inline="always", **_OPTS)
+def _widest(lo, hi):
+    """Product over the 3 axes of the longest run ``hi - lo + 1``: a score row's capacity."""
+    w = 1
+    for a in range(3):
+        wa = 1
+        for i in range(lo.shape[1]):
+            wa = max(wa, hi[a, i] - lo[a, i] + 1)
+        w *= wa
+    return w
+
+
+@njit(parallel=True, **_OPTS)
+def forward(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, qblock, fast, out, lse):
+    """Fused forward: writes ``out [T*H, Dv]`` and ``lse [T*H]``.
+
+    ``q [T*H, D]``, ``k [T*Hk, D]``, ``v [T*Hk, Dv]`` are the heads-last tensors flattened to rows
+    (``T = B*L0*L1*L2`` tokens; row of token ``t``, head ``h`` is ``t*H + h``); flat rows make the
+    inner loops plain contiguous vectors. ``shape = (B, L0, L1, L2, H, Hk)``.
+    One work item is ``qblock`` consecutive queries of one head along the last axis; a query's
+    scores live in a scratch row of ``prod(kernel)`` entries, never in a ``[N, K]`` matrix.
+    """
+    B, L0, L1, L2, H, Hk = shape
+    D = q.shape[1]
+    Dv = v.shape[1]
+    G = H // Hk
+    nblk = (L2 + qblock - 1) // qblock
+    items = B * L0 * L1 * nblk * H
+    kmax = _widest(lo, hi)
+    for item in prange(items):
+        h = item % H
+        rest = item // H
+        blk = rest % nblk
+        rest //= nblk
+        x1 = rest % L1
+        rest //= L1
+        x0 = rest % L0
+        b = rest // L0
+        hk = h // G
+        s = np.empty(kmax, dtype=q.dtype)
+        ibuf = np.empty(kmax, dtype=np.int32)
+        acc = np.empty(Dv, dtype=q.dtype)
+        for x2 in range(blk * qblock, min((blk + 1) * qblock, L2)):
+            row = (((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 + pos[2, x2]) * H + h
+            n = 0
+            for a0 in range(lo[0, x0], hi[0, x0] + 1):
+                for a1 in range(lo[1, x1], hi[1, x1] + 1):
+                    krow0 = ((b * L0 + pos[0, a0]) * L1 + pos[1, a1]) * L2 * Hk + hk
+                    for a2 in range(lo[2, x2], hi[2, x2] + 1):
+                        t = _dot(q, row, k, krow0 + pos[2, a2] * Hk, D, zero) * scale
+                        if has_rpb:
+                            t += rpb[h, a0 - rof[0, x0], a1 - rof[1, x1], a2 - rof[2, x2]]
+                        s[n] = t
+                        n += 1
+            m = s[0]
+            for j in range(1, n):
+                m = max(m, s[j])
+            total = _exp_rows(s, ibuf, n, m, fast, zero)
+            for d in range(Dv):
+                acc[d] = zero
+            n = 0
+            for a0 in range(lo[0, x0], hi[0, x0] + 1):
+                for a1 in range(lo[1, x1], hi[1, x1] + 1):
+                    krow0 = ((b * L0 + pos[0, a0]) * L1 + pos[1, a1]) * L2 * Hk + hk
+                    for a2 in range(lo[2, x2], hi[2, x2] + 1):
+                        _axpy(s[n], v, krow0 + pos[2, a2] * Hk, acc, Dv)
+                        n += 1
+            inv = _ONE / total
+            for d in range(Dv):
+                out[row, d] = acc[d] * inv
+            lse[row] = m + math.log(total)
+
+
+@njit(parallel=True, **_OPTS)
+def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, out, lse, dlse, has_dlse, dout, fast,
+                qblock, nchunks, delta, dq, drpb):
+    """Query-centric pass: writes ``dq [T*H, D]`` and accumulates ``drpb [nchunks, H, R0, R1, R2]``
+    per chunk of work (the caller sums the chunks, so no two threads add to the same entry).
+
+    Layouts as in :func:`forward`; ``lse, dlse [T*H]``, ``out, dout [T*H, Dv]``.
+    ``dS = P * (dP - delta)`` with ``delta = rowsum(dO * O) - dLSE``, so gradients flowing into
+    the LSE (e.g. from the extra-KV merge) are included; ``delta [T*H]`` is written for
+    :func:`backward_dkv`, which must run after this pass.
+    """
+    B, L0, L1, L2, H, Hk = shape
+    D = q.shape[1]
+    Dv = v.shape[1]
+    G = H // Hk
+    nblk = (L2 + qblock - 1) // qblock
+    items = B * L0 * L1 * nblk * H
+    kmax = _widest(lo, hi)
+    per = (items + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        s = np.empty(kmax, dtype=q.dtype)
+        ibuf = np.empty(kmax, dtype=np.int32)
+        acc = np.empty(D, dtype=q.dtype)
+        for item in range(c * per, min(items, (c + 1) * per)):
+            h = item % H
+            rest = item // H
+            blk = rest % nblk
+            rest //= nblk
+            x1 = rest % L1
+            rest //= L1
+            x0 = rest % L0
+            b = rest // L0
+            hk = h // G
+            for x2 in range(blk * qblock, min((blk + 1) * qblock, L2)):
+                row = (((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 + pos[2, x2]) * H + h
+                n = 0
+                for a0 in range(lo[0, x0], hi[0, x0] + 1):
+                    for a1 in range(lo[1, x1], hi[1, x1] + 1):
+                        krow0 = ((b * L0 + pos[0, a0]) * L1 + pos[1, a1]) * L2 * Hk + hk
+                        for a2 in range(lo[2, x2], hi[2, x2] + 1):
+                            t = _dot(q, row, k, krow0 + pos[2, a2] * Hk, D, zero) * scale
+                            if has_rpb:
+                                t += rpb[h, a0 - rof[0, x0], a1 - rof[1, x1], a2 - rof[2, x2]]
+                            s[n] = t
+                            n += 1
+                _exp_rows(s, ibuf, n, lse[row], fast, zero)
+                dl = _dot(dout, row, out, row, Dv, zero)
+                if has_dlse:
+                    dl -= dlse[row]
+                delta[row] = dl
+                for d in range(D):
+                    acc[d] = zero
+                n = 0
+                for a0 in range(lo[0, x0], hi[0, x0] + 1):
+                    for a1 in range(lo[1, x1], hi[1, x1] + 1):
+                        krow0 = ((b * L0 + pos[0, a0]) * L1 + pos[1, a1]) * L2 * Hk + hk
+                        for a2 in range(lo[2, x2], hi[2, x2] + 1):
+                            kr = krow0 + pos[2, a2] * Hk
+                            ds = s[n] * (_dot(dout, row, v, kr, Dv, zero) - dl)
+                            _axpy(ds, k, kr, acc, D)
+                            if has_rpb:
+                                drpb[c, h, a0 - rof[0, x0], a1 - rof[1, x1], a2 - rof[2, x2]] += ds
+                            n += 1
+                for d in range(D):
+                    dq[row, d] = acc[d] * scale
+
+
+@njit(parallel=True, **_OPTS)
+def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, pos, rof, qlo, qhi, lse, delta, dout, fast, qblock, dk, dv):
+    """Key-centric pass: every key gathers from the queries that see it, so ``dk [T*Hk, D]`` and
+    ``dv [T*Hk, Dv]`` (written) need no atomics and no per-thread copies. The query heads of a kv
+    head (GQA) are summed inside. Layouts as in :func:`backward_dq`."""
+    B, L0, L1, L2, H, Hk = shape
+    D = q.shape[1]
+    Dv = v.shape[1]
+    G = H // Hk
+    nblk = (L2 + qblock - 1) // qblock
+    items = B * L0 * L1 * nblk * Hk
+    qmax = _widest(qlo, qhi)
+    for item in prange(items):
+        hk = item % Hk
+        rest = item // Hk
+        blk = rest % nblk
+        rest //= nblk
+        y1 = rest % L1
+        rest //= L1
+        y0 = rest % L0
+        b = rest // L0
+        s = np.empty(qmax, dtype=q.dtype)
+        ibuf = np.empty(qmax, dtype=np.int32)
+        ak = np.empty(D, dtype=q.dtype)
+        av = np.empty(Dv, dtype=q.dtype)
+        for y2 in range(blk * qblock, min((blk + 1) * qblock, L2)):
+            kr = (((b * L0 + pos[0, y0]) * L1 + pos[1, y1]) * L2 + pos[2, y2]) * Hk + hk
+            for d in range(D):
+                ak[d] = zero
+            for d in range(Dv):
+                av[d] = zero
+            for h in range(hk * G, hk * G + G):
+                n = 0
+                for x0 in range(qlo[0, y0], qhi[0, y0] + 1):
+                    for x1 in range(qlo[1, y1], qhi[1, y1] + 1):
+                        qrow0 = ((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 * H + h
+                        for x2 in range(qlo[2, y2], qhi[2, y2] + 1):
+                            qr = qrow0 + pos[2, x2] * H
+                            t = _dot(k, kr, q, qr, D, zero) * scale
+                            if has_rpb:
+                                t += rpb[h, y0 - rof[0, x0], y1 - rof[1, x1], y2 - rof[2, x2]]
+                            s[n] = t - lse[qr]
+                            n += 1
+                _exp_rows(s, ibuf, n, zero, fast, zero)
+                n = 0
+                for x0 in range(qlo[0, y0], qhi[0, y0] + 1):
+                    for x1 in range(qlo[1, y1], qhi[1, y1] + 1):
+                        qrow0 = ((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 * H + h
+                        for x2 in range(qlo[2, y2], qhi[2, y2] + 1):
+                            qr = qrow0 + pos[2, x2] * H
+                            p = s[n]
+                            ds = p * (_dot(dout, qr, v, kr, Dv, zero) - delta[qr])
+                            _axpy(p, dout, qr, av, Dv)
+                            _axpy(ds, q, qr, ak, D)
+                            n += 1
+            for d in range(D):
+                dk[kr, d] = ak[d] * scale
+            for d in range(Dv):
+                dv[kr, d] = av[d]
