@@ -14,10 +14,11 @@ relative-positional bias (as NATTEN's fvcore handle counts it), ``K = prod(kerne
 variable-resolution rule. Dense ``scaled_dot_product_attention`` on CPU, which PyTorch 2.13's counter
 misses, is counted with PyTorch's own SDPA formula.
 
-Where the registration belongs: once the attention call is a ``torch.library`` custom op
-(``visattn.ops``), :func:`register_na_flop_formula` registers :func:`na_op_flop_formula` on it, so
-any ``FlopCounterMode`` (PyTorch's, not only ours) counts it exactly; :func:`count_flops` keeps its
-per-module replacement, which then changes nothing.
+PyTorch's own counter: under any ``TorchDispatchMode`` (``FlopCounterMode`` is one) a call goes
+through the ``visattn::na_forward`` custom op, whose formula (:func:`na_forward_op_flops`, and 2x
+for ``visattn::na_backward``) :mod:`visattn.ops` registers, so a plain ``FlopCounterMode`` counts
+neighborhood attention exactly too. :func:`count_flops` keeps its per-module replacement, which
+then replaces the op's count by the same number (and also covers NA modules it cannot see otherwise).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 
 from .spec import IntOrTuple, NASpec, make_spec, na_flops
 
-__all__ = ["count_flops", "na_macs", "na_op_flop_formula", "register_na_flop_formula"]
+__all__ = ["count_flops", "na_backward_op_flops", "na_forward_op_flops", "na_macs", "na_op_flop_formula", "register_na_flop_formula"]
 
 # fvcore's estimate for affine LayerNorm/GroupNorm: 5 ops per element (4 without affine). The NAT
 # papers' numbers include it; it is ~0.5% of NAT-Tiny, so it matters only at the last digit.
@@ -61,6 +62,24 @@ def na_op_flop_formula(query_shape, key_shape, value_shape, kernel_size: IntOrTu
     spec = make_spec("na_op_flop_formula", tuple(query_shape[1:rank + 1]), kernel_size, stride, dilation, is_causal)
     rpb = kwargs.get("rpb") is not None
     return 2 * na_macs(spec, query_shape[0], query_shape[-2], query_shape[-1], value_shape[-1], rpb=rpb)
+
+
+def na_forward_op_flops(query_shape, key_shape, value_shape, rpb_shape, attn_bias_shape, key_padding_mask_shape,
+                        kernel_size, stride, dilation, is_causal, *args, out_val: Any = None, **kwargs) -> int:
+    """FLOP formula (FLOPs = 2 x MACs) of ``visattn::na_forward`` (see :mod:`visattn.ops`)."""
+    rank = len(query_shape) - 3
+    spec = make_spec("visattn::na_forward", tuple(query_shape[1:rank + 1]), kernel_size, stride, dilation, is_causal)
+    return 2 * na_macs(spec, query_shape[0], query_shape[-2], query_shape[-1], value_shape[-1],
+                       rpb=rpb_shape is not None)
+
+
+def na_backward_op_flops(grad_out_shape, grad_lse_shape, grad_attn_shape, query_shape, key_shape, value_shape,
+                         rpb_shape, attn_bias_shape, key_padding_mask_shape, kernel_size, stride, dilation,
+                         is_causal, *args, out_val: Any = None, **kwargs) -> int:
+    """FLOP formula of ``visattn::na_backward``: 2x the forward's (the convention of the papers and
+    of ``visattn bench``)."""
+    return 2 * na_forward_op_flops(query_shape, key_shape, value_shape, rpb_shape, attn_bias_shape,
+                                   key_padding_mask_shape, kernel_size, stride, dilation, is_causal)
 
 
 def register_na_flop_formula(op) -> None:

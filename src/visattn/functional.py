@@ -184,7 +184,7 @@ def neighborhood_attention(
     if any(L == 0 for L in spec.spatial) or B == 0:
         return _empty(query, Dv, spec, return_lse, return_attn, additional_keys)
 
-    if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+    if _through_custom_op():
         # One opaque custom op (visattn.ops) instead of tracing a backend: no graph break, and the
         # backend and the window rules are applied at run time from the real (possibly dynamic) sizes.
         req = [list(_as_tuple(fn, n, a, rank, t)) for n, a, t in
@@ -207,6 +207,18 @@ def neighborhood_attention(
         lse = lse_new
     result = (out,) + ((lse,) if return_lse else ()) + ((attn,) if return_attn else ())
     return result[0] if len(result) == 1 else result
+
+
+def _through_custom_op() -> bool:
+    """Whether this call goes through ``torch.ops.visattn.na_forward`` instead of a backend directly.
+
+    Under ``torch.compile``/``torch.export`` (except the ONNX exporter, which needs plain ops), and
+    under any active ``TorchDispatchMode`` (e.g. ``FlopCounterMode``, which then sees one op with an
+    exact FLOP formula instead of a backend's internal tile work). Plain eager calls skip it.
+    """
+    if torch.compiler.is_compiling():
+        return not torch.onnx.is_in_onnx_export()
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 def _na_eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: Union[NASpec, tuple], scale: float,

@@ -160,3 +160,19 @@ def _backward(ctx, grad_out, grad_lse, grad_attn):
 
 
 na_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+
+def _register_flop_formulas() -> None:
+    """Exact FLOPs for ``torch.utils.flop_counter`` (so ``FlopCounterMode`` counts the operator's
+    useful work, not a backend's internals): forward per :func:`visattn.spec.na_flops`, backward as
+    2x forward (the usual convention, although the recomputing backward does one more forward)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    from .flops import na_backward_op_flops, na_forward_op_flops
+
+    register_flop_formula(torch.ops.visattn.na_forward)(na_forward_op_flops)
+    register_flop_formula(torch.ops.visattn.na_backward)(na_backward_op_flops)
+
+
+_register_flop_formulas()

@@ -89,3 +89,19 @@ def test_pytorch_counter_sees_a_registered_na_op():
         na2d_op(q, q, q, 5, 1, 2, False)
     spec = make_spec("t", (9, 11), 5, 1, 2)
     assert counter.get_total_flops() == 2 * na_macs(spec, 2, 3, 8)
+
+
+def test_pytorch_flop_counter_sees_the_attention_op() -> None:
+    """A plain FlopCounterMode counts neighborhood attention by its formula, forward and backward,
+    and the call still returns the eager result."""
+    from visattn import na2d
+    from visattn.spec import na_flops
+
+    q = torch.randn(1, 13, 11, 4, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out = na2d(q, q, q, 5, dilation=2)
+        out.sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    fwd = na_flops(make_spec("t", (13, 11), 5, dilation=2), batch=1, heads=4, dim=16)
+    assert counts == {"visattn.na_forward": fwd, "visattn.na_backward": 2 * fwd}
+    torch.testing.assert_close(out, na2d(q, q, q, 5, dilation=2))
