@@ -127,7 +127,7 @@ class Natten(Peer):
         try:
             import natten
         except ImportError:
-            return "natten is not installed (pip install 'visattn[peers]')"
+            return "natten is not installed (pip install natten==0.21.7 --no-build-isolation, after torch)"
         if not hasattr(natten, "na2d"):
             return f"natten {getattr(natten, '__version__', '?')} lacks na2d (needs 0.21)"
         return None
