@@ -151,7 +151,8 @@ def _axpy8(p, j, x, idx, y, n):
 def _dots(a, i, b, idx, n, out, zero):
     """``out[j] = a[i, :] . b[idx[j], :]`` for ``j < n``: eight rows per pass, then four, then one."""
     D = a.shape[1]
-    n8 = n - n % 8
+    # eight running vector sums of D > 32 features spill registers: four rows per pass then
+    n8 = n - n % 8 if D <= 32 else 0
     n4 = n - n % 4
     for j in range(0, n8, 8):
         out[j], out[j + 1], out[j + 2], out[j + 3], out[j + 4], out[j + 5], out[j + 6], out[j + 7] = _dot8(
