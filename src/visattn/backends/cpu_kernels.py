@@ -22,8 +22,8 @@ indexed without creating views, which would cost atomic reference counts per key
 eight (then four, then one) keys or queries at once, taken from one index list that flattens all
 the rows of a window (:func:`_dots`, :func:`_axpys`): a loop over only 32 features otherwise spends
 most of its time on set-up (vector prologue, alias check, horizontal reduction), now paid once per
-eight keys, and the shared row or accumulator is loaded once per eight (1.2-1.5x measured on one
-core, forward and backward); (2) scores of a
+eight keys, and the shared row or accumulator is loaded once per eight (1.0-1.4x forward, 1.1-1.3x
+forward+backward, measured on one core); (2) scores of a
 query kept in a small scratch row, never a ``[N, K]`` matrix; (3) exponentials evaluated as a
 vectorizable polynomial for float32 (numba has no vector ``exp`` without Intel's SVML), and with
 ``math.exp`` for float64, whose parity tolerance is 1e-10.
