@@ -45,9 +45,8 @@ def _with_bias(case: Case, dtype: torch.dtype, backend: str, seed: int = 3):
     return out, lse, grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", BIAS_CASES, ids=str)
-def test_rpb_forward_and_gradients_match_reference(case: Case, dtype: torch.dtype) -> None:
+def _assert_matches_reference(case: Case, dtype: torch.dtype) -> None:
+    """Output, LSE and the gradients of q, k, v and the bias against the float64 reference."""
     out, lse, grads = _with_bias(case, dtype, "cpu")
     r_out, r_lse, r_grads = _with_bias(case, torch.float64, "reference")
     atol, rtol = TOL[dtype]
@@ -56,6 +55,28 @@ def test_rpb_forward_and_gradients_match_reference(case: Case, dtype: torch.dtyp
     gatol, grtol = GRAD_TOL[dtype]
     for name, a, b in zip(("dq", "dk", "dv", "drpb"), grads, r_grads):
         torch.testing.assert_close(a.double(), b, atol=gatol, rtol=grtol, msg=lambda m: f"{name}: {m}")
+
+
+# The shared sweep uses tiny head dims; these cover the vector paths of real ones: eight-key groups
+# (D <= 32), four-key groups (D > 32), vector remainders (D, Dv not multiples of 16), and windows
+# whose flattened key list leaves 8/4/1 remainders (15, 11 and 45 keys).
+WIDE_CASES = [
+    Case((6, 9), (3, 5), (1, 1), (1, 2), batch=1, heads=2, dim=40, dim_v=33),
+    Case((13,), (11,), (1,), (1,), (True,), batch=1, heads=2, heads_kv=1, dim=32),
+    Case((4, 5, 6), (1, 3, 5), (1, 1, 2), (1, 1, 1), (False, False, True), batch=1, heads=1, dim=64, dim_v=24),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", WIDE_CASES, ids=str)
+def test_real_head_dims_forward_and_gradients_match_reference(case: Case, dtype: torch.dtype) -> None:
+    _assert_matches_reference(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", BIAS_CASES, ids=str)
+def test_rpb_forward_and_gradients_match_reference(case: Case, dtype: torch.dtype) -> None:
+    _assert_matches_reference(case, dtype)
 
 
 @pytest.mark.parametrize("case", [
