@@ -217,6 +217,19 @@ def _widest(lo, hi):
     return w
 
 
+@njit(inline="always", **_OPTS)
+def _work_item(item, heads, nblk, L1, L0):
+    """Unravel a work-item index into ``(batch, i0, i1, block, head)`` (head fastest, as the
+    kernels enumerate them: neighbouring items share keys, which stay in cache)."""
+    head = item % heads
+    rest = item // heads
+    blk = rest % nblk
+    rest //= nblk
+    i1 = rest % L1
+    rest //= L1
+    return rest // L0, rest % L0, i1, blk, head
+
+
 @njit(parallel=True, **_OPTS)
 def forward(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, qblock, fast, out, lse):
     """Fused forward: writes ``out [T*H, Dv]`` and ``lse [T*H]``.
@@ -235,14 +248,7 @@ def forward(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, qblock,
     items = B * L0 * L1 * nblk * H
     kmax = _widest(lo, hi)
     for item in prange(items):
-        h = item % H
-        rest = item // H
-        blk = rest % nblk
-        rest //= nblk
-        x1 = rest % L1
-        rest //= L1
-        x0 = rest % L0
-        b = rest // L0
+        b, x0, x1, blk, h = _work_item(item, H, nblk, L1, L0)
         hk = h // G
         s = np.empty(kmax, dtype=q.dtype)
         ibuf = np.empty(kmax, dtype=np.int32)
@@ -297,14 +303,7 @@ def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, out
         kidx = np.empty(kmax, dtype=np.int64)
         acc = np.empty(D, dtype=q.dtype)
         for item in range(c * per, min(items, (c + 1) * per)):
-            h = item % H
-            rest = item // H
-            blk = rest % nblk
-            rest //= nblk
-            x1 = rest % L1
-            rest //= L1
-            x0 = rest % L0
-            b = rest // L0
+            b, x0, x1, blk, h = _work_item(item, H, nblk, L1, L0)
             hk = h // G
             for x2 in range(blk * qblock, min((blk + 1) * qblock, L2)):
                 row = (((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 + pos[2, x2]) * H + h
@@ -349,14 +348,7 @@ def backward_dkv(q, k, v, shape, rpb, has_rpb, scale, zero, pos, rof, qlo, qhi, 
     items = B * L0 * L1 * nblk * Hk
     qmax = _widest(qlo, qhi)
     for item in prange(items):
-        hk = item % Hk
-        rest = item // Hk
-        blk = rest % nblk
-        rest //= nblk
-        y1 = rest % L1
-        rest //= L1
-        y0 = rest % L0
-        b = rest // L0
+        b, y0, y1, blk, hk = _work_item(item, Hk, nblk, L1, L0)
         s = np.empty(qmax, dtype=q.dtype)
         dp = np.empty(qmax, dtype=q.dtype)
         ibuf = np.empty(qmax, dtype=np.int32)
