@@ -75,21 +75,15 @@ def zoo_setup(name: str, info: dict) -> tuple[dict, tuple[int, ...]]:
 def _count_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
     """Forward FLOPs seen by ``torch.utils.flop_counter`` (matmuls, convolutions, SDPA).
 
-    Every neighborhood-attention call is routed to the ``reference`` backend while counting: its two
-    einsums do exactly the useful work (``2 * tokens * K * H * (D + D_v)``), whereas a tiled backend
-    also multiplies masked-out halo keys and a fused kernel is invisible to the counter. The count
-    is thus the module's arithmetic, the same on every machine, whichever backend runs the timings.
+    Under the counter every neighborhood-attention call is one ``visattn::na_forward`` op counted
+    by its exact formula (:mod:`visattn.ops`), i.e. the useful work ``2 * tokens * K * H * (D + D_v)``
+    (plus the bias adds with RPB), not a tiled backend's masked halo keys or nothing for a fused
+    kernel: the same count on every machine, whichever backend runs the timings.
     """
-    from unittest import mock
-
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .. import functional
-    from ..backends import get_backend
-
-    oracle = get_backend("reference")
     counter = FlopCounterMode(display=False)
-    with mock.patch.object(functional, "select_backend", lambda *args, **kw: oracle), counter, torch.no_grad():
+    with counter, torch.no_grad():
         module(x)
     return counter.get_total_flops()
 
@@ -167,9 +161,9 @@ def _mb(nbytes: Optional[int]) -> Optional[float]:
 
 def zoo_flops_note() -> str:
     return ("forward GFLOP: counted by torch.utils.flop_counter (matmul, convolution and SDPA ops; softmax, "
-            "norms and elementwise ops are not counted), with neighborhood attention routed to the reference "
-            "backend so that it counts the useful work (4 * tokens * prod(kernel) * head_dim * heads), not a "
-            "tiled backend's masked halo; custom kernels outside visattn.functional are invisible to the counter.")
+            "norms and elementwise ops are not counted); neighborhood attention is one visattn::na_forward op counted by "
+            "its formula, the useful work (4 * tokens * prod(kernel) * head_dim * heads, + bias adds), not a "
+            "backend's internals; custom kernels outside visattn.functional are invisible to the counter.")
 
 
 def fmt_params(n: Optional[int]) -> str:
