@@ -102,6 +102,17 @@ def safe_logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return lse.masked_fill(empty.squeeze(dim), float("-inf"))
 
 
+def refuse_unfused_features(p: Problem) -> Optional[str]:
+    """The shared refusal of fused kernels: per-pair tensors (``attn_bias``, ``key_padding_mask``)
+    and returning the weights, which a fused kernel never stores. The dispatcher then routes the
+    call to the ``torch`` backend, which serves all of them."""
+    for flag, what in (("has_attn_bias", "attn_bias"), ("has_key_padding_mask", "key_padding_mask"),
+                       ("return_attn", "return_attn=True")):
+        if getattr(p, flag):
+            return f"{what} is not supported by this fused kernel (the torch backend serves it)"
+    return None
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """LSE is kept in float32 for half inputs, in the input dtype otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

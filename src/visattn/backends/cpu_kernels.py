@@ -218,6 +218,25 @@ def _widest(lo, hi):
 
 
 @njit(inline="always", **_OPTS)
+def _query_logits(q, k, rpb, has_rpb, scale, zero, b, x0, x1, x2, dims, H, Hk, h, hk, pos, lo, hi, rof, idx, s):
+    """Scaled (and biased) logits of query ``(b, x0, x1, x2)``, head ``h``, against its keys.
+
+    Writes the key rows to ``idx[:n]`` (all key rows of the window in one list, so that the dot
+    products and the AV update go eight keys per pass across rows) and the logits to ``s[:n]``;
+    returns ``(row, n)`` with ``row`` the query's row in ``q``. Shared by the forward and the dQ pass.
+    """
+    L0, L1, L2 = dims
+    row = (((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 + pos[2, x2]) * H + h
+    n = _key_rows(b, x0, x1, x2, dims, Hk, hk, pos, lo, hi, idx)
+    _dots(q, row, k, idx, n, s, zero)
+    for j in range(n):
+        s[j] *= scale
+    if has_rpb:
+        _add_bias(s, rpb, h, x0, x1, x2, lo, hi, rof)
+    return row, n
+
+
+@njit(inline="always", **_OPTS)
 def _work_item(item, heads, nblk, L1, L0):
     """Unravel a work-item index into ``(batch, i0, i1, block, head)`` (head fastest, as the
     kernels enumerate them: neighbouring items share keys, which stay in cache)."""
@@ -255,15 +274,8 @@ def forward(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, qblock,
         kidx = np.empty(kmax, dtype=np.int64)
         acc = np.empty(Dv, dtype=q.dtype)
         for x2 in range(blk * qblock, min((blk + 1) * qblock, L2)):
-            row = (((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 + pos[2, x2]) * H + h
-            # the keys of all key rows in one list, so that the dot products and the AV update go
-            # eight keys per pass across key rows
-            n = _key_rows(b, x0, x1, x2, (L0, L1, L2), Hk, hk, pos, lo, hi, kidx)
-            _dots(q, row, k, kidx, n, s, zero)
-            for j in range(n):
-                s[j] *= scale
-            if has_rpb:
-                _add_bias(s, rpb, h, x0, x1, x2, lo, hi, rof)
+            row, n = _query_logits(q, k, rpb, has_rpb, scale, zero, b, x0, x1, x2, (L0, L1, L2), H, Hk, h, hk,
+                                   pos, lo, hi, rof, kidx, s)
             m = s[0]
             for j in range(1, n):
                 m = max(m, s[j])
@@ -306,13 +318,8 @@ def backward_dq(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, out
             b, x0, x1, blk, h = _work_item(item, H, nblk, L1, L0)
             hk = h // G
             for x2 in range(blk * qblock, min((blk + 1) * qblock, L2)):
-                row = (((b * L0 + pos[0, x0]) * L1 + pos[1, x1]) * L2 + pos[2, x2]) * H + h
-                n = _key_rows(b, x0, x1, x2, (L0, L1, L2), Hk, hk, pos, lo, hi, kidx)
-                _dots(q, row, k, kidx, n, s, zero)
-                for j in range(n):
-                    s[j] *= scale
-                if has_rpb:
-                    _add_bias(s, rpb, h, x0, x1, x2, lo, hi, rof)
+                row, n = _query_logits(q, k, rpb, has_rpb, scale, zero, b, x0, x1, x2, (L0, L1, L2), H, Hk, h,
+                                       hk, pos, lo, hi, rof, kidx, s)
                 _exp_rows(s, ibuf, n, lse[row], fast, zero)
                 dl = _dot(dout, row, out, row, Dv, zero)
                 if has_dlse:

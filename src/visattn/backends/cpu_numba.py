@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..spec import NASpec, axis_windows
-from .base import Backend, Extras, Problem, Result, lse_dtype
+from .base import Backend, Extras, Problem, Result, lse_dtype, refuse_unfused_features
 
 _MISSING = "numba is not installed (pip install 'visattn[cpu]'); CPU calls use the portable torch backend"
 
@@ -182,13 +182,7 @@ class CpuBackend(Backend):
             return f"tensors are on {p.device}, this backend runs on CPU tensors only"
         if p.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             return f"dtype {p.dtype} is not supported (float32/float64, half types computed in float32)"
-        if p.has_attn_bias:
-            return "attn_bias is not supported (the torch backend serves it)"
-        if p.has_key_padding_mask:
-            return "key_padding_mask is not supported (the torch backend serves it)"
-        if p.return_attn:
-            return "return_attn is not supported: the fused kernels never materialize the weights"
-        return None
+        return refuse_unfused_features(p)
 
     def priority(self, p: Problem) -> float:
         # The kernels cost a fixed time per (query, key) pair; the torch backend's GEMMs get more

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..spec import NASpec, axis_windows
-from .base import Backend, Extras, Problem, Result
+from .base import Backend, Extras, Problem, Result, refuse_unfused_features
 
 _MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -344,13 +344,7 @@ class TritonBackend(Backend):
             return f"dtype {p.dtype} is not supported (float16, bfloat16, float32); use backend='torch'"
         if max(p.dim, p.dim_v) > _MAX_HEAD_DIM:
             return f"head_dim={p.dim}, dim_v={p.dim_v}: at most {_MAX_HEAD_DIM} is supported"
-        if p.has_attn_bias:
-            return "attn_bias is not supported (use backend='torch')"
-        if p.has_key_padding_mask:
-            return "key_padding_mask is not supported (use backend='torch')"
-        if p.return_attn:
-            return "return_attn=True needs the probabilities, which a fused kernel never stores"
-        return None
+        return refuse_unfused_features(p)
 
     def priority(self, p: Problem) -> float:
         # First choice on CUDA; in the interpreter (CPU) only when forced by name.
