@@ -92,6 +92,30 @@ def _rpb_index(p0, p1, p2, t0, t1, t2, RK0, RK1, RK2):
 
 
 @triton.jit
+def _key_box(qok, lo, hi):
+    """Along one axis: the last key any query of the tile sees, and the range ``[all_lo, all_hi]``
+    of keys that every valid query sees. A key block inside that box on every axis needs no per-pair
+    window test (every block, for blocked attention with tiles aligned to the windows)."""
+    return tl.max(hi, 0), tl.max(tl.where(qok, lo, -1), 0), tl.min(tl.where(qok, hi, _FAR), 0)
+
+
+@triton.jit
+def _inside(qok, s0, s1, s2, t0, t1, t2, lo0, hi0, lo1, hi1, lo2, hi2, all_lo0, all_hi0, all_lo1, all_hi1,
+            all_lo2, all_hi2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, TQ: tl.constexpr):
+    """``[TQ, K0*K1*K2]``: which (query, key) pairs of the key block at ``(s0, s1, s2)`` are in the
+    query's window; the per-pair test is skipped for blocks inside the tile's common box."""
+    full = ((s0 >= all_lo0) & (s0 + K0 - 1 <= all_hi0) & (s1 >= all_lo1) & (s1 + K1 - 1 <= all_hi1)
+            & (s2 >= all_lo2) & (s2 + K2 - 1 <= all_hi2))
+    if full:
+        inside = tl.broadcast_to(qok[:, None], [TQ, K0 * K1 * K2])
+    else:
+        inside = ((t0[None, :] >= lo0[:, None]) & (t0[None, :] <= hi0[:, None])
+                  & (t1[None, :] >= lo1[:, None]) & (t1[None, :] <= hi1[:, None])
+                  & (t2[None, :] >= lo2[:, None]) & (t2[None, :] <= hi2[:, None]))
+    return inside
+
+
+@triton.jit
 def na_fwd_kernel(
     Q, K, V, O, LSE, RPB, TAB0, TAB1, TAB2,
     sqb, sq0, sq1, sq2, sqh,
@@ -140,17 +164,9 @@ def na_fwd_kernel(
 
     n = tl.arange(0, K0 * K1 * K2)
     j0, j1, j2 = _split(n, K1, K2)
-    kend0 = tl.max(hi0, 0)
-    kend1 = tl.max(hi1, 0)
-    kend2 = tl.max(hi2, 0)
-    # The keys every valid query of the tile sees: a key block inside this box needs no per-pair
-    # window test (every block, for blocked attention with tiles aligned to the windows).
-    all_lo0 = tl.max(tl.where(qok, lo0, -1), 0)
-    all_lo1 = tl.max(tl.where(qok, lo1, -1), 0)
-    all_lo2 = tl.max(tl.where(qok, lo2, -1), 0)
-    all_hi0 = tl.min(tl.where(qok, hi0, _FAR), 0)
-    all_hi1 = tl.min(tl.where(qok, hi1, _FAR), 0)
-    all_hi2 = tl.min(tl.where(qok, hi2, _FAR), 0)
+    kend0, all_lo0, all_hi0 = _key_box(qok, lo0, hi0)
+    kend1, all_lo1, all_hi1 = _key_box(qok, lo1, hi1)
+    kend2, all_lo2, all_hi2 = _key_box(qok, lo2, hi2)
     for s0 in range(tl.min(lo0, 0), kend0 + 1, K0):
         t0 = s0 + j0
         for s1 in range(tl.min(lo1, 0), kend1 + 1, K1):
@@ -164,14 +180,8 @@ def na_fwd_kernel(
                             mask=kok[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
                 v = tl.load(V + b * svb + hk * svh + voff[:, None] + dv[None, :],
                             mask=kok[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0)
-                full = ((s0 >= all_lo0) & (s0 + K0 - 1 <= all_hi0) & (s1 >= all_lo1) & (s1 + K1 - 1 <= all_hi1)
-                        & (s2 >= all_lo2) & (s2 + K2 - 1 <= all_hi2))
-                if full:
-                    inside = tl.broadcast_to(qok[:, None], [T0 * T1 * T2, K0 * K1 * K2])
-                else:
-                    inside = ((t0[None, :] >= lo0[:, None]) & (t0[None, :] <= hi0[:, None])
-                              & (t1[None, :] >= lo1[:, None]) & (t1[None, :] <= hi1[:, None])
-                              & (t2[None, :] >= lo2[:, None]) & (t2[None, :] <= hi2[:, None]))
+                inside = _inside(qok, s0, s1, s2, t0, t1, t2, lo0, hi0, lo1, hi1, lo2, hi2, all_lo0, all_hi0,
+                                 all_lo1, all_hi1, all_lo2, all_hi2, K0, K1, K2, T0 * T1 * T2)
                 s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
                 if HAS_RPB:
                     ridx = _rpb_index(p0[:, None], p1[:, None], p2[:, None], t0[None, :], t1[None, :],
@@ -252,17 +262,9 @@ def na_bwd_dq_kernel(
 
     n = tl.arange(0, K0 * K1 * K2)
     j0, j1, j2 = _split(n, K1, K2)
-    kend0 = tl.max(hi0, 0)
-    kend1 = tl.max(hi1, 0)
-    kend2 = tl.max(hi2, 0)
-    # The keys every valid query of the tile sees: a key block inside this box needs no per-pair
-    # window test (every block, for blocked attention with tiles aligned to the windows).
-    all_lo0 = tl.max(tl.where(qok, lo0, -1), 0)
-    all_lo1 = tl.max(tl.where(qok, lo1, -1), 0)
-    all_lo2 = tl.max(tl.where(qok, lo2, -1), 0)
-    all_hi0 = tl.min(tl.where(qok, hi0, _FAR), 0)
-    all_hi1 = tl.min(tl.where(qok, hi1, _FAR), 0)
-    all_hi2 = tl.min(tl.where(qok, hi2, _FAR), 0)
+    kend0, all_lo0, all_hi0 = _key_box(qok, lo0, hi0)
+    kend1, all_lo1, all_hi1 = _key_box(qok, lo1, hi1)
+    kend2, all_lo2, all_hi2 = _key_box(qok, lo2, hi2)
     for s0 in range(tl.min(lo0, 0), kend0 + 1, K0):
         t0 = s0 + j0
         for s1 in range(tl.min(lo1, 0), kend1 + 1, K1):
@@ -276,14 +278,8 @@ def na_bwd_dq_kernel(
                             mask=kok[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
                 v = tl.load(V + b * svb + hk * svh + voff[:, None] + dv[None, :],
                             mask=kok[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0)
-                full = ((s0 >= all_lo0) & (s0 + K0 - 1 <= all_hi0) & (s1 >= all_lo1) & (s1 + K1 - 1 <= all_hi1)
-                        & (s2 >= all_lo2) & (s2 + K2 - 1 <= all_hi2))
-                if full:
-                    inside = tl.broadcast_to(qok[:, None], [T0 * T1 * T2, K0 * K1 * K2])
-                else:
-                    inside = ((t0[None, :] >= lo0[:, None]) & (t0[None, :] <= hi0[:, None])
-                              & (t1[None, :] >= lo1[:, None]) & (t1[None, :] <= hi1[:, None])
-                              & (t2[None, :] >= lo2[:, None]) & (t2[None, :] <= hi2[:, None]))
+                inside = _inside(qok, s0, s1, s2, t0, t1, t2, lo0, hi0, lo1, hi1, lo2, hi2, all_lo0, all_hi0,
+                                 all_lo1, all_hi1, all_lo2, all_hi2, K0, K1, K2, T0 * T1 * T2)
                 s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
                 if HAS_RPB:
                     ridx = _rpb_index(p0[:, None], p1[:, None], p2[:, None], t0[None, :], t1[None, :],
