@@ -13,7 +13,7 @@ The per-axis masks, neighbourhood slots and relative positions all come from
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
 
@@ -114,22 +114,57 @@ def _outer(parts: list[torch.Tensor], op) -> torch.Tensor:
 
 @dataclass
 class TilePlan:
-    """All index tensors for one ``(spec, tiles)``; see :class:`AxisTiles` for the per-axis pieces."""
+    """All index tensors for one ``(spec, tiles)``; see :class:`AxisTiles` for the per-axis pieces.
 
+    The always-needed tensors are built with the plan; those only some features need (bias
+    indices, token maps) are built on first use by :meth:`feature` and kept, so a hot loop with
+    RPB or masks pays for them once.
+    """
+
+    spec: NASpec
     axes: list[AxisTiles]
     q_index: tuple[torch.Tensor, ...]    # per-axis, broadcastable to [nt..., T...]
     k_index: tuple[torch.Tensor, ...]    # per-axis, broadcastable to [nt..., R...]
     out_index: tuple[torch.Tensor, ...]  # (tile_0.., pos_0..) broadcastable to [L0, L1, ...]
     mask_bias: torch.Tensor              # [NT, TQ, RK] float 0 / -inf
-    inside: torch.Tensor                 # [NT, TQ, RK] bool
+    _features: dict = field(default_factory=dict)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "TilePlan":
         mv = lambda ts: tuple(t.to(device) for t in ts)  # noqa: E731
-        return TilePlan(self.axes, mv(self.q_index), mv(self.k_index), mv(self.out_index),
-                        self.mask_bias.to(device, dtype), self.inside.to(device))
+        return TilePlan(self.spec, self.axes, mv(self.q_index), mv(self.k_index), mv(self.out_index),
+                        self.mask_bias.to(device, dtype))
+
+    def feature(self, name: str) -> torch.Tensor:
+        """A feature index on the plan's device, built once:
+
+        * ``rel [NT, TQ, RK]``: flat index into the RPB table (key minus query group position);
+        * ``slot [NT, TQ, RK]``: neighbourhood slot of each key (for ``attn_bias``);
+        * ``qtok [NT, TQ]`` / ``ktok [NT, RK]``: flat token of each query / key slot;
+        * ``region [NT, TQ, K]`` / ``slot_ok [NT, TQ, K]``: key slot of each neighbourhood slot and
+          whether it holds a key (for returning the weights).
+        """
+        got = self._features.get(name)
+        if got is None:
+            ax, spec = self.axes, self.spec
+            if name == "rel":
+                got = _flat([a.rel for a in ax], [2 * k - 1 for k in spec.requested_kernel_size])
+            elif name == "slot":
+                got = _flat([a.slot for a in ax], list(spec.kernel_size))
+            elif name == "qtok":
+                got = _flat([a.q_coord[:, :, None] for a in ax], list(spec.spatial)).squeeze(-1)
+            elif name == "ktok":
+                got = _flat([a.k_coord[:, None, :] for a in ax], list(spec.spatial)).squeeze(1)
+            elif name == "region":
+                got = _flat([a.region_of for a in ax], [a.k_coord.shape[1] for a in ax])
+            elif name == "slot_ok":
+                got = _outer([a.slot_ok for a in ax], torch.logical_and)
+            else:
+                raise KeyError(f"TilePlan.feature: unknown feature {name!r}")
+            got = self._features[name] = got.to(self.mask_bias.device)
+        return got
 
 
-def _place(t: torch.Tensor, a: int, r: int, offset: int) -> torch.Tensor:
+def _place(t: torch.Tensor, a: int, r: int) -> torch.Tensor:
     """Reshape a 2-D per-axis index ``[nt_a, X_a]`` so it broadcasts into ``[nt..., X...]``."""
     shape = [1] * (2 * r)
     shape[a], shape[r + a] = t.shape
@@ -143,8 +178,8 @@ def _plan(spec: NASpec, tiles: tuple[int, ...]) -> TilePlan:
         _axis_tiles(axis_windows(L, k, s, d, c), t, rk)
         for (L, k, s, d, c), t, rk in zip(spec.axes(), tiles, spec.requested_kernel_size)
     ]
-    q_index = tuple(_place(ax.q_coord, a, r, 0) for a, ax in enumerate(axes))
-    k_index = tuple(_place(ax.k_coord, a, r, 0) for a, ax in enumerate(axes))
+    q_index = tuple(_place(ax.q_coord, a, r) for a, ax in enumerate(axes))
+    k_index = tuple(_place(ax.k_coord, a, r) for a, ax in enumerate(axes))
     out_index = []
     for field in ("tile_of", "pos_of"):
         for a, ax in enumerate(axes):
@@ -153,7 +188,7 @@ def _plan(spec: NASpec, tiles: tuple[int, ...]) -> TilePlan:
             out_index.append(getattr(ax, field).reshape(shape))
     inside = _outer([ax.inside for ax in axes], torch.logical_and)
     mask_bias = torch.zeros(inside.shape).masked_fill_(~inside, float("-inf"))
-    return TilePlan(axes, q_index, k_index, tuple(out_index), mask_bias, inside)
+    return TilePlan(spec, axes, q_index, k_index, tuple(out_index), mask_bias)
 
 
 _DEVICE_PLANS: dict = {}
@@ -205,16 +240,12 @@ class TorchTiledBackend(Backend):
         scores = torch.matmul(qt, kt.transpose(-1, -2)).mul_(p.scale).add_(plan.mask_bias)
         guard = p.has_key_padding_mask or p.has_attn_bias  # only these can empty a query's window
         if extras.rpb is not None:
-            rel = _flat([ax.rel for ax in plan.axes], [2 * k - 1 for k in spec.requested_kernel_size]).to(q.device)
-            scores = scores + extras.rpb.to(cdt).reshape(H, -1)[:, rel]
+            scores = scores + extras.rpb.to(cdt).reshape(H, -1)[:, plan.feature("rel")]
         if extras.attn_bias is not None:
-            slot = _flat([ax.slot for ax in plan.axes], list(spec.kernel_size)).to(q.device)
-            qtok = self._query_tokens(plan, spec).to(q.device)  # [NT, TQ]
             ab = extras.attn_bias.reshape(B, -1, H, spec.window_size).permute(0, 2, 1, 3).to(cdt)
-            scores = scores + ab[:, :, qtok[:, :, None], slot]
+            scores = scores + ab[:, :, plan.feature("qtok")[:, :, None], plan.feature("slot")]
         if extras.key_padding_mask is not None:
-            ktok = self._key_tokens(plan, spec).to(q.device)  # [NT, RK]
-            ignore = extras.key_padding_mask.reshape(B, -1)[:, ktok]  # [B, NT, RK]
+            ignore = extras.key_padding_mask.reshape(B, -1)[:, plan.feature("ktok")]  # [B, NT, RK]
             scores = scores.masked_fill(ignore[:, None, :, None, :], float("-inf"))
 
         # One exp pass: unnormalized weights e, normalization folded into the (much smaller)
@@ -241,21 +272,8 @@ class TorchTiledBackend(Backend):
         inv = (0, *range(2, r + 2), 1)
         attn: Optional[torch.Tensor] = None
         if p.return_attn:
-            region = _flat([ax.region_of for ax in plan.axes], [ax.k_coord.shape[1] for ax in plan.axes]).to(q.device)
-            ok = _outer([ax.slot_ok for ax in plan.axes], torch.logical_and).to(q.device)
-            w = torch.gather(e * norm, -1, region.expand(B, H, *region.shape)) * ok
+            region = plan.feature("region")
+            w = torch.gather(e * norm, -1, region.expand(B, H, *region.shape)) * plan.feature("slot_ok")
             w = w.reshape(B, H, *tiles_shape, *slots_shape, spec.window_size)[lead + plan.out_index]
             attn = w.permute(*inv, r + 2).to(q.dtype)
         return Result(out.permute(*inv, r + 2).to(q.dtype), lse.permute(inv), attn)
-
-    @staticmethod
-    def _query_tokens(plan: TilePlan, spec: NASpec) -> torch.Tensor:
-        """``[NT, TQ]`` flat token index of every query slot."""
-        parts = [ax.q_coord[:, :, None] for ax in plan.axes]
-        return _flat(parts, list(spec.spatial)).squeeze(-1)
-
-    @staticmethod
-    def _key_tokens(plan: TilePlan, spec: NASpec) -> torch.Tensor:
-        """``[NT, RK]`` flat token index of every key slot."""
-        parts = [ax.k_coord[:, None, :] for ax in plan.axes]
-        return _flat(parts, list(spec.spatial)).squeeze(1)
