@@ -126,3 +126,10 @@ def on_backend(name: str, call: Callable[[Optional[str]], object], problem: Prob
     with pytest.raises(ValueError, match="cannot serve this call"):
         call(name)
     return call(None)
+
+
+def takes_float64(backend: str) -> bool:
+    """Whether ``backend`` serves float64 CPU calls (float32-only kernels such as cpu_c do not)."""
+    p = Problem(spec=make_spec("t", (4,), 3), batch=1, heads=1, heads_kv=1, dim=8, dim_v=8, dtype=torch.float64,
+                device=torch.device("cpu"), scale=1.0)
+    return why_not(backend, p) is None

@@ -8,13 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from visattn import neighborhood_attention
+from brute import takes_float64
 from visattn.backends import list_backends, why_not
 
 BACKENDS = [b for b in list_backends() if why_not(b) is None]
 
 
-def _rand(*shape):
-    return torch.randn(*shape, dtype=torch.float64)
+def _rand(backend: str, *shape):
+    """float64 where the backend takes it; float32 for float32-only kernels (cpu_c), then compared
+    with assert_close's float32 tolerances."""
+    return torch.randn(*shape, dtype=torch.float64 if takes_float64(backend) else torch.float32)
 
 
 def _sdpa_heads_last(q, k, v, is_causal=False):
@@ -28,14 +31,14 @@ def _sdpa_heads_last(q, k, v, is_causal=False):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spatial", [(11,), (5, 7), (3, 4, 5)])
 def test_full_kernel_equals_sdpa(backend: str, spatial) -> None:
-    q, k, v = _rand(2, *spatial, 2, 8), _rand(2, *spatial, 2, 8), _rand(2, *spatial, 2, 8)
+    q, k, v = _rand(backend, 2, *spatial, 2, 8), _rand(backend, 2, *spatial, 2, 8), _rand(backend, 2, *spatial, 2, 8)
     out = neighborhood_attention(q, k, v, kernel_size=spatial, backend=backend)
     torch.testing.assert_close(out, _sdpa_heads_last(q, k, v))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causal_full_kernel_equals_causal_sdpa(backend: str) -> None:
-    q, k, v = _rand(1, 13, 2, 8), _rand(1, 13, 2, 8), _rand(1, 13, 2, 8)
+    q, k, v = _rand(backend, 1, 13, 2, 8), _rand(backend, 1, 13, 2, 8), _rand(backend, 1, 13, 2, 8)
     out = neighborhood_attention(q, k, v, kernel_size=13, is_causal=True, backend=backend)
     torch.testing.assert_close(out, _sdpa_heads_last(q, k, v, is_causal=True))
 
@@ -57,7 +60,7 @@ def _window_partition_attention(q, k, v, window: tuple[int, int]):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window", [(4, 3), (2, 6)])
 def test_stride_equal_kernel_is_window_attention(backend: str, window) -> None:
-    q, k, v = _rand(2, 8, 12, 2, 8), _rand(2, 8, 12, 2, 8), _rand(2, 8, 12, 2, 8)
+    q, k, v = _rand(backend, 2, 8, 12, 2, 8), _rand(backend, 2, 8, 12, 2, 8), _rand(backend, 2, 8, 12, 2, 8)
     out = neighborhood_attention(q, k, v, kernel_size=window, stride=window, backend=backend)
     torch.testing.assert_close(out, _window_partition_attention(q, k, v, window))
 
@@ -67,7 +70,7 @@ def test_stride_equal_kernel_is_window_attention(backend: str, window) -> None:
 def test_dilation_is_na_on_subgrids(backend: str, dilation) -> None:
     """DiNA with dilation d equals plain NA run separately on each d-strided sub-grid."""
     S, kernel = (13, 11), (3, 3)
-    q, k, v = _rand(1, *S, 2, 8), _rand(1, *S, 2, 8), _rand(1, *S, 2, 8)
+    q, k, v = _rand(backend, 1, *S, 2, 8), _rand(backend, 1, *S, 2, 8), _rand(backend, 1, *S, 2, 8)
     out = neighborhood_attention(q, k, v, kernel_size=kernel, dilation=dilation, backend=backend)
     d0, d1 = dilation
     for g0 in range(d0):

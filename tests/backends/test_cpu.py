@@ -126,8 +126,9 @@ def test_module_with_rel_pos_bias_matches_torch_backend() -> None:
 def test_selected_automatically_for_cpu_tensors_and_refusals_route_elsewhere() -> None:
     case = Case((8, 8), (3, 3))
     q, k, v, _, _ = case.make(torch.float32, requires_grad=False)
+    # float64: float32 goes to the C kernels when a compiler exists (tests/backends/test_cpu_c.py)
     p = Problem(spec=make_spec("t", (8, 8), 3), batch=2, heads=2, heads_kv=2, dim=8, dim_v=8,
-                dtype=torch.float32, device=torch.device("cpu"), scale=0.3)
+                dtype=torch.float64, device=torch.device("cpu"), scale=0.3)
     assert select_backend(p).name == "cpu"
     # Very large windows are dense-GEMM territory: the torch backend is chosen, cpu stays forceable.
     big = Problem(**{**p.__dict__, "spec": make_spec("t", (40, 40), 31)})

@@ -19,6 +19,7 @@ _BUILTIN = {
     "reference": "reference:ReferenceBackend",
     "torch": "torch_tiled:TorchTiledBackend",
     "cpu": "cpu_numba:CpuBackend",
+    "cpu_c": "cpu_c:CpuCBackend",
     "triton": "triton_na:TritonBackend",
 }
 _INSTANCES: dict[str, Backend] = {}

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import os
 import threading
-from functools import lru_cache
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..spec import NASpec, axis_windows
-from .base import Backend, Extras, Problem, Result, lse_dtype, refuse_unfused_features
+from ..spec import NASpec
+from .base import Backend, Extras, Problem, Result, refuse_unfused_features
+from .cpu_common import rank3, rows, tables
 
 _MISSING = "numba is not installed (pip install 'visattn[cpu]'); CPU calls use the portable torch backend"
 
@@ -75,46 +75,6 @@ def _set_threads() -> int:
     return n
 
 
-@lru_cache(maxsize=256)
-def _axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool, requested: int):
-    """Per-axis tables in group-major order (see :mod:`cpu_kernels`), int64 ``[L]`` each:
-    ``(pos, lo, hi, rof, qlo, qhi)``."""
-    w = axis_windows(length, kernel, stride, dilation, causal)
-    group, gpos, lo, hi = (t.numpy() for t in (w.group, w.pos, w.lo, w.hi))
-    sizes = np.bincount(group, minlength=dilation)
-    offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])[group]  # first index of each coord's group
-    pos = np.argsort(group * length + gpos, kind="stable")  # index -> coordinate
-    lo_i = (offset + lo)[pos]
-    hi_i = (offset + hi)[pos]
-    rof = (offset + gpos - (requested - 1))[pos]
-    # Windows move monotonically with the query, so lo_i/hi_i are non-decreasing and the queries
-    # seeing key j are one run: those with hi_i >= j and lo_i <= j.
-    keys = np.arange(length)
-    qlo = np.searchsorted(hi_i, keys, side="left")
-    qhi = np.searchsorted(lo_i, keys, side="right") - 1
-    return pos, lo_i, hi_i, rof, qlo, qhi
-
-
-@lru_cache(maxsize=64)
-def _tables(spec: NASpec) -> list[np.ndarray]:
-    """Rank-3 padded tables ``[pos, lo, hi, rof, qlo, qhi]``, each int64 ``[3, Lmax]``."""
-    axes = [_axis_tables(L, k, s, d, c, rk) for (L, k, s, d, c), rk in zip(spec.axes(), spec.requested_kernel_size)]
-    pad = 3 - len(axes)
-    lmax = max(spec.spatial)
-    stacked = []
-    for field in range(6):
-        t = np.zeros((3, lmax), dtype=np.int64)
-        for a, ax in enumerate(axes):
-            t[pad + a, : len(ax[field])] = ax[field]
-        stacked.append(t)
-    return stacked
-
-
-def _rows(t: torch.Tensor) -> np.ndarray:
-    """``[..., X]`` contiguous tensor as a 2-D numpy array of rows (shares memory)."""
-    return t.reshape(-1, t.shape[-1]).numpy()
-
-
 class _NAFunction(torch.autograd.Function):
     """Fused forward/backward on rank-3 views ``q [B, L0, L1, L2, H, D]``, ``k/v [.., Hk, D(v)]``,
     ``rpb [H, R0, R1, R2]`` (a dummy ``[1, 1, 1, 1]`` when ``has_rpb`` is False)."""
@@ -123,7 +83,7 @@ class _NAFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, rpb, has_rpb: bool, scale: float, spec: NASpec):
         ctx.set_materialize_grads(False)  # an unused LSE then costs no zero-filled gradient
         kern = _kernels()
-        pos, lo, hi, rof, _, _ = _tables(spec)
+        pos, lo, hi, rof, _, _ = tables(spec)
         q, k, v, rpb = (t.detach().contiguous() for t in (q, k, v, rpb))
         dt = q.dtype
         npdt = np.float32 if dt == torch.float32 else np.float64
@@ -132,8 +92,8 @@ class _NAFunction(torch.autograd.Function):
         lse = torch.empty(q.shape[:-1], dtype=dt)
         with _LAUNCH:
             _set_threads()
-            kern.forward(_rows(q), _rows(k), _rows(v), shape, rpb.numpy(), has_rpb, npdt(scale), npdt(0), pos, lo, hi, rof,
-                         _QBLOCK, dt == torch.float32, _rows(out), lse.reshape(-1).numpy())
+            kern.forward(rows(q), rows(k), rows(v), shape, rpb.numpy(), has_rpb, npdt(scale), npdt(0), pos, lo, hi, rof,
+                         _QBLOCK, dt == torch.float32, rows(out), lse.reshape(-1).numpy())
         ctx.save_for_backward(q, k, v, rpb, out, lse)
         ctx.meta = (has_rpb, scale, spec, shape)
         return out, lse
@@ -143,7 +103,7 @@ class _NAFunction(torch.autograd.Function):
         kern = _kernels()
         q, k, v, rpb, out, lse = ctx.saved_tensors
         has_rpb, scale, spec, shape = ctx.meta
-        pos, lo, hi, rof, qlo, qhi = _tables(spec)
+        pos, lo, hi, rof, qlo, qhi = tables(spec)
         dt = q.dtype
         npdt = np.float32 if dt == torch.float32 else np.float64
         dout = torch.zeros_like(out) if dout is None else dout.to(dt).contiguous()
@@ -155,13 +115,13 @@ class _NAFunction(torch.autograd.Function):
         # Bias gradients accumulate per chunk of work (deterministic, no races), summed here.
         nchunks = 4 * torch.get_num_threads()
         drpb = torch.zeros(nchunks if has_rpb else 1, *rpb.shape, dtype=dt)
-        args = (_rows(q), _rows(k), _rows(v), shape, rpb.numpy(), has_rpb, npdt(scale), npdt(0), pos)
-        lse_np, delta_np, dout_np = lse.reshape(-1).numpy(), delta.reshape(-1).numpy(), _rows(dout)
+        args = (rows(q), rows(k), rows(v), shape, rpb.numpy(), has_rpb, npdt(scale), npdt(0), pos)
+        lse_np, delta_np, dout_np = lse.reshape(-1).numpy(), delta.reshape(-1).numpy(), rows(dout)
         with _LAUNCH:
             _set_threads()
-            kern.backward_dq(*args, lo, hi, rof, _rows(out), lse_np, dlse.reshape(-1).numpy(), has_dlse, dout_np,
-                             fast, _QBLOCK, nchunks, delta_np, _rows(dq), drpb.numpy())
-            kern.backward_dkv(*args, rof, qlo, qhi, lse_np, delta_np, dout_np, fast, _QBLOCK, _rows(dk), _rows(dv))
+            kern.backward_dq(*args, lo, hi, rof, rows(out), lse_np, dlse.reshape(-1).numpy(), has_dlse, dout_np,
+                             fast, _QBLOCK, nchunks, delta_np, rows(dq), drpb.numpy())
+            kern.backward_dkv(*args, rof, qlo, qhi, lse_np, delta_np, dout_np, fast, _QBLOCK, rows(dk), rows(dv))
         return dq, dk, dv, (drpb.sum(0) if has_rpb else None), None, None, None
 
 
@@ -191,17 +151,13 @@ class CpuBackend(Backend):
         return 10.0 if p.spec.window_size <= _MAX_WINDOW else -1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras: Extras) -> Result:
-        spec = p.spec
-        B, H, Hk, r = p.batch, p.heads, p.heads_kv, spec.rank
-        cdt = lse_dtype(q.dtype)
-        shape3 = (1,) * (3 - r) + spec.spatial
-        q3, k3, v3 = (t.to(cdt).reshape(B, *shape3, *t.shape[-2:]) for t in (q, k, v))
-        if extras.rpb is not None:
-            rpb = extras.rpb.to(cdt).reshape(H, *((1,) * (3 - r)), *extras.rpb.shape[1:])
-        else:
-            rpb = torch.zeros(1, 1, 1, 1, dtype=cdt)
-        out, lse = _NAFunction.apply(q3, k3, v3, rpb, extras.rpb is not None, p.scale, spec)
-        return Result(out.reshape(B, *spec.spatial, H, p.dim_v).to(q.dtype), lse.reshape(B, *spec.spatial, H))
+        q3, k3, v3, rpb = rank3(q, k, v, p, extras)
+        has_rpb = rpb is not None
+        if rpb is None:
+            rpb = torch.zeros(1, 1, 1, 1, dtype=q3.dtype)
+        out, lse = _NAFunction.apply(q3, k3, v3, rpb, has_rpb, p.scale, p.spec)
+        return Result(out.reshape(p.batch, *p.spec.spatial, p.heads, p.dim_v).to(q.dtype),
+                      lse.reshape(p.batch, *p.spec.spatial, p.heads))
 
 
 def cache_info() -> str:

@@ -1,0 +1,515 @@
+/* Fused neighborhood attention on CPU: forward and race-free backward, float32.
+ *
+ * Compiled at first use by visattn/backends/cpu_c.py with the system C compiler for the host CPU
+ * (-O3 -march=native) and loaded with ctypes: no Python or PyTorch headers, no C++ ABI.
+ *
+ * Geometry (same tables as the numba kernels, see cpu_kernels.py): every tensor is the contiguous
+ * heads-last [B, L0, L1, L2, heads, dim] one, seen as rows of `dim` floats (row of token t, head h
+ * is t*heads + h). Each axis is walked in group-major order (dilation group 0, then 1, ...):
+ * pos[a][i] is the coordinate of index i and a query's keys are the run lo[a][i]..hi[a][i] on every
+ * axis, so dilation never appears in the loops. qlo/qhi are the inverse runs (the queries seeing a key).
+ *
+ * Work is blocked as 2 queries x 8 keys: two neighbouring queries along the last axis share all
+ * but one of their keys per key row, so their union is walked once and each key row loaded once
+ * serves both. The score micro-kernel keeps 16 vector accumulators over the head dim (register
+ * resident with 32 vector registers) and reduces them with one transpose-and-add tree; the value
+ * update keeps 2 x 4 accumulators of 8 features per pass. Pairs outside a query's own window get a
+ * bias of NEG and an exact zero weight. The backward recomputes probabilities from the LSE: a dQ
+ * pass per query pair and a key-centric dK/dV pass per key pair (each key gathers from the queries
+ * that see it), so no two threads ever write the same row.
+ *
+ * Vectors are GCC/Clang vector extensions of 8 floats: AVX2/AVX-512 on x86, NEON pairs on Arm.
+ * Head dims must be multiples of 8 (the Python side checks).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8fu __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
+/* Built with -DNA_BOUNDS_CHECK (VISATTN_CPU_C_BOUNDS_CHECK=1), every row, table and bias index and
+ * every scratch write is checked and a violation aborts with its line: the tests run a sweep so. */
+#ifdef NA_BOUNDS_CHECK
+#include <stdio.h>
+#define CHECK(cond)                                                                         \
+    do {                                                                                    \
+        if (!(cond)) {                                                                      \
+            fprintf(stderr, "na_cpu.c:%d: bounds check failed: %s\n", __LINE__, #cond);    \
+            abort();                                                                        \
+        }                                                                                   \
+    } while (0)
+#else
+#define CHECK(cond) ((void)0)
+#endif
+
+#define W 8            /* floats per vector */
+#define NEG (-1e30f)    /* bias of a pair outside the window (finite: no inf arithmetic anywhere) */
+#define MAX_THREADS 256
+#define PREFETCH 8     /* rows ahead in the value update */
+
+static inline v8f ld(const float *p) { return *(const v8fu *)p; }
+static inline void st(float *p, v8f x) { *(v8fu *)p = x; }
+static inline v8f bc(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+static inline v8f sel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
+static inline int64_t round8(int64_t n) { return (n + W - 1) / W * W; }
+
+/* exp(x) for x <= ~0; exactly 0 below -87 (masked pairs). exp(x) = 2^e * exp(r), |r| <= ln2/2,
+ * degree-6 Taylor polynomial: relative error < 2e-7. e = round(x / ln2) by adding 1.5 * 2^23, which
+ * leaves the integer in the low mantissa bits; this relies on IEEE rounding being kept, i.e. the
+ * file is never compiled with -ffast-math / -fassociative-math (cpu_c.py's flags are not). */
+static inline v8f vexp(v8f x) {
+    const v8f magic = bc(12582912.0f);
+    v8i keep = x > bc(-87.0f);
+    x = sel(keep, x, bc(-87.0f));
+    v8f t = x * bc(1.44269504088896341f) + magic;
+    v8f ef = t - magic;
+    v8f r = x - ef * bc(0.693147180559945309f);
+    v8f p = bc(1.0f / 720) * r + bc(1.0f / 120);
+    p = p * r + bc(1.0f / 24);
+    p = p * r + bc(1.0f / 6);
+    p = p * r + bc(0.5f);
+    p = p * r + bc(1.0f);
+    p = p * r + bc(1.0f);
+    v8i two_e = ((v8i)t - (v8i)magic + 127) << 23;
+    return (v8f)((v8i)(p * (v8f)two_e) & keep);
+}
+
+/* Sums of each of 8 vectors, as one vector: a transpose-and-add tree (14 shuffles, 7 adds). */
+static inline v8f hsum8(const v8f c[8]) {
+    v8f u[4], w[2];
+    for (int i = 0; i < 4; i++) {
+        v8f a = c[2 * i], b = c[2 * i + 1];
+        u[i] = SHUF(a, b, 0, 8, 1, 9, 4, 12, 5, 13) + SHUF(a, b, 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 2; i++) {
+        v8f a = u[2 * i], b = u[2 * i + 1];
+        w[i] = SHUF(a, b, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    return SHUF(w[0], w[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(w[0], w[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* s_i[j] = (a_i . B[row[j]]) * scale + bias_i[j % period] for i = 0, 1 and j < n (n and period
+ * multiples of 8); the biases may be NULL. period < n repeats one key row's bias on every row. */
+static void scores2(const float *a0, const float *a1, const float *B, const int64_t *row, int64_t n, int64_t dim,
+                    float scale, const float *bias0, const float *bias1, int64_t period, float *s0, float *s1) {
+    for (int64_t j = 0; j < n; j += W) {
+        const float *bp[W];
+        for (int t = 0; t < W; t++) bp[t] = B + row[j + t] * dim;
+        if (j + W < n) /* the next block's rows: usually the next key row, an L1 miss otherwise */
+            for (int t = 0; t < W; t++)
+                for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(B + row[j + W + t] * dim + d);
+        v8f c0[W], c1[W];
+        for (int t = 0; t < W; t++) c0[t] = c1[t] = bc(0.0f);
+        for (int64_t d = 0; d < dim; d += W) {
+            v8f x0 = ld(a0 + d), x1 = ld(a1 + d);
+#pragma GCC unroll 8
+            for (int t = 0; t < W; t++) {
+                v8f y = ld(bp[t] + d);
+                c0[t] += x0 * y;
+                c1[t] += x1 * y;
+            }
+        }
+        v8f y0 = hsum8(c0) * bc(scale), y1 = hsum8(c1) * bc(scale);
+        const int64_t jb = j % period;
+        st(s0 + j, bias0 ? y0 + ld(bias0 + jb) : y0);
+        st(s1 + j, bias1 ? y1 + ld(bias1 + jb) : y1);
+    }
+}
+
+/* o_i[c:c+8*NC] += f_i * sum_j w_i[j] * B[row[j]][c:c+8*NC]; NC is a literal after inlining, so the
+ * 2*NC accumulators stay in registers. */
+static inline __attribute__((always_inline)) void accum_block(const int NC, const float *w0, const float *w1,
+                                                             const float *B, const int64_t *row, int64_t n,
+                                                             int64_t dim, int64_t c, float f0, float f1,
+                                                             float *o0, float *o1) {
+    v8f a0[4], a1[4];
+    for (int t = 0; t < NC; t++) a0[t] = a1[t] = bc(0.0f);
+    for (int64_t j = 0; j < n; j++) {
+        const float *bp = B + row[j] * dim + c;
+        if (j + PREFETCH < n)
+            for (int t = 0; t < NC; t += 2) __builtin_prefetch(B + row[j + PREFETCH] * dim + c + W * t);
+        v8f p0 = bc(w0[j]), p1 = bc(w1[j]);
+        for (int t = 0; t < NC; t++) {
+            v8f y = ld(bp + W * t);
+            a0[t] += p0 * y;
+            a1[t] += p1 * y;
+        }
+    }
+    for (int t = 0; t < NC; t++) {
+        st(o0 + c + W * t, ld(o0 + c + W * t) + a0[t] * bc(f0));
+        st(o1 + c + W * t, ld(o1 + c + W * t) + a1[t] * bc(f1));
+    }
+}
+
+static void accum2(const float *w0, const float *w1, const float *B, const int64_t *row, int64_t n, int64_t dim,
+                   float f0, float f1, float *o0, float *o1) {
+    for (int64_t c = 0; c < dim; c += 4 * W) {
+        switch ((dim - c) / W) {
+            case 1: accum_block(1, w0, w1, B, row, n, dim, c, f0, f1, o0, o1); break;
+            case 2: accum_block(2, w0, w1, B, row, n, dim, c, f0, f1, o0, o1); break;
+            case 3: accum_block(3, w0, w1, B, row, n, dim, c, f0, f1, o0, o1); break;
+            default: accum_block(4, w0, w1, B, row, n, dim, c, f0, f1, o0, o1); break;
+        }
+    }
+}
+
+static float dot(const float *a, const float *b, int64_t dim) {
+    v8f acc = bc(0.0f);
+    for (int64_t d = 0; d < dim; d += W) acc += ld(a + d) * ld(b + d);
+    float t = 0;
+    for (int i = 0; i < W; i++) t += acc[i];
+    return t;
+}
+
+typedef struct {
+    const float *q, *k, *v;             /* [T*H, D], [T*Hk, D], [T*Hk, Dv] */
+    const float *rpb;                   /* [H, R0, R1, R2], or NULL */
+    const int64_t *pos, *lo, *hi, *rof; /* [3, lmax] each */
+    const int64_t *qlo, *qhi;           /* [3, lmax]: inverse runs (backward only) */
+    int64_t lmax, B, L0, L1, L2, H, Hk, D, Dv, R0, R1, R2;
+    float scale;
+    float *out, *lse;                   /* [T*H, Dv], [T*H]: written by forward, read by backward */
+    const float *dout, *dlse;           /* [T*H, Dv], [T*H] or NULL (no gradient into the LSE) */
+    float *delta, *dq, *dk, *dv;        /* [T*H], [T*H, D], [T*Hk, D], [T*Hk, Dv] */
+    float *drpb;                        /* [nthreads, H*R0*R1*R2]: one slice per thread, summed by the caller */
+    int nthreads;
+} na_args;
+
+#define TAB(t, a, i) ((t)[(a) * A->lmax + (i)])
+
+/* Largest number of slots one item can have: (longest run on axes 0, 1) x (widest union of two
+ * neighbouring runs on axis 2, rounded up to a vector). */
+static int64_t max_slots(const na_args *A, const int64_t *lo, const int64_t *hi) {
+    const int64_t L[3] = {A->L0, A->L1, A->L2};
+    int64_t n = 1;
+    for (int a = 0; a < 2; a++) {
+        int64_t m = 1;
+        for (int64_t i = 0; i < L[a]; i++) m = hi[a * A->lmax + i] - lo[a * A->lmax + i] + 1 > m ? hi[a * A->lmax + i] - lo[a * A->lmax + i] + 1 : m;
+        n *= m;
+    }
+    int64_t m = 1;
+    for (int64_t i = 0; i < L[2]; i++) {
+        int64_t j = i + 1 < L[2] ? i + 1 : i;
+        int64_t u = hi[2 * A->lmax + j] - lo[2 * A->lmax + i] + 1;
+        m = u > m ? u : m;
+    }
+    return n * round8(m);
+}
+
+typedef struct {
+    int64_t *row;    /* slot -> row of the gathered tensor */
+    int32_t *ridx;   /* [2][cap]: slot -> flat rpb index, -1 outside the window */
+    float *bias;     /* [2][cap] */
+    float *s, *dp;   /* [2][cap] */
+    float *dl;       /* [cap]: per-slot delta (dK/dV pass) */
+    float *tmp;      /* [2][max(D, Dv)]: rows of the discarded second query of an odd tail */
+    int64_t *col, *a2; /* [cap]: axis-2 template (see axis2_template) */
+    int8_t *in;      /* [2][cap] */
+    int64_t cap;
+} scratch;
+
+static int scratch_init(scratch *S, int64_t cap, int64_t dim) {
+    S->cap = cap;
+    S->row = malloc(sizeof(int64_t) * cap);
+    S->ridx = malloc(sizeof(int32_t) * 2 * cap);
+    S->bias = malloc(sizeof(float) * 2 * cap);
+    S->s = malloc(sizeof(float) * 2 * cap);
+    S->dp = malloc(sizeof(float) * 2 * cap);
+    S->dl = malloc(sizeof(float) * cap);
+    S->tmp = calloc(2 * dim, sizeof(float));
+    S->col = malloc(sizeof(int64_t) * cap);
+    S->a2 = malloc(sizeof(int64_t) * cap);
+    S->in = malloc(2 * cap);
+    return S->row && S->ridx && S->bias && S->s && S->dp && S->dl && S->tmp && S->col && S->a2 && S->in;
+}
+
+static void scratch_free(scratch *S) {
+    free(S->row); free(S->ridx); free(S->bias); free(S->s); free(S->dp); free(S->dl); free(S->tmp);
+    free(S->col); free(S->a2); free(S->in);
+}
+
+/* The axis-2 part of a slot list, shared by every row of it: for union slot u (0 <= u < nub, padded
+ * with copies of the last index), col[u] = pos * heads + head (row offset within a row of tokens) and
+ * in_i[u] = whether pair i is inside its window; for key slots (keys = 1) the window test is made
+ * from the query at u's side. */
+static void axis2_template(const na_args *A, scratch *S, int64_t ulo, int64_t nu, int64_t nub, int64_t heads,
+                           int64_t head, const int64_t pair[2], int keys) {
+    const int64_t *pos2 = A->pos + 2 * A->lmax, *lo2 = A->lo + 2 * A->lmax, *hi2 = A->hi + 2 * A->lmax;
+    for (int64_t u = 0; u < nub; u++) {
+        const int64_t a2 = ulo + (u < nu ? u : nu - 1);
+        CHECK(u < S->cap && 0 <= a2 && a2 < A->L2 && 0 <= pos2[a2] && pos2[a2] < A->L2);
+        S->col[u] = pos2[a2] * heads + head;
+        S->a2[u] = a2;
+        for (int i = 0; i < 2; i++) {
+            /* query slots: key a2 in the window of query pair[i]; key slots: key pair[i] in query a2's */
+            const int64_t qq = keys ? a2 : pair[i], kk = keys ? pair[i] : a2;
+            S->in[i * S->cap + u] = u < nu && lo2[qq] <= kk && kk <= hi2[qq];
+        }
+    }
+}
+
+/* Slots of the query pair (x2[0], x2[1]) at (b, x0, x1), head h: every key of the union of their
+ * windows, key-row by key-row, each row padded to a vector with copies of its last key. Bias is
+ * rpb - shift_i inside query i's window, NEG outside; without rpb it is the same on every key row
+ * and only one row of it is written (*period = that row's length; with rpb *period = n). ridx is
+ * the flat rpb index (-1 outside), kept for the dQ pass's bias gradient. Returns the slot count. */
+static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, int64_t x1, const int64_t x2[2],
+                           int64_t h, const float shift[2], int64_t *period) {
+    const int64_t hk = h / (A->H / A->Hk), cap = S->cap;
+    const int64_t ulo = TAB(A->lo, 2, x2[0]), nu = TAB(A->hi, 2, x2[1]) - ulo + 1, nub = round8(nu);
+    axis2_template(A, S, ulo, nu, nub, A->Hk, hk, x2, 0);
+    const int64_t rof2[2] = {TAB(A->rof, 2, x2[0]), TAB(A->rof, 2, x2[1])};
+    if (!A->rpb)
+        for (int i = 0; i < 2; i++)
+            for (int64_t u = 0; u < nub; u++) S->bias[i * cap + u] = S->in[i * cap + u] ? -shift[i] : NEG;
+    int64_t n = 0;
+    for (int64_t a0 = TAB(A->lo, 0, x0); a0 <= TAB(A->hi, 0, x0); a0++) {
+        for (int64_t a1 = TAB(A->lo, 1, x1); a1 <= TAB(A->hi, 1, x1); a1++, n += nub) {
+            const int64_t base = ((b * A->L0 + TAB(A->pos, 0, a0)) * A->L1 + TAB(A->pos, 1, a1)) * A->L2 * A->Hk;
+            CHECK(0 <= a0 && a0 < A->L0 && 0 <= a1 && a1 < A->L1 && n + nub <= S->cap);
+            for (int64_t u = 0; u < nub; u++) {
+                S->row[n + u] = base + S->col[u];
+                CHECK(0 <= S->row[n + u] && S->row[n + u] < A->B * A->L0 * A->L1 * A->L2 * A->Hk);
+            }
+            if (!A->rpb) continue;
+            const int64_t r01 = ((h * A->R0 + a0 - TAB(A->rof, 0, x0)) * A->R1 + a1 - TAB(A->rof, 1, x1)) * A->R2;
+            for (int i = 0; i < 2; i++) {
+                const int8_t *in = S->in + i * cap;
+                for (int64_t u = 0; u < nub; u++) {
+                    const int64_t ri = r01 + S->a2[u] - rof2[i];
+                    CHECK(!in[u] || (0 <= ri && ri < A->H * A->R0 * A->R1 * A->R2));
+                    S->ridx[i * cap + n + u] = in[u] ? (int32_t)ri : -1;
+                    S->bias[i * cap + n + u] = in[u] ? A->rpb[ri] - shift[i] : NEG;
+                }
+            }
+        }
+    }
+    *period = A->rpb ? n : nub;
+    return n;
+}
+
+/* Work items: (b, i0, i1, pair of indices along axis 2, head), head fastest: a token's heads are
+ * one contiguous record, so consecutive items read whole records (measured 1.25x faster than
+ * sliding one head along the row, whose 512-byte strides defeat the prefetchers). */
+static void unravel(const na_args *A, int64_t item, int64_t heads, int64_t *b, int64_t *i0, int64_t *i1,
+                    int64_t i2[2], int64_t *head) {
+    const int64_t npair = (A->L2 + 1) / 2;
+    *head = item % heads;
+    item /= heads;
+    const int64_t p = item % npair;
+    item /= npair;
+    *i1 = item % A->L1;
+    item /= A->L1;
+    *i0 = item % A->L0;
+    *b = item / A->L0;
+    i2[0] = 2 * p;
+    i2[1] = 2 * p + 1 < A->L2 ? 2 * p + 1 : 2 * p;
+}
+
+static int64_t qrow(const na_args *A, int64_t b, int64_t x0, int64_t x1, int64_t x2, int64_t heads, int64_t h) {
+    CHECK(0 <= b && b < A->B && 0 <= x0 && x0 < A->L0 && 0 <= x1 && x1 < A->L1 && 0 <= x2 && x2 < A->L2);
+    return (((b * A->L0 + TAB(A->pos, 0, x0)) * A->L1 + TAB(A->pos, 1, x1)) * A->L2 + TAB(A->pos, 2, x2)) * heads + h;
+}
+
+static void forward_items(const na_args *A, scratch *S, int64_t begin, int64_t end) {
+    const int64_t D = A->D, Dv = A->Dv, cap = S->cap;
+    float *s0 = S->s, *s1 = S->s + cap;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t b, x0, x1, x2[2], h;
+        unravel(A, item, A->H, &b, &x0, &x1, x2, &h);
+        const int two = x2[1] != x2[0];
+        const int64_t r0 = qrow(A, b, x0, x1, x2[0], A->H, h), r1 = qrow(A, b, x0, x1, x2[1], A->H, h);
+        const float zero[2] = {0, 0};
+        int64_t period;
+        const int64_t n = query_slots(A, S, b, x0, x1, x2, h, zero, &period);
+        scores2(A->q + r0 * D, A->q + r1 * D, A->k, S->row, n, D, A->scale, S->bias, S->bias + cap, period, s0, s1);
+        float m[2], l[2];
+        float *s[2] = {s0, s1};
+        for (int i = 0; i < 2; i++) {
+            v8f mv = bc(NEG);
+            for (int64_t j = 0; j < n; j += W) {
+                v8f x = ld(s[i] + j);
+                mv = sel(x > mv, x, mv);
+            }
+            m[i] = mv[0];
+            for (int t = 1; t < W; t++) m[i] = mv[t] > m[i] ? mv[t] : m[i];
+            v8f sum = bc(0.0f);
+            for (int64_t j = 0; j < n; j += W) {
+                v8f p = vexp(ld(s[i] + j) - bc(m[i]));
+                st(s[i] + j, p);
+                sum += p;
+            }
+            l[i] = 0;
+            for (int t = 0; t < W; t++) l[i] += sum[t];
+        }
+        float *o0 = A->out + r0 * Dv, *o1 = two ? A->out + r1 * Dv : S->tmp;
+        memset(o0, 0, sizeof(float) * Dv);
+        memset(o1, 0, sizeof(float) * Dv);
+        accum2(s0, s1, A->v, S->row, n, Dv, 1.0f / l[0], 1.0f / l[1], o0, o1);
+        A->lse[r0] = m[0] + logf(l[0]);
+        if (two) A->lse[r1] = m[1] + logf(l[1]);
+    }
+}
+
+static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t begin, int64_t end) {
+    const int64_t D = A->D, Dv = A->Dv, cap = S->cap;
+    float *s0 = S->s, *s1 = S->s + cap, *p0 = S->dp, *p1 = S->dp + cap;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t b, x0, x1, x2[2], h;
+        unravel(A, item, A->H, &b, &x0, &x1, x2, &h);
+        const int two = x2[1] != x2[0];
+        const int64_t r[2] = {qrow(A, b, x0, x1, x2[0], A->H, h), qrow(A, b, x0, x1, x2[1], A->H, h)};
+        float lse[2], delta[2];
+        for (int i = 0; i < 2; i++) {
+            lse[i] = A->lse[r[i]];
+            delta[i] = dot(A->dout + r[i] * Dv, A->out + r[i] * Dv, Dv) - (A->dlse ? A->dlse[r[i]] : 0.0f);
+        }
+        A->delta[r[0]] = delta[0];
+        if (two) A->delta[r[1]] = delta[1];
+        int64_t period;
+        const int64_t n = query_slots(A, S, b, x0, x1, x2, h, lse, &period);
+        scores2(A->q + r[0] * D, A->q + r[1] * D, A->k, S->row, n, D, A->scale, S->bias, S->bias + cap, period, s0, s1);
+        /* dP = dO . V, then dS = P * (dP - delta) in place of dP. */
+        scores2(A->dout + r[0] * Dv, A->dout + r[1] * Dv, A->v, S->row, n, Dv, 1.0f, NULL, NULL, n, p0, p1);
+        for (int64_t j = 0; j < n; j += W) {
+            st(p0 + j, vexp(ld(s0 + j)) * (ld(p0 + j) - bc(delta[0])));
+            st(p1 + j, vexp(ld(s1 + j)) * (ld(p1 + j) - bc(delta[1])));
+        }
+        float *g0 = A->dq + r[0] * D, *g1 = two ? A->dq + r[1] * D : S->tmp;
+        memset(g0, 0, sizeof(float) * D);
+        memset(g1, 0, sizeof(float) * D);
+        accum2(p0, p1, A->k, S->row, n, D, A->scale, A->scale, g0, g1);
+        if (drpb) {
+            for (int i = 0; i < 1 + two; i++) {
+                const int32_t *ri = S->ridx + i * cap;
+                const float *ds = S->dp + i * cap;
+                for (int64_t j = 0; j < n; j++)
+                    if (ri[j] >= 0) drpb[ri[j]] += ds[j];
+            }
+        }
+    }
+}
+
+/* Slots of the key pair (y2[0], y2[1]) at (b, y0, y1) for query head h: every query whose window
+ * holds either key (inverse runs qlo..qhi), row by row, padded like query_slots. Bias is
+ * rpb - lse(query) where key i is in the query's window, NEG elsewhere; dl is the query's delta. */
+static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_t y1, const int64_t y2[2],
+                         int64_t h) {
+    const int64_t cap = S->cap, *rof2 = A->rof + 2 * A->lmax;
+    const int64_t ulo = TAB(A->qlo, 2, y2[0]), nu = TAB(A->qhi, 2, y2[1]) - ulo + 1, nub = round8(nu);
+    axis2_template(A, S, ulo, nu, nub, A->H, h, y2, 1);
+    int64_t n = 0;
+    for (int64_t x0 = TAB(A->qlo, 0, y0); x0 <= TAB(A->qhi, 0, y0); x0++) {
+        for (int64_t x1 = TAB(A->qlo, 1, y1); x1 <= TAB(A->qhi, 1, y1); x1++, n += nub) {
+            const int64_t base = ((b * A->L0 + TAB(A->pos, 0, x0)) * A->L1 + TAB(A->pos, 1, x1)) * A->L2 * A->H;
+            const int64_t r01 = ((h * A->R0 + y0 - TAB(A->rof, 0, x0)) * A->R1 + y1 - TAB(A->rof, 1, x1)) * A->R2;
+            CHECK(0 <= x0 && x0 < A->L0 && 0 <= x1 && x1 < A->L1 && n + nub <= S->cap);
+            for (int64_t u = 0; u < nub; u++) {
+                const int64_t row = base + S->col[u];
+                CHECK(0 <= row && row < A->B * A->L0 * A->L1 * A->L2 * A->H);
+                S->row[n + u] = row;
+                S->dl[n + u] = A->delta[row];
+                for (int i = 0; i < 2; i++) {
+                    CHECK(!(A->rpb && S->in[i * cap + u]) ||
+                          (0 <= r01 + y2[i] - rof2[S->a2[u]] && r01 + y2[i] - rof2[S->a2[u]] < A->H * A->R0 * A->R1 * A->R2));
+                    const float rpb = A->rpb && S->in[i * cap + u] ? A->rpb[r01 + y2[i] - rof2[S->a2[u]]] : 0.0f;
+                    S->bias[i * cap + n + u] = S->in[i * cap + u] ? rpb - A->lse[row] : NEG;
+                }
+            }
+        }
+    }
+    return n;
+}
+
+static void backward_dkv_items(const na_args *A, scratch *S, int64_t begin, int64_t end) {
+    const int64_t D = A->D, Dv = A->Dv, cap = S->cap, G = A->H / A->Hk;
+    float *s0 = S->s, *s1 = S->s + cap, *p0 = S->dp, *p1 = S->dp + cap;
+    for (int64_t item = begin; item < end; item++) {
+        int64_t b, y0, y1, y2[2], hk;
+        unravel(A, item, A->Hk, &b, &y0, &y1, y2, &hk);
+        const int two = y2[1] != y2[0];
+        const int64_t r0 = qrow(A, b, y0, y1, y2[0], A->Hk, hk), r1 = qrow(A, b, y0, y1, y2[1], A->Hk, hk);
+        float *gk0 = A->dk + r0 * D, *gk1 = two ? A->dk + r1 * D : S->tmp;
+        float *gv0 = A->dv + r0 * Dv, *gv1 = two ? A->dv + r1 * Dv : S->tmp + D;
+        memset(gk0, 0, sizeof(float) * D);
+        memset(gk1, 0, sizeof(float) * D);
+        memset(gv0, 0, sizeof(float) * Dv);
+        memset(gv1, 0, sizeof(float) * Dv);
+        for (int64_t h = hk * G; h < hk * G + G; h++) {
+            const int64_t n = key_slots(A, S, b, y0, y1, y2, h);
+            /* P^T (bias holds -lse), dP^T = V . dO, dS^T = P^T (dP^T - delta) */
+            scores2(A->k + r0 * D, A->k + r1 * D, A->q, S->row, n, D, A->scale, S->bias, S->bias + cap, n, s0, s1);
+            scores2(A->v + r0 * Dv, A->v + r1 * Dv, A->dout, S->row, n, Dv, 1.0f, NULL, NULL, n, p0, p1);
+            for (int64_t j = 0; j < n; j += W) {
+                v8f P0 = vexp(ld(s0 + j)), P1 = vexp(ld(s1 + j)), dl = ld(S->dl + j);
+                st(s0 + j, P0);
+                st(s1 + j, P1);
+                st(p0 + j, P0 * (ld(p0 + j) - dl));
+                st(p1 + j, P1 * (ld(p1 + j) - dl));
+            }
+            accum2(s0, s1, A->dout, S->row, n, Dv, 1.0f, 1.0f, gv0, gv1);
+            accum2(p0, p1, A->q, S->row, n, D, A->scale, A->scale, gk0, gk1);
+        }
+    }
+}
+
+typedef struct {
+    const na_args *A;
+    int pass, tid, nt;
+    int64_t items;
+    int status;
+} job;
+
+static void *run_job(void *arg) {
+    job *J = arg;
+    const na_args *A = J->A;
+    const int64_t begin = J->items * J->tid / J->nt, end = J->items * (J->tid + 1) / J->nt;
+    const int kv = J->pass == 2;
+    scratch S;
+    int64_t dmax = A->D > A->Dv ? A->D : A->Dv;
+    if (!scratch_init(&S, max_slots(A, kv ? A->qlo : A->lo, kv ? A->qhi : A->hi), dmax)) {
+        scratch_free(&S);
+        J->status = 1;
+        return NULL;
+    }
+    if (J->pass == 0) forward_items(A, &S, begin, end);
+    else if (J->pass == 1)
+        backward_dq_items(A, &S, A->drpb ? A->drpb + (int64_t)J->tid * A->H * A->R0 * A->R1 * A->R2 : NULL, begin, end);
+    else backward_dkv_items(A, &S, begin, end);
+    scratch_free(&S);
+    J->status = 0;
+    return NULL;
+}
+
+/* pass 0: forward (out, lse); 1: dQ pass (dq, delta, drpb); 2: dK/dV pass (needs delta from pass 1).
+ * Returns 0, or 1 when scratch memory could not be allocated. */
+int na_run(const na_args *A, int pass) {
+    const int64_t heads = pass == 2 ? A->Hk : A->H;
+    const int64_t items = A->B * A->L0 * A->L1 * ((A->L2 + 1) / 2) * heads;
+    /* drpb has one slice per thread: the caller allocates A->nthreads slices, in [1, MAX_THREADS] */
+    const int nt = A->nthreads < 1 ? 1 : A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads;
+    job jobs[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    for (int t = 0; t < nt; t++) jobs[t] = (job){A, pass, t, nt, items, 0};
+    int started[MAX_THREADS] = {0};
+    for (int t = 1; t < nt; t++) started[t] = pthread_create(&threads[t], NULL, run_job, &jobs[t]) == 0;
+    for (int t = 1; t < nt; t++)
+        if (!started[t]) run_job(&jobs[t]); /* no thread: do its share here */
+    run_job(&jobs[0]);
+    int status = jobs[0].status;
+    for (int t = 1; t < nt; t++) {
+        if (started[t]) pthread_join(threads[t], NULL);
+        status |= jobs[t].status;
+    }
+    return status;
+}
