@@ -1,8 +1,9 @@
-"""Time the fused ``cpu`` backend against the portable ``torch`` backend (and, optionally, compiled
-FlexAttention and NATTEN) on the cases of issue 3, plus memory, model-level and compile-cost checks.
+"""Time the fused CPU backends (``cpu_c`` in C, ``cpu`` in numba) against the portable ``torch``
+backend (and, optionally, compiled FlexAttention and NATTEN) on the cases of issue 3, plus memory,
+model-level and compile-cost checks.
 
 Usage: ``python benchmarks/cpu_cases.py [--flex] [--natten] [--compile] [--memory] [--model] [--all]
-[--threads N]``
+[--threads N] [--backends cpu_c cpu]``
 
 Every ratio is measured in the same run (the machine may be shared: medians of repeated runs).
 Effective GFLOP/s use :func:`visattn.spec.na_flops` (backward counted as 2x forward).
@@ -141,21 +142,21 @@ def peak_extra_mb(fn: Callable[[], object]) -> float:
     return (status("VmHWM:") - before) / 2 ** 20
 
 
-def memory_check() -> None:
+def memory_check(backend: str) -> None:
     c = Bench("2-D 256x256 h4 d32 k7", (256, 256), 4, 32, (7, 7))
     q, k, v = inputs(c, True)
-    neighborhood_attention(q, k, v, **c.kwargs(), backend="cpu").sum().backward()  # warm
+    neighborhood_attention(q, k, v, **c.kwargs(), backend=backend).sum().backward()  # warm
     q.grad = k.grad = v.grad = None
     out_mb = 4 * q.numel() * q.element_size() / 2 ** 20
-    fwd = peak_extra_mb(lambda: neighborhood_attention(q, k, v, **c.kwargs(), backend="cpu"))
+    fwd = peak_extra_mb(lambda: neighborhood_attention(q, k, v, **c.kwargs(), backend=backend))
     grad_out = torch.randn(q.shape)
 
     def fwd_bwd():
-        neighborhood_attention(q, k, v, **c.kwargs(), backend="cpu").backward(grad_out)
+        neighborhood_attention(q, k, v, **c.kwargs(), backend=backend).backward(grad_out)
 
     both = peak_extra_mb(fwd_bwd)
-    print(f"\nmemory, {c.name}: Q+K+V+O = {out_mb:.0f} MiB; peak extra (incl. the outputs/grads it returns): "
-          f"forward {fwd:.0f} MiB, forward+backward {both:.0f} MiB (grads alone: {3 * out_mb / 4:.0f} MiB)")
+    print(f"\nmemory, {backend}, {c.name}: Q+K+V+O = {out_mb:.0f} MiB; peak extra (incl. the outputs/grads it "
+          f"returns): forward {fwd:.0f} MiB, forward+backward {both:.0f} MiB (grads alone: {3 * out_mb / 4:.0f} MiB)")
 
 
 def model_check() -> None:
@@ -174,69 +175,88 @@ def model_check() -> None:
         return proj(o.reshape(B, H, W, C))
 
     x = torch.randn(1, size, size, dim)
+    from visattn.backends import Problem, select_backend
+
+    chosen = select_backend(Problem(spec=make_spec("na2d", (size, size), win), batch=1, heads=heads, heads_kv=heads,
+                                    dim=dim // heads, dim_v=dim // heads, dtype=x.dtype, device=x.device,
+                                    scale=1.0)).name
     with torch.no_grad():
         t_na, t_swin = timeit(lambda: na(x)), timeit(lambda: swin(x))
         t_na = min(t_na, timeit(lambda: na(x)))
-    print(f"\nmodel, 56x56x128 (4 heads), forward: NeighborhoodAttention2D k7 {t_na * 1e3:.2f} ms, "
+    print(f"\nmodel, 56x56x128 (4 heads), forward: NeighborhoodAttention2D k7 ({chosen}) {t_na * 1e3:.2f} ms, "
           f"Swin 7x7 windows + SDPA {t_swin * 1e3:.2f} ms, ratio {t_na / t_swin:.2f}x (target <= 1.3x)")
 
 
-def compile_cost() -> None:
-    """First call in a fresh process: cold numba cache vs warm cache."""
+def compile_cost(backend: str) -> None:
+    """First call in a fresh process with an empty kernel cache vs a filled one."""
     import tempfile
 
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         import time, torch
         t0 = time.perf_counter()
         from visattn import na2d
         q = torch.randn(1, 8, 8, 2, 8, requires_grad=True)
-        na2d(q, q, q, 3, backend="cpu").sum().backward()
+        na2d(q, q, q, 3, backend="{backend}").sum().backward()
         t1 = time.perf_counter()
-        na2d(q, q, q, 3, backend="cpu").sum().backward()
-        print(f"{t1 - t0:.2f} {time.perf_counter() - t1:.4f}")
+        na2d(q, q, q, 3, backend="{backend}").sum().backward()
+        print(f"{{t1 - t0:.2f}} {{time.perf_counter() - t1:.4f}}")
     """)
     with tempfile.TemporaryDirectory() as d:
-        env = {**os.environ, "NUMBA_CACHE_DIR": d}
+        env = {**os.environ, "NUMBA_CACHE_DIR": d, "VISATTN_CACHE_DIR": d}
         for label in ("cold cache", "warm cache"):
             r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             first, second = r.stdout.split() if r.returncode == 0 else ("?", "?")
-            print(f"compile, float32 forward+backward, {label}: first call {first} s, next call {second} s")
+            print(f"compile, {backend}, float32 forward+backward, {label}: first call {first} s (incl. imports), "
+                  f"next call {second} s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag in ("flex", "natten", "compile", "memory", "model", "all"):
         ap.add_argument(f"--{flag}", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="torch (and so numba) threads")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (the kernels follow them)")
+    ap.add_argument("--backends", nargs="+", default=["cpu_c", "cpu"], help="fused backends to time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from visattn.backends import why_not
+
+    fused = [b for b in args.backends if why_not(b) is None]
+    for b in set(args.backends) - set(fused):
+        print(f"skipping {b}: {why_not(b)}")
     peak = matmul_peak()
     print(f"torch threads {torch.get_num_threads()}, fp32 matmul peak {peak:.0f} GFLOP/s (measured now)")
-    print(f"{'case':<32}{'cpu fwd':>10}{'GF/s':>7}{'torch fwd':>11}{'x':>6}{'cpu f+b':>10}{'GF/s':>7}"
+    print(f"{'case':<32}{'backend':>8}{'fwd':>10}{'GF/s':>7}{'torch fwd':>11}{'x':>6}{'f+b':>10}{'GF/s':>7}"
           f"{'torch f+b':>11}{'x':>6}")
+    default_fwd = {}
     for c in CASES:
         f = c.flops()
-        cf, tf = run_na(c, "cpu", False), run_na(c, "torch", False)
-        cb, tb = run_na(c, "cpu", True), run_na(c, "torch", True)
-        print(f"{c.name:<32}{cf * 1e3:>8.2f}ms{f / cf / 1e9:>7.1f}{tf * 1e3:>9.2f}ms{tf / cf:>6.1f}"
-              f"{cb * 1e3:>8.2f}ms{3 * f / cb / 1e9:>7.1f}{tb * 1e3:>9.2f}ms{tb / cb:>6.1f}")
-        if c is CASES[0]:
-            default_fwd = cf
+        tf, tb = run_na(c, "torch", False), run_na(c, "torch", True)
+        for b in fused:
+            cf, cb = run_na(c, b, False), run_na(c, b, True)
+            print(f"{c.name:<32}{b:>8}{cf * 1e3:>8.2f}ms{f / cf / 1e9:>7.1f}{tf * 1e3:>9.2f}ms{tf / cf:>6.1f}"
+                  f"{cb * 1e3:>8.2f}ms{3 * f / cb / 1e9:>7.1f}{tb * 1e3:>9.2f}ms{tb / cb:>6.1f}")
+            if c is CASES[0]:
+                default_fwd[b] = cf
+
+    def ours(t: float) -> str:
+        return ", ".join(f"{b} is {t / x:.1f}x faster" for b, x in default_fwd.items())
+
     if args.flex or args.all:
         t = flex_forward(CASES[0])
-        print(f"\ncompiled FlexAttention, default case: " + ("unavailable" if t is None else
-              f"{t * 1e3:.2f} ms, cpu backend is {t / default_fwd:.1f}x faster"))
+        print("\ncompiled FlexAttention, default case: " + ("unavailable" if t is None else
+              f"{t * 1e3:.2f} ms, " + ours(t)))
     if args.natten or args.all:
         t = natten_forward(CASES[0])
-        print(f"NATTEN, default case: " + ("not installed" if t is None else
-              f"{t * 1e3:.1f} ms, cpu backend is {t / default_fwd:.0f}x faster"))
-    if args.memory or args.all:
-        memory_check()
+        print("NATTEN, default case: " + ("not installed" if t is None else
+              f"{t * 1e3:.1f} ms, " + ours(t)))
+    for b in fused:
+        if args.memory or args.all:
+            memory_check(b)
+        if args.compile or args.all:
+            compile_cost(b)
     if args.model or args.all:
         model_check()
-    if args.compile or args.all:
-        compile_cost()
 
 
 if __name__ == "__main__":

@@ -405,25 +405,37 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
  * rpb - lse(query) where key i is in the query's window, NEG elsewhere; dl is the query's delta. */
 static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_t y1, const int64_t y2[2],
                          int64_t h) {
-    const int64_t cap = S->cap, *rof2 = A->rof + 2 * A->lmax;
+    const int64_t cap = S->cap, *rof2 = A->rof + 2 * A->lmax, *col = S->col;
     const int64_t ulo = TAB(A->qlo, 2, y2[0]), nu = TAB(A->qhi, 2, y2[1]) - ulo + 1, nub = round8(nu);
+    const float *lse = A->lse, *delta = A->delta;
+    const int8_t *in0 = S->in, *in1 = S->in + cap;
     axis2_template(A, S, ulo, nu, nub, A->H, h, y2, 1);
     int64_t n = 0;
     for (int64_t x0 = TAB(A->qlo, 0, y0); x0 <= TAB(A->qhi, 0, y0); x0++) {
         for (int64_t x1 = TAB(A->qlo, 1, y1); x1 <= TAB(A->qhi, 1, y1); x1++, n += nub) {
             const int64_t base = ((b * A->L0 + TAB(A->pos, 0, x0)) * A->L1 + TAB(A->pos, 1, x1)) * A->L2 * A->H;
-            const int64_t r01 = ((h * A->R0 + y0 - TAB(A->rof, 0, x0)) * A->R1 + y1 - TAB(A->rof, 1, x1)) * A->R2;
             CHECK(0 <= x0 && x0 < A->L0 && 0 <= x1 && x1 < A->L1 && n + nub <= S->cap);
+            int64_t *rows = S->row + n;
+            float *dl = S->dl + n, *bias0 = S->bias + n, *bias1 = S->bias + cap + n;
             for (int64_t u = 0; u < nub; u++) {
-                const int64_t row = base + S->col[u];
+                const int64_t row = base + col[u];
                 CHECK(0 <= row && row < A->B * A->L0 * A->L1 * A->L2 * A->H);
-                S->row[n + u] = row;
-                S->dl[n + u] = A->delta[row];
-                for (int i = 0; i < 2; i++) {
-                    CHECK(!(A->rpb && S->in[i * cap + u]) ||
-                          (0 <= r01 + y2[i] - rof2[S->a2[u]] && r01 + y2[i] - rof2[S->a2[u]] < A->H * A->R0 * A->R1 * A->R2));
-                    const float rpb = A->rpb && S->in[i * cap + u] ? A->rpb[r01 + y2[i] - rof2[S->a2[u]]] : 0.0f;
-                    S->bias[i * cap + n + u] = S->in[i * cap + u] ? rpb - A->lse[row] : NEG;
+                const float nl = -lse[row];
+                rows[u] = row;
+                dl[u] = delta[row];
+                bias0[u] = in0[u] ? nl : NEG;
+                bias1[u] = in1[u] ? nl : NEG;
+            }
+            if (!A->rpb) continue;
+            const int64_t r01 = ((h * A->R0 + y0 - TAB(A->rof, 0, x0)) * A->R1 + y1 - TAB(A->rof, 1, x1)) * A->R2;
+            for (int i = 0; i < 2; i++) {
+                const int8_t *in = S->in + i * cap;
+                float *bias = S->bias + i * cap + n;
+                for (int64_t u = 0; u < nub; u++) {
+                    if (!in[u]) continue;
+                    const int64_t ri = r01 + y2[i] - rof2[S->a2[u]];
+                    CHECK(0 <= ri && ri < A->H * A->R0 * A->R1 * A->R2);
+                    bias[u] += A->rpb[ri];
                 }
             }
         }
