@@ -16,7 +16,8 @@ for that CPU (``-march=native``), and loaded with :mod:`ctypes`:
 Without a C compiler this backend reports itself unavailable (``visattn info`` says why) and CPU
 calls go to the numba ``cpu`` backend, then to the portable ``torch`` one. It serves float32 (half
 inputs computed in float32; float64 stays with ``cpu``) with head dims that are multiples of 8.
-Threads follow ``torch.get_num_threads()``; ctypes releases the GIL during the call.
+Threads follow ``torch.get_num_threads()``, on torch's own OpenMP pool where it can be found (see
+:func:`_build`); ctypes releases the GIL during the call.
 """
 
 from __future__ import annotations
@@ -84,14 +85,28 @@ def _cpu_model() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+def _torch_openmp() -> Optional[Path]:
+    """The GNU OpenMP runtime PyTorch loaded (Linux wheels bundle ``torch/lib/libgomp*.so*``), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return found[0] if found else None
+
+
 def _build(cc: str) -> Path:
-    """Compile the kernel for this CPU (or find it in the cache); returns the shared library's path."""
+    """Compile the kernel for this CPU (or find it in the cache); returns the shared library's path.
+
+    With PyTorch's own libgomp found, the kernel is compiled with ``-fopenmp`` and linked against
+    that very file (its soname matches the copy torch already loaded, so the loader reuses it): the
+    kernel then runs on torch's thread pool. Otherwise it starts its own pthreads.
+    """
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     flags = [*_FLAGS, "-march=native" if platform.machine().lower() in ("x86_64", "amd64", "i686") else "-mcpu=native"]
     if os.environ.get("VISATTN_CPU_C_BOUNDS_CHECK") == "1":  # every index checked; aborts on a violation
         flags.append("-DNA_BOUNDS_CHECK")
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), version, _cpu_model(),
-                                    sys.platform]).encode()).hexdigest()[:20]
+    gomp = _torch_openmp()
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), version, _cpu_model(), sys.platform,
+                                    str(gomp)]).encode()).hexdigest()[:20]
     suffix = ".dll" if sys.platform == "win32" else ".so"
     target = _cache_dir() / f"na_cpu-{key}{suffix}"
     if target.exists():
@@ -100,15 +115,22 @@ def _build(cc: str) -> Path:
     # Compile next to the target and rename: concurrent processes never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=suffix, dir=target.parent)
     os.close(fd)
+    obj = tmp + ".o"
     try:
-        cmd = [cc, *flags, str(_SOURCE), "-o", tmp, "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()[-2000:]}")
+        if gomp is not None:  # compile with OpenMP, link torch's runtime by path (not the system -lgomp)
+            steps = [[cc, *flags, "-fopenmp", "-c", str(_SOURCE), "-o", obj],
+                     [cc, *flags, obj, str(gomp), f"-Wl,-rpath,{gomp.parent}", "-o", tmp, "-lm"]]
+        else:
+            steps = [[cc, *flags, str(_SOURCE), "-o", tmp, "-lm"]]
+        for cmd in steps:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return target
 
 

@@ -22,6 +22,9 @@
  * Head dims must be multiples of 8 (the Python side checks).
  */
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -504,12 +507,27 @@ static void *run_job(void *arg) {
 }
 
 /* pass 0: forward (out, lse); 1: dQ pass (dq, delta, drpb); 2: dK/dV pass (needs delta from pass 1).
- * Returns 0, or 1 when scratch memory could not be allocated. */
+ * Returns 0, or 1 when scratch memory could not be allocated.
+ *
+ * Threads: built with -fopenmp against the libgomp that PyTorch itself loaded, the work runs on
+ * PyTorch's own OpenMP pool, whose workers are usually still spinning after the previous torch op
+ * (a Linear, a copy): a separate pool would share the cores with them for the next ~ms (measured:
+ * 2.4 ms lost per call at 56x56). Otherwise, one pthread per share. */
 int na_run(const na_args *A, int pass) {
     const int64_t heads = pass == 2 ? A->Hk : A->H;
     const int64_t items = A->B * A->L0 * A->L1 * ((A->L2 + 1) / 2) * heads;
     /* drpb has one slice per thread: the caller allocates A->nthreads slices, in [1, MAX_THREADS] */
     const int nt = A->nthreads < 1 ? 1 : A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads;
+#ifdef _OPENMP
+    int status = 0;
+#pragma omp parallel num_threads(nt) reduction(| : status)
+    {
+        job J = {A, pass, omp_get_thread_num(), omp_get_num_threads(), items, 0};
+        run_job(&J);
+        status |= J.status;
+    }
+    return status;
+#else
     job jobs[MAX_THREADS];
     pthread_t threads[MAX_THREADS];
     for (int t = 0; t < nt; t++) jobs[t] = (job){A, pass, t, nt, items, 0};
@@ -524,4 +542,5 @@ int na_run(const na_args *A, int pass) {
         status |= jobs[t].status;
     }
     return status;
+#endif
 }
