@@ -133,3 +133,24 @@ def takes_float64(backend: str) -> bool:
     p = Problem(spec=make_spec("t", (4,), 3), batch=1, heads=1, heads_kv=1, dim=8, dim_v=8, dtype=torch.float64,
                 device=torch.device("cpu"), scale=1.0)
     return why_not(backend, p) is None
+
+
+def assert_concurrent_calls_identical(backend: str, q: torch.Tensor) -> None:
+    """Three Python threads calling ``backend`` five times each get the single-threaded result."""
+    import threading
+
+    from visattn import neighborhood_attention
+
+    want = neighborhood_attention(q, q, q, 3, backend=backend)
+    got: list[torch.Tensor] = []
+
+    def work() -> None:
+        for _ in range(5):
+            got.append(neighborhood_attention(q, q, q, 3, backend=backend))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 15 and all(torch.equal(g, want) for g in got)

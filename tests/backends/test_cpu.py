@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from brute import assert_concurrent_calls_identical
 from cases import Case
 from oracle import GRAD_TOL, TOL, oracle
 from visattn import NeighborhoodAttention2D, neighborhood_attention
@@ -194,19 +195,4 @@ def test_small_sweep_with_bounds_checking(tmp_path, request) -> None:
 def test_concurrent_callers_get_identical_results() -> None:
     """Python threads may call the op at once (e.g. a server); launches are serialized, results
     stay deterministic."""
-    import threading
-
-    q = torch.randn(1, 10, 9, 2, 8, dtype=torch.float64)
-    want = neighborhood_attention(q, q, q, 3, backend="cpu")
-    got: list[torch.Tensor] = []
-
-    def work() -> None:
-        for _ in range(5):
-            got.append(neighborhood_attention(q, q, q, 3, backend="cpu"))
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(got) == 15 and all(torch.equal(g, want) for g in got)
+    assert_concurrent_calls_identical("cpu", torch.randn(1, 10, 9, 2, 8, dtype=torch.float64))

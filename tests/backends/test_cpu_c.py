@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 import torch
 
-from visattn import na1d, na2d, na3d, neighborhood_attention
+from brute import assert_concurrent_calls_identical
+
+from visattn import na1d, na2d, na3d
 from visattn.backends import Problem, cpu_c, select_backend, why_not
 from visattn.spec import make_spec
 
@@ -136,20 +137,7 @@ def test_results_do_not_depend_on_thread_count() -> None:
 def test_concurrent_callers_get_identical_results() -> None:
     """The kernel keeps no global state (scratch is per call and thread), so Python threads may
     call it at once."""
-    q = torch.randn(1, 12, 10, 2, 16)
-    want = neighborhood_attention(q, q, q, 3, backend="cpu_c")
-    got: list[torch.Tensor] = []
-
-    def work() -> None:
-        for _ in range(5):
-            got.append(neighborhood_attention(q, q, q, 3, backend="cpu_c"))
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(got) == 15 and all(torch.equal(g, want) for g in got)
+    assert_concurrent_calls_identical("cpu_c", torch.randn(1, 12, 10, 2, 16))
 
 
 def _problem(**kw) -> Problem:

@@ -37,8 +37,8 @@ from typing import Optional
 import torch
 
 from ..spec import NASpec
-from .base import Backend, Extras, Problem, Result, refuse_unfused_features
-from .cpu_common import rank3, tables
+from .base import Backend, Extras, Problem, Result
+from .cpu_common import rank3, refuse_cpu, tables
 
 _SOURCE = Path(__file__).with_name("csrc") / "na_cpu.c"
 _FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
@@ -231,13 +231,10 @@ class CpuCBackend(Backend):
         return _library()[1]
 
     def refuse(self, p: Problem) -> Optional[str]:
-        if p.device.type != "cpu":
-            return f"tensors are on {p.device}, this backend runs on CPU tensors only"
-        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"dtype {p.dtype} is not supported (float32; half types computed in float32; float64 uses `cpu`)"
         if p.dim % _VEC or p.dim_v % _VEC:
             return f"head dims ({p.dim}, {p.dim_v}) must be multiples of {_VEC} (the kernel's vector width)"
-        return refuse_unfused_features(p)
+        return refuse_cpu(p, (torch.float32, torch.float16, torch.bfloat16),
+                          "float32; half types computed in float32; float64 uses `cpu`")
 
     def priority(self, p: Problem) -> float:
         return 20.0 if p.spec.window_size <= _MAX_WINDOW else -1.0

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..spec import NASpec, axis_windows
-from .base import Extras, Problem, lse_dtype
+from .base import Extras, Problem, lse_dtype, refuse_unfused_features
 
 
 @lru_cache(maxsize=256)
@@ -69,3 +69,13 @@ def rank3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras:
     if extras.rpb is not None:
         rpb = extras.rpb.to(cdt).reshape(p.heads, *((1,) * (3 - r)), *extras.rpb.shape[1:])
     return q3, k3, v3, rpb
+
+
+def refuse_cpu(p: Problem, dtypes: tuple, dtype_rule: str) -> Optional[str]:
+    """The fused CPU backends' shared refusal: CPU tensors, one of ``dtypes`` (``dtype_rule`` says
+    which and why), no per-pair features."""
+    if p.device.type != "cpu":
+        return f"tensors are on {p.device}, this backend runs on CPU tensors only"
+    if p.dtype not in dtypes:
+        return f"dtype {p.dtype} is not supported ({dtype_rule})"
+    return refuse_unfused_features(p)

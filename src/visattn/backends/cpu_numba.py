@@ -9,7 +9,7 @@ serves CPU calls.
 
 The wrapper only views the tensors as rank 3 (leading axes of length 1), casts half inputs to
 float32, and derives small per-axis tables (key runs, their inverse, the group-major order that
-removes dilation from the loops) from :func:`visattn.spec.axis_windows`; see
+removes dilation from the loops; :mod:`visattn.backends.cpu_common`, shared with ``cpu_c``); see
 :mod:`visattn.backends.cpu_kernels`. No tensor is permuted or padded.
 """
 
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from ..spec import NASpec
-from .base import Backend, Extras, Problem, Result, refuse_unfused_features
-from .cpu_common import rank3, rows, tables
+from .base import Backend, Extras, Problem, Result
+from .cpu_common import rank3, refuse_cpu, rows, tables
 
 _MISSING = "numba is not installed (pip install 'visattn[cpu]'); CPU calls use the portable torch backend"
 
@@ -138,11 +138,8 @@ class CpuBackend(Backend):
         return _numba_missing()
 
     def refuse(self, p: Problem) -> Optional[str]:
-        if p.device.type != "cpu":
-            return f"tensors are on {p.device}, this backend runs on CPU tensors only"
-        if p.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            return f"dtype {p.dtype} is not supported (float32/float64, half types computed in float32)"
-        return refuse_unfused_features(p)
+        return refuse_cpu(p, (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                          "float32/float64, half types computed in float32")
 
     def priority(self, p: Problem) -> float:
         # The kernels cost a fixed time per (query, key) pair; the torch backend's GEMMs get more
