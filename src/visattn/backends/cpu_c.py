@@ -170,6 +170,11 @@ def _run(args: _Args, pass_: int) -> None:
         raise MemoryError("cpu_c: the kernel could not allocate its per-thread scratch memory")
 
 
+def _threads() -> int:
+    """torch's thread count, within what the kernel supports (one bias-gradient slice each)."""
+    return min(max(1, torch.get_num_threads()), _MAX_THREADS)
+
+
 def _args(q, k, v, rpb, spec: NASpec, scale: float, **tensors) -> tuple[_Args, list]:
     """The kernel's argument struct for rank-3 tensors; also returns what must stay alive during the call."""
     tabs = [torch.from_numpy(t) for t in tables(spec)]  # pos, lo, hi, rof, qlo, qhi: int64 [3, Lmax]
@@ -178,7 +183,7 @@ def _args(q, k, v, rpb, spec: NASpec, scale: float, **tensors) -> tuple[_Args, l
     R = rpb.shape[1:] if rpb is not None else (1, 1, 1)
     a = _Args(*[_ptr(t) for t in (q, k, v, rpb, *tabs)], tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv, *R, scale,
               *[_ptr(tensors.get(n)) for n in ("out", "lse", "dout", "dlse", "delta", "dq", "dk", "dv", "drpb")],
-              min(max(1, torch.get_num_threads()), _MAX_THREADS))
+              _threads())
     return a, tabs
 
 
@@ -206,12 +211,10 @@ class _NAFunction(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout.float().contiguous()
         dlse = dlse.float().contiguous() if dlse is not None else None
         dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
-        nthreads = min(max(1, torch.get_num_threads()), _MAX_THREADS)
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
-        drpb = torch.zeros(nthreads, *rpb.shape) if rpb is not None else None
+        drpb = torch.zeros(_threads(), *rpb.shape) if rpb is not None else None
         args, keep = _args(q, k, v, rpb, spec, scale, out=out, lse=lse, dout=dout, dlse=dlse, delta=delta, dq=dq,
                            dk=dk, dv=dv, drpb=drpb)
-        args.nthreads = nthreads
         _run(args, 1)  # dQ, delta, drpb
         _run(args, 2)  # dK, dV (reads delta)
         return dq, dk, dv, (drpb.sum(0) if drpb is not None else None), None, None

@@ -58,7 +58,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #define W 8            /* floats per vector */
 #define NEG (-1e30f)    /* bias of a pair outside the window (finite: no inf arithmetic anywhere) */
 #define MAX_THREADS 256
-#define PREFETCH 8     /* rows ahead in the value update */
 
 static inline v8f ld(const float *p) { return *(const v8fu *)p; }
 static inline void st(float *p, v8f x) { *(v8fu *)p = x; }
@@ -108,9 +107,6 @@ static void scores2(const float *a0, const float *a1, const float *B, const int6
     for (int64_t j = 0; j < n; j += W) {
         const float *bp[W];
         for (int t = 0; t < W; t++) bp[t] = B + row[j + t] * dim;
-        if (j + W < n) /* the next block's rows: usually the next key row, an L1 miss otherwise */
-            for (int t = 0; t < W; t++)
-                for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(B + row[j + W + t] * dim + d);
         v8f c0[W], c1[W];
         for (int t = 0; t < W; t++) c0[t] = c1[t] = bc(0.0f);
         for (int64_t d = 0; d < dim; d += W) {
@@ -139,8 +135,6 @@ static inline __attribute__((always_inline)) void accum_block(const int NC, cons
     for (int t = 0; t < NC; t++) a0[t] = a1[t] = bc(0.0f);
     for (int64_t j = 0; j < n; j++) {
         const float *bp = B + row[j] * dim + c;
-        if (j + PREFETCH < n)
-            for (int t = 0; t < NC; t += 2) __builtin_prefetch(B + row[j + PREFETCH] * dim + c + W * t);
         v8f p0 = bc(w0[j]), p1 = bc(w1[j]);
         for (int t = 0; t < NC; t++) {
             v8f y = ld(bp + W * t);
@@ -195,18 +189,17 @@ typedef struct {
 static int64_t max_slots(const na_args *A, const int64_t *lo, const int64_t *hi) {
     const int64_t L[3] = {A->L0, A->L1, A->L2};
     int64_t n = 1;
-    for (int a = 0; a < 2; a++) {
+    for (int a = 0; a < 3; a++) {
+        const int64_t *l = lo + a * A->lmax, *h = hi + a * A->lmax;
         int64_t m = 1;
-        for (int64_t i = 0; i < L[a]; i++) m = hi[a * A->lmax + i] - lo[a * A->lmax + i] + 1 > m ? hi[a * A->lmax + i] - lo[a * A->lmax + i] + 1 : m;
-        n *= m;
+        for (int64_t i = 0; i < L[a]; i++) {
+            /* axis 2: the union of the runs of i and i + 1 */
+            const int64_t j = a == 2 && i + 1 < L[a] ? i + 1 : i, run = h[j] - l[i] + 1;
+            m = run > m ? run : m;
+        }
+        n *= a == 2 ? round8(m) : m;
     }
-    int64_t m = 1;
-    for (int64_t i = 0; i < L[2]; i++) {
-        int64_t j = i + 1 < L[2] ? i + 1 : i;
-        int64_t u = hi[2 * A->lmax + j] - lo[2 * A->lmax + i] + 1;
-        m = u > m ? u : m;
-    }
-    return n * round8(m);
+    return n;
 }
 
 typedef struct {
