@@ -1,4 +1,5 @@
 """The fused C ``cpu_c`` backend beyond the shared parity sweep (which runs it automatically):
+both backward paths (fused, two-pass) over the sweep, the race-freedom of the fused path's chunks,
 a bounds-checked build over the sweep, vector-width edge cases, thread-count independence,
 concurrent callers, and how the package behaves without a compiler or with a broken one."""
 
@@ -13,10 +14,13 @@ import pytest
 import torch
 
 from brute import assert_concurrent_calls_identical
+from cases import CASES
+from test_parity import run_parity
 
 from visattn import na1d, na2d, na3d
 from visattn.backends import Problem, cpu_c, select_backend, why_not
-from visattn.spec import make_spec
+from visattn.backends.cpu_common import colour_chunks
+from visattn.spec import make_spec, neighbor_table
 
 pytestmark = pytest.mark.skipif(why_not("cpu_c") is not None, reason=f"cpu_c unusable here: {why_not('cpu_c')}")
 
@@ -39,27 +43,94 @@ def _grads(fn, q, k, v, backend, rpb=None, **kw):
     return [out, lse, *torch.autograd.grad(loss, ts)]
 
 
+BACKWARD_PATHS = {"fused": 0, "two-pass": 10 ** 9}  # _FUSED_MIN_UNITS forcing each path
+
+
+@pytest.fixture(params=list(BACKWARD_PATHS))
+def backward_path(request, monkeypatch) -> str:
+    """Run the test once with each backward path forced, whatever the geometry would choose."""
+    monkeypatch.setattr(cpu_c, "_FUSED_MIN_UNITS", BACKWARD_PATHS[request.param])
+    return request.param
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_each_backward_path_matches_the_oracle(case, backward_path) -> None:
+    """The shared sweep picks a path per geometry (small cases take the two-pass one): here every
+    case runs through both, in float32, forward and backward."""
+    run_parity("cpu_c", case, torch.float32)
+
+
+def test_the_default_problem_takes_the_fused_backward() -> None:
+    spec = make_spec("na2d", (56, 56), 7)
+    assert cpu_c._fused_plan(spec, batch=1, heads_kv=4) is not None
+    assert cpu_c._fused_plan(make_spec("na2d", (9, 9), 7), batch=1, heads_kv=2) is None  # one chunk, 2 units
+
+
+def _axis_sees(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> torch.Tensor:
+    """[query, key] bool along one axis, from the spec's explicit neighbourhoods (not the kernel's tables)."""
+    index, valid, _ = neighbor_table(make_spec("axis", (length,), kernel, stride, dilation, causal))
+    sees = torch.zeros(length, length, dtype=torch.bool)
+    rows = torch.arange(length)[:, None].expand_as(index)
+    sees[rows[valid], index[valid]] = True
+    return sees
+
+
+def test_fused_backward_chunks_of_one_colour_never_share_a_query() -> None:
+    """The fused backward's race-freedom: run c and run c + 2 of the split axis (indices in
+    dilation-group-major order, pairs on the last axis) are seen by disjoint sets of queries, so the
+    units of one colour write disjoint dQ rows. Checked against the explicit neighbourhoods over
+    random geometries (kernel, stride, dilation, causal per axis; ranks 1-3)."""
+    g = torch.Generator().manual_seed(0)
+    rint = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    for _ in range(300):
+        rank = rint(1, 3)
+        axes = []
+        for _ in range(rank):
+            dil = rint(1, 3)
+            length = rint(dil, 30)
+            kernel = rint(1, length // dil)
+            axes.append((length, kernel, rint(1, kernel), dil, bool(rint(0, 1))))
+        spec = make_spec("t", *zip(*axes))
+        axis, chunk, count = colour_chunks(spec)
+        shape = (1,) * (3 - rank) + spec.spatial
+        if shape[axis] == 1:
+            assert count == 1
+            continue
+        length, kernel, stride, dil, causal = axes[axis - (3 - rank)]
+        order = sorted(range(length), key=lambda c: (c % dil, c // dil))  # group-major index -> coordinate
+        per_unit = 2 if axis == 2 else 1
+        sees = _axis_sees(length, kernel, stride, dil, causal)
+        runs = [order[i * chunk * per_unit:(i + 1) * chunk * per_unit] for i in range(count)]
+        assert sum(map(len, runs)) == length
+        seen_by = [sees[:, run].any(1) for run in runs]  # queries seeing each run
+        for c in range(count - 2):
+            assert not (seen_by[c] & seen_by[c + 2]).any(), (axes, axis, chunk, c)
+
+
 def test_bounds_checked_build_runs_the_sweep(tmp_path) -> None:
     """The kernel built with every index checked (an out-of-bounds index aborts the process) runs the
-    whole parity sweep in float32, plus bias-table cases, in a subprocess."""
+    whole parity sweep in float32 through both backward paths, plus bias-table cases, in a subprocess."""
     res = _subprocess("""
         import torch
         from cases import CASES
         from test_parity import run_parity
         from visattn import na2d, na3d
-        for case in CASES:
-            try:
-                run_parity("cpu_c", case, torch.float32)
-            except BaseException as e:
-                if type(e).__name__ != "Skipped":
-                    raise
-        for fn, shape, kw, table in [
-                (na2d, (1, 9, 10, 2, 16), dict(kernel_size=(5, 4), dilation=(1, 2), stride=(2, 1)), (2, 9, 7)),
-                (na3d, (1, 5, 6, 7, 2, 8), dict(kernel_size=3, is_causal=(True, False, True)), (2, 5, 5, 5))]:
-            q = torch.randn(shape, requires_grad=True)
-            rpb = torch.randn(table, requires_grad=True)
-            out = fn(q, q, q, **kw, rpb=rpb, backend="cpu_c")
-            out.sum().backward()
+        from visattn.backends import cpu_c
+        for min_units in (0, 10 ** 9):  # fused backward, then two-pass
+            cpu_c._FUSED_MIN_UNITS = min_units
+            for case in CASES:
+                try:
+                    run_parity("cpu_c", case, torch.float32)
+                except BaseException as e:
+                    if type(e).__name__ != "Skipped":
+                        raise
+            for fn, shape, kw, table in [
+                    (na2d, (1, 9, 10, 2, 16), dict(kernel_size=(5, 4), dilation=(1, 2), stride=(2, 1)), (2, 9, 7)),
+                    (na3d, (1, 5, 6, 7, 2, 8), dict(kernel_size=3, is_causal=(True, False, True)), (2, 5, 5, 5))]:
+                q = torch.randn(shape, requires_grad=True)
+                rpb = torch.randn(table, requires_grad=True)
+                out = fn(q, q, q, **kw, rpb=rpb, backend="cpu_c")
+                out.sum().backward()
         print("ok")
     """, VISATTN_CPU_C_BOUNDS_CHECK="1", VISATTN_CACHE_DIR=str(tmp_path))
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
@@ -105,7 +176,7 @@ def test_head_dims_hit_every_value_block(dims) -> None:
     (na2d, (1, 5, 1, 2, 8), dict(kernel_size=(3, 1))),               # last axis of length 1
     (na3d, (1, 3, 4, 5, 4, 8), dict(kernel_size=(3, 3, 5), stride=(1, 2, 3), dilation=(1, 2, 1))),
 ], ids=["single-token", "1d-causal-63", "last-axis-1", "3d-stride-dilation"])
-def test_edge_geometries_match_reference(fn, shape, kw) -> None:
+def test_edge_geometries_match_reference(fn, shape, kw, backward_path) -> None:
     torch.manual_seed(1)
     q, k, v = (torch.randn(shape) for _ in range(3))
     rpb = torch.randn(shape[-2], *[2 * x - 1 for x in make_spec("t", shape[1:-2], kw["kernel_size"]).kernel_size])
@@ -115,9 +186,10 @@ def test_edge_geometries_match_reference(fn, shape, kw) -> None:
         torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5)
 
 
-def test_results_do_not_depend_on_thread_count() -> None:
-    """Work is split by rows, never by reductions: out, LSE, dQ, dK and dV are bitwise the same for
-    1 and 3 threads (the bias-table gradient sums per-thread slices, so it is only close)."""
+def test_results_do_not_depend_on_thread_count(backward_path) -> None:
+    """Work is split by rows, never by reductions, and the fused backward's dQ rows sum their terms
+    in chunk order: out, LSE, dQ, dK and dV are bitwise the same for 1 and 3 threads (the bias-table
+    gradient sums per-thread slices, so it is only close)."""
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 11, 13, 3, 16) for _ in range(3))
     rpb = torch.randn(3, 9, 9)

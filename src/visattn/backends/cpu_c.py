@@ -38,7 +38,7 @@ import torch
 
 from ..spec import NASpec
 from .base import Backend, Extras, Problem, Result
-from .cpu_common import rank3, refuse_cpu, tables
+from .cpu_common import colour_chunks, rank3, refuse_cpu, tables
 
 _SOURCE = Path(__file__).with_name("csrc") / "na_cpu.c"
 _FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
@@ -49,6 +49,8 @@ _VEC = 8
 #: As in the numba backend: above this many keys per query the torch backend's GEMMs win.
 _MAX_WINDOW = 512
 _MAX_THREADS = 256  # MAX_THREADS in na_cpu.c
+#: Fewest parallel units per colour for the fused backward (see :func:`_fused_plan`).
+_FUSED_MIN_UNITS = 8
 
 
 class _Args(ctypes.Structure):
@@ -58,6 +60,7 @@ class _Args(ctypes.Structure):
                 + [(n, ctypes.c_int64) for n in ("lmax", "B", "L0", "L1", "L2", "H", "Hk", "D", "Dv", "R0", "R1", "R2")]
                 + [("scale", ctypes.c_float)]
                 + [(n, ctypes.c_void_p) for n in ("out", "lse", "dout", "dlse", "delta", "dq", "dk", "dv", "drpb")]
+                + [(n, ctypes.c_int64) for n in ("split", "chunk")]
                 + [("nthreads", ctypes.c_int)])
 
 
@@ -166,8 +169,10 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 def _run(args: _Args, pass_: int) -> None:
     lib, err = _library()
     assert lib is not None, err
-    if lib.na_run(ctypes.byref(args), pass_) != 0:
+    status = lib.na_run(ctypes.byref(args), pass_)
+    if status == 1:
         raise MemoryError("cpu_c: the kernel could not allocate its per-thread scratch memory")
+    assert status == 0, f"cpu_c: na_run(pass={pass_}) returned {status}"
 
 
 def _threads() -> int:
@@ -175,16 +180,31 @@ def _threads() -> int:
     return min(max(1, torch.get_num_threads()), _MAX_THREADS)
 
 
-def _args(q, k, v, rpb, spec: NASpec, scale: float, **tensors) -> tuple[_Args, list]:
-    """The kernel's argument struct for rank-3 tensors; also returns what must stay alive during the call."""
+def _args(q, k, v, rpb, spec: NASpec, scale: float, split: tuple[int, int] = (0, 0),
+          **tensors) -> tuple[_Args, list]:
+    """The kernel's argument struct for rank-3 tensors (``split``: the fused backward's axis and chunk
+    length); also returns what must stay alive during the call."""
     tabs = [torch.from_numpy(t) for t in tables(spec)]  # pos, lo, hi, rof, qlo, qhi: int64 [3, Lmax]
     B, L0, L1, L2, H, D = q.shape
     Hk, Dv = k.shape[4], v.shape[5]
     R = rpb.shape[1:] if rpb is not None else (1, 1, 1)
     a = _Args(*[_ptr(t) for t in (q, k, v, rpb, *tabs)], tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv, *R, scale,
               *[_ptr(tensors.get(n)) for n in ("out", "lse", "dout", "dlse", "delta", "dq", "dk", "dv", "drpb")],
-              _threads())
+              *split, _threads())
     return a, tabs
+
+
+def _fused_plan(spec: NASpec, batch: int, heads_kv: int) -> Optional[tuple[int, int, int]]:
+    """``(axis, chunk, count)`` of :func:`colour_chunks` when the fused backward is used, else None.
+
+    The fused pass saves the dQ pass's recomputation of S and dP (5 products instead of 7) but runs
+    each colour's ``(batch, chunk, kv head)`` units in parallel: with fewer than ``_FUSED_MIN_UNITS``
+    in a colour, threads would idle and the two-pass backward (parallel over every key pair) wins.
+    The choice depends on the geometry alone, so results never depend on the thread count.
+    """
+    axis, chunk, count = colour_chunks(spec)
+    smaller = max(1, count // 2)  # the odd chunks, unless there is only one chunk
+    return (axis, chunk, count) if batch * heads_kv * smaller >= _FUSED_MIN_UNITS else None
 
 
 class _NAFunction(torch.autograd.Function):
@@ -210,13 +230,19 @@ class _NAFunction(torch.autograd.Function):
         scale, spec = ctx.meta
         dout = torch.zeros_like(out) if dout is None else dout.float().contiguous()
         dlse = dlse.float().contiguous() if dlse is not None else None
-        dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
+        dk, dv, delta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
         drpb = torch.zeros(_threads(), *rpb.shape) if rpb is not None else None
-        args, keep = _args(q, k, v, rpb, spec, scale, out=out, lse=lse, dout=dout, dlse=dlse, delta=delta, dq=dq,
-                           dk=dk, dv=dv, drpb=drpb)
-        _run(args, 1)  # dQ, delta, drpb
-        _run(args, 2)  # dK, dV (reads delta)
+        plan = _fused_plan(spec, q.shape[0], k.shape[4])
+        dq = torch.zeros_like(q) if plan else torch.empty_like(q)
+        args, keep = _args(q, k, v, rpb, spec, scale, plan[:2] if plan else (0, 0), out=out, lse=lse, dout=dout,
+                           dlse=dlse, delta=delta, dq=dq, dk=dk, dv=dv, drpb=drpb)
+        if plan:  # delta; then dQ, dK, dV and drpb from the key side, even chunks then odd ones
+            for pass_ in (3, 4, 5)[: 3 if plan[2] > 1 else 2]:
+                _run(args, pass_)
+        else:
+            _run(args, 1)  # dQ, delta, drpb
+            _run(args, 2)  # dK, dV (reads delta)
         return dq, dk, dv, (drpb.sum(0) if drpb is not None else None), None, None
 
 

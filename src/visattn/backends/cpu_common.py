@@ -53,6 +53,37 @@ def tables(spec: NASpec) -> list[np.ndarray]:
     return stacked
 
 
+@lru_cache(maxsize=64)
+def colour_chunks(spec: NASpec) -> tuple[int, int, int]:
+    """How to split the keys so that a key-centric backward can also scatter dQ without races.
+
+    Returns ``(axis, chunk, count)``: the rank-3 axis cut into ``count`` runs of ``chunk`` indices
+    (pairs of indices on axis 2, the kernels' unit there), the shortest run for which the queries
+    seeing run ``c`` and those seeing run ``c + 2`` are disjoint (queries seeing a key are the run
+    ``qlo..qhi``, monotone in the key). Runs of one parity then write disjoint dQ rows: all even
+    runs go in parallel, then all odd ones. The axis giving the most runs wins.
+    """
+    qlo, qhi = tables(spec)[4:6]
+    shape = (1,) * (3 - spec.rank) + spec.spatial
+    best = (0, shape[0], 1)
+    for a, length in enumerate(shape):
+        if a == 2:  # units are the kernels' key pairs (2i, 2i + 1)
+            first = np.arange(0, length, 2)
+            lo, hi = qlo[2][first], qhi[2][np.minimum(first + 1, length - 1)]
+        else:
+            lo, hi = qlo[a][:length], qhi[a][:length]
+        n = len(lo)
+        for chunk in range(1, n + 1):
+            starts = np.arange(0, n, chunk)
+            # the last query seeing run i (ending at starts[i + 1] - 1) precedes the first seeing run i + 2
+            if np.all(hi[starts[1:-1] - 1] < lo[starts[2:]]):
+                break
+        count = -(-n // chunk)
+        if count > best[2]:
+            best = (a, chunk, count)
+    return best
+
+
 def rows(t: torch.Tensor) -> np.ndarray:
     """``[..., X]`` contiguous tensor as a 2-D numpy array of rows (shares memory)."""
     return t.reshape(-1, t.shape[-1]).numpy()

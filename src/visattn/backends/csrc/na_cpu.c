@@ -179,6 +179,7 @@ typedef struct {
     const float *dout, *dlse;           /* [T*H, Dv], [T*H] or NULL (no gradient into the LSE) */
     float *delta, *dq, *dk, *dv;        /* [T*H], [T*H, D], [T*Hk, D], [T*Hk, Dv] */
     float *drpb;                        /* [nthreads, H*R0*R1*R2]: one slice per thread, summed by the caller */
+    int64_t split, chunk;               /* fused backward: chunks of `chunk` indices (pairs on axis 2) of axis `split` */
     int nthreads;
 } na_args;
 
@@ -254,20 +255,21 @@ static void axis2_template(const na_args *A, scratch *S, int64_t ulo, int64_t nu
     }
 }
 
-/* Slots of the query pair (x2[0], x2[1]) at (b, x0, x1), head h: every key of the union of their
- * windows, key-row by key-row, each row padded to a vector with copies of its last key. Bias is
- * rpb - shift_i inside query i's window, NEG outside; without rpb it is the same on every key row
- * and only one row of it is written (*period = that row's length; with rpb *period = n). ridx is
- * the flat rpb index (-1 outside), kept for the dQ pass's bias gradient. Returns the slot count. */
+/* Slots of the query pair (x2[0], x2[1]) at (b, x0, x1): every key of the union of their windows,
+ * key-row by key-row, each row padded to a vector with copies of its last key. Rows are those of kv
+ * head 0 (kv head hk reads row + hk) and ridx the flat rpb index of head 0 (-1 outside query i's
+ * window), so one slot list serves every head. Without rpb the bias (0 inside query i's window, NEG
+ * outside) is the same on every key row and only one row of it is written (*period = that row's
+ * length); with rpb, head_bias writes it per head (*period = n). Returns the slot count. */
 static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, int64_t x1, const int64_t x2[2],
-                           int64_t h, const float shift[2], int64_t *period) {
-    const int64_t hk = h / (A->H / A->Hk), cap = S->cap;
+                           int64_t *period) {
+    const int64_t cap = S->cap;
     const int64_t ulo = TAB(A->lo, 2, x2[0]), nu = TAB(A->hi, 2, x2[1]) - ulo + 1, nub = round8(nu);
-    axis2_template(A, S, ulo, nu, nub, A->Hk, hk, x2, 0);
+    axis2_template(A, S, ulo, nu, nub, A->Hk, 0, x2, 0);
     const int64_t rof2[2] = {TAB(A->rof, 2, x2[0]), TAB(A->rof, 2, x2[1])};
     if (!A->rpb)
         for (int i = 0; i < 2; i++)
-            for (int64_t u = 0; u < nub; u++) S->bias[i * cap + u] = S->in[i * cap + u] ? -shift[i] : NEG;
+            for (int64_t u = 0; u < nub; u++) S->bias[i * cap + u] = S->in[i * cap + u] ? 0.0f : NEG;
     int64_t n = 0;
     for (int64_t a0 = TAB(A->lo, 0, x0); a0 <= TAB(A->hi, 0, x0); a0++) {
         for (int64_t a1 = TAB(A->lo, 1, x1); a1 <= TAB(A->hi, 1, x1); a1++, n += nub) {
@@ -275,17 +277,16 @@ static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, 
             CHECK(0 <= a0 && a0 < A->L0 && 0 <= a1 && a1 < A->L1 && n + nub <= S->cap);
             for (int64_t u = 0; u < nub; u++) {
                 S->row[n + u] = base + S->col[u];
-                CHECK(0 <= S->row[n + u] && S->row[n + u] < A->B * A->L0 * A->L1 * A->L2 * A->Hk);
+                CHECK(0 <= S->row[n + u] && S->row[n + u] + A->Hk - 1 < A->B * A->L0 * A->L1 * A->L2 * A->Hk);
             }
             if (!A->rpb) continue;
-            const int64_t r01 = ((h * A->R0 + a0 - TAB(A->rof, 0, x0)) * A->R1 + a1 - TAB(A->rof, 1, x1)) * A->R2;
+            const int64_t r01 = ((a0 - TAB(A->rof, 0, x0)) * A->R1 + a1 - TAB(A->rof, 1, x1)) * A->R2;
             for (int i = 0; i < 2; i++) {
                 const int8_t *in = S->in + i * cap;
                 for (int64_t u = 0; u < nub; u++) {
                     const int64_t ri = r01 + S->a2[u] - rof2[i];
-                    CHECK(!in[u] || (0 <= ri && ri < A->H * A->R0 * A->R1 * A->R2));
+                    CHECK(!in[u] || (0 <= ri && ri < A->R0 * A->R1 * A->R2));
                     S->ridx[i * cap + n + u] = in[u] ? (int32_t)ri : -1;
-                    S->bias[i * cap + n + u] = in[u] ? A->rpb[ri] - shift[i] : NEG;
                 }
             }
         }
@@ -294,9 +295,17 @@ static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, 
     return n;
 }
 
-/* Work items: (b, i0, i1, pair of indices along axis 2, head), head fastest: a token's heads are
- * one contiguous record, so consecutive items read whole records (measured 1.25x faster than
- * sliding one head along the row, whose 512-byte strides defeat the prefetchers). */
+/* With rpb: the bias of head h for the n slots of query_slots (rpb of head h inside, NEG outside). */
+static void head_bias(const na_args *A, scratch *S, int64_t n, int64_t h) {
+    const float *rpb = A->rpb + h * A->R0 * A->R1 * A->R2;
+    for (int i = 0; i < 2; i++) {
+        const int32_t *ri = S->ridx + i * S->cap;
+        float *bias = S->bias + i * S->cap;
+        for (int64_t j = 0; j < n; j++) bias[j] = ri[j] >= 0 ? rpb[ri[j]] : NEG;
+    }
+}
+
+/* Work item -> (b, i0, i1, pair of indices along axis 2, head), head fastest (heads = 1: no head). */
 static void unravel(const na_args *A, int64_t item, int64_t heads, int64_t *b, int64_t *i0, int64_t *i1,
                     int64_t i2[2], int64_t *head) {
     const int64_t npair = (A->L2 + 1) / 2;
@@ -317,80 +326,103 @@ static int64_t qrow(const na_args *A, int64_t b, int64_t x0, int64_t x1, int64_t
     return (((b * A->L0 + TAB(A->pos, 0, x0)) * A->L1 + TAB(A->pos, 1, x1)) * A->L2 + TAB(A->pos, 2, x2)) * heads + h;
 }
 
+/* Row-wise softmax of the pair's scores in place (unnormalized: exp(s - max)); returns the LSE of
+ * each row and writes 1 / its sum into inv. */
+static void softmax2(float *s0, float *s1, int64_t n, float lse[2], float inv[2]) {
+    float *s[2] = {s0, s1};
+    for (int i = 0; i < 2; i++) {
+        v8f mv = bc(NEG);
+        for (int64_t j = 0; j < n; j += W) {
+            v8f x = ld(s[i] + j);
+            mv = sel(x > mv, x, mv);
+        }
+        float m = mv[0];
+        for (int t = 1; t < W; t++) m = mv[t] > m ? mv[t] : m;
+        v8f sum = bc(0.0f);
+        for (int64_t j = 0; j < n; j += W) {
+            v8f p = vexp(ld(s[i] + j) - bc(m));
+            st(s[i] + j, p);
+            sum += p;
+        }
+        float l = 0;
+        for (int t = 0; t < W; t++) l += sum[t];
+        lse[i] = m + logf(l);
+        inv[i] = 1.0f / l;
+    }
+}
+
+/* Work items of the query passes: (b, x0, x1, pair along axis 2); each item builds its slots once
+ * and runs every head on them. A token's heads are one contiguous record, so the head loop reads
+ * whole records (sliding one head along a row instead, the 512-byte strides defeated the prefetchers:
+ * measured 1.25x slower). */
 static void forward_items(const na_args *A, scratch *S, int64_t begin, int64_t end) {
-    const int64_t D = A->D, Dv = A->Dv, cap = S->cap;
+    const int64_t D = A->D, Dv = A->Dv, cap = S->cap, G = A->H / A->Hk;
     float *s0 = S->s, *s1 = S->s + cap;
     for (int64_t item = begin; item < end; item++) {
-        int64_t b, x0, x1, x2[2], h;
-        unravel(A, item, A->H, &b, &x0, &x1, x2, &h);
+        int64_t b, x0, x1, x2[2], unused;
+        unravel(A, item, 1, &b, &x0, &x1, x2, &unused);
         const int two = x2[1] != x2[0];
-        const int64_t r0 = qrow(A, b, x0, x1, x2[0], A->H, h), r1 = qrow(A, b, x0, x1, x2[1], A->H, h);
-        const float zero[2] = {0, 0};
         int64_t period;
-        const int64_t n = query_slots(A, S, b, x0, x1, x2, h, zero, &period);
-        scores2(A->q + r0 * D, A->q + r1 * D, A->k, S->row, n, D, A->scale, S->bias, S->bias + cap, period, s0, s1);
-        float m[2], l[2];
-        float *s[2] = {s0, s1};
-        for (int i = 0; i < 2; i++) {
-            v8f mv = bc(NEG);
-            for (int64_t j = 0; j < n; j += W) {
-                v8f x = ld(s[i] + j);
-                mv = sel(x > mv, x, mv);
-            }
-            m[i] = mv[0];
-            for (int t = 1; t < W; t++) m[i] = mv[t] > m[i] ? mv[t] : m[i];
-            v8f sum = bc(0.0f);
-            for (int64_t j = 0; j < n; j += W) {
-                v8f p = vexp(ld(s[i] + j) - bc(m[i]));
-                st(s[i] + j, p);
-                sum += p;
-            }
-            l[i] = 0;
-            for (int t = 0; t < W; t++) l[i] += sum[t];
+        const int64_t n = query_slots(A, S, b, x0, x1, x2, &period);
+        for (int64_t h = 0; h < A->H; h++) {
+            const int64_t hk = h / G;
+            const int64_t r0 = qrow(A, b, x0, x1, x2[0], A->H, h), r1 = qrow(A, b, x0, x1, x2[1], A->H, h);
+            if (A->rpb) head_bias(A, S, n, h);
+            scores2(A->q + r0 * D, A->q + r1 * D, A->k + hk * D, S->row, n, D, A->scale, S->bias, S->bias + cap,
+                    period, s0, s1);
+            float lse[2], inv[2];
+            softmax2(s0, s1, n, lse, inv);
+            float *o0 = A->out + r0 * Dv, *o1 = two ? A->out + r1 * Dv : S->tmp;
+            memset(o0, 0, sizeof(float) * Dv);
+            memset(o1, 0, sizeof(float) * Dv);
+            accum2(s0, s1, A->v + hk * Dv, S->row, n, Dv, inv[0], inv[1], o0, o1);
+            A->lse[r0] = lse[0];
+            if (two) A->lse[r1] = lse[1];
         }
-        float *o0 = A->out + r0 * Dv, *o1 = two ? A->out + r1 * Dv : S->tmp;
-        memset(o0, 0, sizeof(float) * Dv);
-        memset(o1, 0, sizeof(float) * Dv);
-        accum2(s0, s1, A->v, S->row, n, Dv, 1.0f / l[0], 1.0f / l[1], o0, o1);
-        A->lse[r0] = m[0] + logf(l[0]);
-        if (two) A->lse[r1] = m[1] + logf(l[1]);
     }
 }
 
 static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t begin, int64_t end) {
-    const int64_t D = A->D, Dv = A->Dv, cap = S->cap;
+    const int64_t D = A->D, Dv = A->Dv, cap = S->cap, G = A->H / A->Hk, R = A->R0 * A->R1 * A->R2;
     float *s0 = S->s, *s1 = S->s + cap, *p0 = S->dp, *p1 = S->dp + cap;
     for (int64_t item = begin; item < end; item++) {
-        int64_t b, x0, x1, x2[2], h;
-        unravel(A, item, A->H, &b, &x0, &x1, x2, &h);
+        int64_t b, x0, x1, x2[2], unused;
+        unravel(A, item, 1, &b, &x0, &x1, x2, &unused);
         const int two = x2[1] != x2[0];
-        const int64_t r[2] = {qrow(A, b, x0, x1, x2[0], A->H, h), qrow(A, b, x0, x1, x2[1], A->H, h)};
-        float lse[2], delta[2];
-        for (int i = 0; i < 2; i++) {
-            lse[i] = A->lse[r[i]];
-            delta[i] = dot(A->dout + r[i] * Dv, A->out + r[i] * Dv, Dv) - (A->dlse ? A->dlse[r[i]] : 0.0f);
-        }
-        A->delta[r[0]] = delta[0];
-        if (two) A->delta[r[1]] = delta[1];
         int64_t period;
-        const int64_t n = query_slots(A, S, b, x0, x1, x2, h, lse, &period);
-        scores2(A->q + r[0] * D, A->q + r[1] * D, A->k, S->row, n, D, A->scale, S->bias, S->bias + cap, period, s0, s1);
-        /* dP = dO . V, then dS = P * (dP - delta) in place of dP. */
-        scores2(A->dout + r[0] * Dv, A->dout + r[1] * Dv, A->v, S->row, n, Dv, 1.0f, NULL, NULL, n, p0, p1);
-        for (int64_t j = 0; j < n; j += W) {
-            st(p0 + j, vexp(ld(s0 + j)) * (ld(p0 + j) - bc(delta[0])));
-            st(p1 + j, vexp(ld(s1 + j)) * (ld(p1 + j) - bc(delta[1])));
-        }
-        float *g0 = A->dq + r[0] * D, *g1 = two ? A->dq + r[1] * D : S->tmp;
-        memset(g0, 0, sizeof(float) * D);
-        memset(g1, 0, sizeof(float) * D);
-        accum2(p0, p1, A->k, S->row, n, D, A->scale, A->scale, g0, g1);
-        if (drpb) {
-            for (int i = 0; i < 1 + two; i++) {
-                const int32_t *ri = S->ridx + i * cap;
-                const float *ds = S->dp + i * cap;
-                for (int64_t j = 0; j < n; j++)
-                    if (ri[j] >= 0) drpb[ri[j]] += ds[j];
+        const int64_t n = query_slots(A, S, b, x0, x1, x2, &period);
+        for (int64_t h = 0; h < A->H; h++) {
+            const int64_t hk = h / G;
+            const int64_t r[2] = {qrow(A, b, x0, x1, x2[0], A->H, h), qrow(A, b, x0, x1, x2[1], A->H, h)};
+            float lse[2], delta[2];
+            for (int i = 0; i < 2; i++) {
+                lse[i] = A->lse[r[i]];
+                delta[i] = dot(A->dout + r[i] * Dv, A->out + r[i] * Dv, Dv) - (A->dlse ? A->dlse[r[i]] : 0.0f);
+            }
+            A->delta[r[0]] = delta[0];
+            if (two) A->delta[r[1]] = delta[1];
+            if (A->rpb) head_bias(A, S, n, h);
+            scores2(A->q + r[0] * D, A->q + r[1] * D, A->k + hk * D, S->row, n, D, A->scale, S->bias, S->bias + cap,
+                    period, s0, s1);
+            /* dP = dO . V, then dS = P * (dP - delta) in place of dP. */
+            scores2(A->dout + r[0] * Dv, A->dout + r[1] * Dv, A->v + hk * Dv, S->row, n, Dv, 1.0f, NULL, NULL, n,
+                    p0, p1);
+            for (int64_t j = 0; j < n; j += W) {
+                st(p0 + j, vexp(ld(s0 + j) - bc(lse[0])) * (ld(p0 + j) - bc(delta[0])));
+                st(p1 + j, vexp(ld(s1 + j) - bc(lse[1])) * (ld(p1 + j) - bc(delta[1])));
+            }
+            float *g0 = A->dq + r[0] * D, *g1 = two ? A->dq + r[1] * D : S->tmp;
+            memset(g0, 0, sizeof(float) * D);
+            memset(g1, 0, sizeof(float) * D);
+            accum2(p0, p1, A->k + hk * D, S->row, n, D, A->scale, A->scale, g0, g1);
+            if (drpb) {
+                float *dr = drpb + h * R;
+                for (int i = 0; i < 1 + two; i++) {
+                    const int32_t *ri = S->ridx + i * cap;
+                    const float *ds = S->dp + i * cap;
+                    for (int64_t j = 0; j < n; j++)
+                        if (ri[j] >= 0) dr[ri[j]] += ds[j];
+                }
             }
         }
     }
@@ -398,7 +430,8 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
 
 /* Slots of the key pair (y2[0], y2[1]) at (b, y0, y1) for query head h: every query whose window
  * holds either key (inverse runs qlo..qhi), row by row, padded like query_slots. Bias is
- * rpb - lse(query) where key i is in the query's window, NEG elsewhere; dl is the query's delta. */
+ * rpb - lse(query) where key i is in the query's window, NEG elsewhere; dl is the query's delta;
+ * with rpb, ridx is the flat rpb index (-1 outside), for the fused pass's bias gradient. */
 static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_t y1, const int64_t y2[2],
                          int64_t h) {
     const int64_t cap = S->cap, *rof2 = A->rof + 2 * A->lmax, *col = S->col;
@@ -427,10 +460,13 @@ static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, in
             for (int i = 0; i < 2; i++) {
                 const int8_t *in = S->in + i * cap;
                 float *bias = S->bias + i * cap + n;
+                int32_t *ridx = S->ridx + i * cap + n;
                 for (int64_t u = 0; u < nub; u++) {
+                    ridx[u] = -1;
                     if (!in[u]) continue;
                     const int64_t ri = r01 + y2[i] - rof2[S->a2[u]];
                     CHECK(0 <= ri && ri < A->H * A->R0 * A->R1 * A->R2);
+                    ridx[u] = (int32_t)ri;
                     bias[u] += A->rpb[ri];
                 }
             }
@@ -439,36 +475,139 @@ static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, in
     return n;
 }
 
-static void backward_dkv_items(const na_args *A, scratch *S, int64_t begin, int64_t end) {
+/* G_row[j] += a0 * w0[j] + a1 * w1[j] for the rows row[0..n): the fused pass's dQ update (a rank-2
+ * update of n scattered rows, kept in registers 4 vectors of a0 and a1 at a time). */
+static void scatter2(const float *w0, const float *w1, const float *a0, const float *a1, float f0, float f1,
+                     const int64_t *row, int64_t n, int64_t dim, float *G) {
+    for (int64_t c = 0; c < dim; c += 4 * W) {
+        const int nc = dim - c >= 4 * W ? 4 : (int)((dim - c) / W);
+        v8f x0[4], x1[4];
+        for (int t = 0; t < nc; t++) {
+            x0[t] = ld(a0 + c + W * t) * bc(f0);
+            x1[t] = ld(a1 + c + W * t) * bc(f1);
+        }
+        for (int64_t j = 0; j < n; j++) {
+            float *g = G + row[j] * dim + c;
+            const v8f p0 = bc(w0[j]), p1 = bc(w1[j]);
+            for (int t = 0; t < nc; t++) st(g + W * t, ld(g + W * t) + p0 * x0[t] + p1 * x1[t]);
+        }
+    }
+}
+
+/* dK and dV of the key pair (y2[0], y2[1]) at (b, y0, y1), kv head hk: each key gathers from the
+ * queries that see it. fused: also scatter dQ += scale * dS K into those queries' rows and the bias
+ * gradient into drpb; the caller guarantees no other thread touches those rows meanwhile. */
+static void dkv_item(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_t y1, const int64_t y2[2],
+                     int64_t hk, int fused, float *drpb) {
     const int64_t D = A->D, Dv = A->Dv, cap = S->cap, G = A->H / A->Hk;
     float *s0 = S->s, *s1 = S->s + cap, *p0 = S->dp, *p1 = S->dp + cap;
+    const int two = y2[1] != y2[0];
+    const int64_t r0 = qrow(A, b, y0, y1, y2[0], A->Hk, hk), r1 = qrow(A, b, y0, y1, y2[1], A->Hk, hk);
+    float *gk0 = A->dk + r0 * D, *gk1 = two ? A->dk + r1 * D : S->tmp;
+    float *gv0 = A->dv + r0 * Dv, *gv1 = two ? A->dv + r1 * Dv : S->tmp + D;
+    memset(gk0, 0, sizeof(float) * D);
+    memset(gk1, 0, sizeof(float) * D);
+    memset(gv0, 0, sizeof(float) * Dv);
+    memset(gv1, 0, sizeof(float) * Dv);
+    for (int64_t h = hk * G; h < hk * G + G; h++) {
+        const int64_t n = key_slots(A, S, b, y0, y1, y2, h);
+        /* P^T (bias holds -lse), dP^T = V . dO, dS^T = P^T (dP^T - delta) */
+        scores2(A->k + r0 * D, A->k + r1 * D, A->q, S->row, n, D, A->scale, S->bias, S->bias + cap, n, s0, s1);
+        scores2(A->v + r0 * Dv, A->v + r1 * Dv, A->dout, S->row, n, Dv, 1.0f, NULL, NULL, n, p0, p1);
+        for (int64_t j = 0; j < n; j += W) {
+            v8f P0 = vexp(ld(s0 + j)), P1 = vexp(ld(s1 + j)), dl = ld(S->dl + j);
+            st(s0 + j, P0);
+            st(s1 + j, P1);
+            st(p0 + j, P0 * (ld(p0 + j) - dl));
+            st(p1 + j, P1 * (ld(p1 + j) - dl));
+        }
+        accum2(s0, s1, A->dout, S->row, n, Dv, 1.0f, 1.0f, gv0, gv1);
+        accum2(p0, p1, A->q, S->row, n, D, A->scale, A->scale, gk0, gk1);
+        if (!fused) continue;
+        /* Padding slots repeat a real row with dS = 0 exactly; the duplicate of an odd tail's second
+         * key is weighted 0 so it is not counted twice. */
+        scatter2(p0, p1, A->k + r0 * D, A->k + r1 * D, A->scale, two ? A->scale : 0.0f, S->row, n, D, A->dq);
+        if (drpb)
+            for (int i = 0; i < 1 + two; i++) {
+                const int32_t *ri = S->ridx + i * cap;
+                const float *ds = S->dp + i * cap;
+                for (int64_t j = 0; j < n; j++)
+                    if (ri[j] >= 0) drpb[ri[j]] += ds[j];
+            }
+    }
+}
+
+static void backward_dkv_items(const na_args *A, scratch *S, int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; item++) {
         int64_t b, y0, y1, y2[2], hk;
         unravel(A, item, A->Hk, &b, &y0, &y1, y2, &hk);
-        const int two = y2[1] != y2[0];
-        const int64_t r0 = qrow(A, b, y0, y1, y2[0], A->Hk, hk), r1 = qrow(A, b, y0, y1, y2[1], A->Hk, hk);
-        float *gk0 = A->dk + r0 * D, *gk1 = two ? A->dk + r1 * D : S->tmp;
-        float *gv0 = A->dv + r0 * Dv, *gv1 = two ? A->dv + r1 * Dv : S->tmp + D;
-        memset(gk0, 0, sizeof(float) * D);
-        memset(gk1, 0, sizeof(float) * D);
-        memset(gv0, 0, sizeof(float) * Dv);
-        memset(gv1, 0, sizeof(float) * Dv);
-        for (int64_t h = hk * G; h < hk * G + G; h++) {
-            const int64_t n = key_slots(A, S, b, y0, y1, y2, h);
-            /* P^T (bias holds -lse), dP^T = V . dO, dS^T = P^T (dP^T - delta) */
-            scores2(A->k + r0 * D, A->k + r1 * D, A->q, S->row, n, D, A->scale, S->bias, S->bias + cap, n, s0, s1);
-            scores2(A->v + r0 * Dv, A->v + r1 * Dv, A->dout, S->row, n, Dv, 1.0f, NULL, NULL, n, p0, p1);
-            for (int64_t j = 0; j < n; j += W) {
-                v8f P0 = vexp(ld(s0 + j)), P1 = vexp(ld(s1 + j)), dl = ld(S->dl + j);
-                st(s0 + j, P0);
-                st(s1 + j, P1);
-                st(p0 + j, P0 * (ld(p0 + j) - dl));
-                st(p1 + j, P1 * (ld(p1 + j) - dl));
-            }
-            accum2(s0, s1, A->dout, S->row, n, Dv, 1.0f, 1.0f, gv0, gv1);
-            accum2(p0, p1, A->q, S->row, n, D, A->scale, A->scale, gk0, gk1);
-        }
+        dkv_item(A, S, b, y0, y1, y2, hk, 0, NULL);
     }
+}
+
+static int64_t split_length(const na_args *A) {
+    return A->split == 2 ? (A->L2 + 1) / 2 : A->split == 1 ? A->L1 : A->L0;
+}
+
+static int64_t fused_units(const na_args *A, int colour) {
+    const int64_t nchunks = (split_length(A) + A->chunk - 1) / A->chunk;
+    return A->B * ((nchunks - colour + 1) / 2) * A->Hk;
+}
+
+/* Indices of the split axis in a unit's chunk: the work of the unit (the last chunk may be short). */
+static int64_t unit_chunk(const na_args *A, int colour, int64_t unit, int64_t *first) {
+    const int64_t per_b = fused_units(A, colour) / (A->B * A->Hk), len = split_length(A);
+    *first = (colour + 2 * ((unit / A->Hk) % per_b)) * A->chunk;
+    return *first + A->chunk < len ? A->chunk : len - *first;
+}
+
+/* Thread tid's run of units [*begin, *end): split by work (chunk lengths), not by unit count, since
+ * a short last chunk would leave one thread idle at the barrier between the colours. */
+static void fused_share(const na_args *A, int colour, int tid, int nt, int64_t *begin, int64_t *end) {
+    const int64_t units = fused_units(A, colour);
+    int64_t total = 0, done = 0, first;
+    for (int64_t u = 0; u < units; u++) total += unit_chunk(A, colour, u, &first);
+    *begin = *end = units;
+    for (int64_t u = 0; u < units; u++) {
+        const int64_t w = unit_chunk(A, colour, u, &first);
+        int64_t owner = (2 * done + w) * nt / (2 * total); /* the thread owning the unit's midpoint */
+        owner = owner < nt ? owner : nt - 1;
+        if (owner == tid && *begin == units) *begin = u;
+        if (owner > tid) {
+            *end = u;
+            break;
+        }
+        done += w;
+    }
+    if (*begin == units) *end = units;
+}
+
+/* Fused backward, one colour: units (b, chunk, kv head), kv head fastest, for the chunks
+ * colour, colour + 2, ... of the split axis. The caller chose the chunk length so that the queries
+ * seeing chunk c and those seeing chunk c + 2 are disjoint: units of one colour write disjoint dQ
+ * rows (and dK/dV rows), so the threads need no atomics, and each dQ row sums its terms in the same
+ * order whatever the thread count. Needs delta (pass 3) and a zeroed dq. */
+static void backward_fused_units(const na_args *A, scratch *S, float *drpb, int colour, int64_t begin, int64_t end) {
+    const int64_t npair = (A->L2 + 1) / 2;
+    for (int64_t unit = begin; unit < end; unit++) {
+        const int64_t hk = unit % A->Hk, b = unit / (fused_units(A, colour) / A->B);
+        int64_t lo[3] = {0, 0, 0}, hi[3] = {A->L0, A->L1, npair}, first;
+        const int64_t len = unit_chunk(A, colour, unit, &first);
+        lo[A->split] = first;
+        hi[A->split] = first + len;
+        for (int64_t y0 = lo[0]; y0 < hi[0]; y0++)
+            for (int64_t y1 = lo[1]; y1 < hi[1]; y1++)
+                for (int64_t p = lo[2]; p < hi[2]; p++) {
+                    const int64_t y2[2] = {2 * p, 2 * p + 1 < A->L2 ? 2 * p + 1 : 2 * p};
+                    dkv_item(A, S, b, y0, y1, y2, hk, 1, drpb);
+                }
+    }
+}
+
+/* delta = rowsum(dO * O) - dLSE, the backward's per-query constant. */
+static void delta_rows(const na_args *A, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++)
+        A->delta[r] = dot(A->dout + r * A->Dv, A->out + r * A->Dv, A->Dv) - (A->dlse ? A->dlse[r] : 0.0f);
 }
 
 typedef struct {
@@ -478,11 +617,21 @@ typedef struct {
     int status;
 } job;
 
+static float *drpb_slice(const na_args *A, int tid) {
+    return A->drpb ? A->drpb + (int64_t)tid * A->H * A->R0 * A->R1 * A->R2 : NULL;
+}
+
 static void *run_job(void *arg) {
     job *J = arg;
     const na_args *A = J->A;
-    const int64_t begin = J->items * J->tid / J->nt, end = J->items * (J->tid + 1) / J->nt;
-    const int kv = J->pass == 2;
+    int64_t begin = J->items * J->tid / J->nt, end = J->items * (J->tid + 1) / J->nt;
+    if (J->pass >= 4) fused_share(A, J->pass - 4, J->tid, J->nt, &begin, &end);
+    J->status = 0;
+    if (J->pass == 3) {
+        delta_rows(A, begin, end);
+        return NULL;
+    }
+    const int kv = J->pass >= 2;
     scratch S;
     int64_t dmax = A->D > A->Dv ? A->D : A->Dv;
     if (!scratch_init(&S, max_slots(A, kv ? A->qlo : A->lo, kv ? A->qhi : A->hi), dmax)) {
@@ -491,24 +640,29 @@ static void *run_job(void *arg) {
         return NULL;
     }
     if (J->pass == 0) forward_items(A, &S, begin, end);
-    else if (J->pass == 1)
-        backward_dq_items(A, &S, A->drpb ? A->drpb + (int64_t)J->tid * A->H * A->R0 * A->R1 * A->R2 : NULL, begin, end);
-    else backward_dkv_items(A, &S, begin, end);
+    else if (J->pass == 1) backward_dq_items(A, &S, drpb_slice(A, J->tid), begin, end);
+    else if (J->pass == 2) backward_dkv_items(A, &S, begin, end);
+    else backward_fused_units(A, &S, drpb_slice(A, J->tid), J->pass - 4, begin, end);
     scratch_free(&S);
-    J->status = 0;
     return NULL;
 }
 
-/* pass 0: forward (out, lse); 1: dQ pass (dq, delta, drpb); 2: dK/dV pass (needs delta from pass 1).
- * Returns 0, or 1 when scratch memory could not be allocated.
+/* pass 0: forward (out, lse). Backward, two ways:
+ *   1: dQ pass (dq, delta, drpb), then 2: dK/dV pass (reads delta);
+ *   3: delta, then 4 and 5: fused dQ/dK/dV/drpb, colours 0 and 1 of the split axis's chunks (dq
+ *      zeroed by the caller), which saves the dQ pass's recomputation of S and dP.
+ * Returns 0, 1 when scratch memory could not be allocated, 2 for a fused pass without a chunk plan.
  *
  * Threads: built with -fopenmp against the libgomp that PyTorch itself loaded, the work runs on
  * PyTorch's own OpenMP pool, whose workers are usually still spinning after the previous torch op
  * (a Linear, a copy): a separate pool would share the cores with them for the next ~ms (measured:
  * 2.4 ms lost per call at 56x56). Otherwise, one pthread per share. */
 int na_run(const na_args *A, int pass) {
-    const int64_t heads = pass == 2 ? A->Hk : A->H;
-    const int64_t items = A->B * A->L0 * A->L1 * ((A->L2 + 1) / 2) * heads;
+    if (pass >= 4 && (A->chunk < 1 || A->split < 0 || A->split > 2)) return 2;
+    const int64_t tokens = A->B * A->L0 * A->L1 * A->L2;
+    const int64_t items = pass == 3   ? tokens * A->H
+                          : pass >= 4 ? fused_units(A, pass - 4)
+                                      : A->B * A->L0 * A->L1 * ((A->L2 + 1) / 2) * (pass == 2 ? A->Hk : 1);
     /* drpb has one slice per thread: the caller allocates A->nthreads slices, in [1, MAX_THREADS] */
     const int nt = A->nthreads < 1 ? 1 : A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads;
 #ifdef _OPENMP
