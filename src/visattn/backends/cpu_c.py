@@ -234,10 +234,10 @@ class _NAFunction(torch.autograd.Function):
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
         drpb = torch.zeros(_threads(), *rpb.shape) if rpb is not None else None
         plan = _fused_plan(spec, q.shape[0], k.shape[4])
-        dq = torch.zeros_like(q) if plan else torch.empty_like(q)
+        dq = torch.empty_like(q)  # the fused path zeroes it in pass 3
         args, keep = _args(q, k, v, rpb, spec, scale, plan[:2] if plan else (0, 0), out=out, lse=lse, dout=dout,
                            dlse=dlse, delta=delta, dq=dq, dk=dk, dv=dv, drpb=drpb)
-        if plan:  # delta; then dQ, dK, dV and drpb from the key side, even chunks then odd ones
+        if plan:  # delta; then dQ, dK, dV and drpb from the key side, even chunks, then odd ones
             for pass_ in (3, 4, 5)[: 3 if plan[2] > 1 else 2]:
                 _run(args, pass_)
         else:

@@ -475,21 +475,34 @@ static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, in
     return n;
 }
 
-/* G_row[j] += a0 * w0[j] + a1 * w1[j] for the rows row[0..n): the fused pass's dQ update (a rank-2
- * update of n scattered rows, kept in registers 4 vectors of a0 and a1 at a time). */
+/* G[row[j]][c:c+8*NC] += f0 * w0[j] * a0[c:..] + f1 * w1[j] * a1[c:..] for j < n; NC is a literal
+ * after inlining, so a0 and a1's 2*NC vectors stay in registers. */
+static inline __attribute__((always_inline)) void scatter_block(const int NC, const float *w0, const float *w1,
+                                                               const float *a0, const float *a1, float f0,
+                                                               float f1, const int64_t *row, int64_t n,
+                                                               int64_t dim, int64_t c, float *G) {
+    v8f x0[4], x1[4];
+    for (int t = 0; t < NC; t++) {
+        x0[t] = ld(a0 + c + W * t) * bc(f0);
+        x1[t] = ld(a1 + c + W * t) * bc(f1);
+    }
+    for (int64_t j = 0; j < n; j++) {
+        float *g = G + row[j] * dim + c;
+        const v8f p0 = bc(w0[j]), p1 = bc(w1[j]);
+        for (int t = 0; t < NC; t++) st(g + W * t, ld(g + W * t) + p0 * x0[t] + p1 * x1[t]);
+    }
+}
+
+/* The fused pass's dQ update, a rank-2 update of n scattered rows: G[row[j]] += f0 * w0[j] * a0 +
+ * f1 * w1[j] * a1. */
 static void scatter2(const float *w0, const float *w1, const float *a0, const float *a1, float f0, float f1,
                      const int64_t *row, int64_t n, int64_t dim, float *G) {
     for (int64_t c = 0; c < dim; c += 4 * W) {
-        const int nc = dim - c >= 4 * W ? 4 : (int)((dim - c) / W);
-        v8f x0[4], x1[4];
-        for (int t = 0; t < nc; t++) {
-            x0[t] = ld(a0 + c + W * t) * bc(f0);
-            x1[t] = ld(a1 + c + W * t) * bc(f1);
-        }
-        for (int64_t j = 0; j < n; j++) {
-            float *g = G + row[j] * dim + c;
-            const v8f p0 = bc(w0[j]), p1 = bc(w1[j]);
-            for (int t = 0; t < nc; t++) st(g + W * t, ld(g + W * t) + p0 * x0[t] + p1 * x1[t]);
+        switch ((dim - c) / W) {
+            case 1: scatter_block(1, w0, w1, a0, a1, f0, f1, row, n, dim, c, G); break;
+            case 2: scatter_block(2, w0, w1, a0, a1, f0, f1, row, n, dim, c, G); break;
+            case 3: scatter_block(3, w0, w1, a0, a1, f0, f1, row, n, dim, c, G); break;
+            default: scatter_block(4, w0, w1, a0, a1, f0, f1, row, n, dim, c, G); break;
         }
     }
 }
@@ -586,7 +599,7 @@ static void fused_share(const na_args *A, int colour, int tid, int nt, int64_t *
  * colour, colour + 2, ... of the split axis. The caller chose the chunk length so that the queries
  * seeing chunk c and those seeing chunk c + 2 are disjoint: units of one colour write disjoint dQ
  * rows (and dK/dV rows), so the threads need no atomics, and each dQ row sums its terms in the same
- * order whatever the thread count. Needs delta (pass 3) and a zeroed dq. */
+ * order whatever the thread count. Needs pass 3 first (delta, dq zeroed). */
 static void backward_fused_units(const na_args *A, scratch *S, float *drpb, int colour, int64_t begin, int64_t end) {
     const int64_t npair = (A->L2 + 1) / 2;
     for (int64_t unit = begin; unit < end; unit++) {
@@ -604,10 +617,13 @@ static void backward_fused_units(const na_args *A, scratch *S, float *drpb, int 
     }
 }
 
-/* delta = rowsum(dO * O) - dLSE, the backward's per-query constant. */
+/* delta = rowsum(dO * O) - dLSE, the backward's per-query constant; also zeroes dq for the fused
+ * passes' accumulation (here, in parallel, rather than a separate fill). */
 static void delta_rows(const na_args *A, int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; r++)
+    for (int64_t r = begin; r < end; r++) {
         A->delta[r] = dot(A->dout + r * A->Dv, A->out + r * A->Dv, A->Dv) - (A->dlse ? A->dlse[r] : 0.0f);
+        memset(A->dq + r * A->D, 0, sizeof(float) * A->D);
+    }
 }
 
 typedef struct {
@@ -649,8 +665,8 @@ static void *run_job(void *arg) {
 
 /* pass 0: forward (out, lse). Backward, two ways:
  *   1: dQ pass (dq, delta, drpb), then 2: dK/dV pass (reads delta);
- *   3: delta, then 4 and 5: fused dQ/dK/dV/drpb, colours 0 and 1 of the split axis's chunks (dq
- *      zeroed by the caller), which saves the dQ pass's recomputation of S and dP.
+ *   3: delta (and dq zeroed), then 4 and 5: fused dQ/dK/dV/drpb, colours 0 and 1 of the split axis's
+ *      chunks, which saves the dQ pass's recomputation of S and dP.
  * Returns 0, 1 when scratch memory could not be allocated, 2 for a fused pass without a chunk plan.
  *
  * Threads: built with -fopenmp against the libgomp that PyTorch itself loaded, the work runs on
