@@ -59,7 +59,8 @@ class _Args(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v", "rpb", "pos", "lo", "hi", "rof", "qlo", "qhi")]
                 + [(n, ctypes.c_int64) for n in ("lmax", "B", "L0", "L1", "L2", "H", "Hk", "D", "Dv", "R0", "R1", "R2")]
                 + [("scale", ctypes.c_float)]
-                + [(n, ctypes.c_void_p) for n in ("out", "lse", "dout", "dlse", "delta", "dq", "dk", "dv", "drpb")]
+                + [(n, ctypes.c_void_p) for n in ("out", "lse", "dout", "dlse", "dq", "dk", "dv", "drpb", "nlse_t",
+                                                  "delta_t")]
                 + [(n, ctypes.c_int64) for n in ("split", "chunk")]
                 + [("nthreads", ctypes.c_int)])
 
@@ -189,7 +190,8 @@ def _args(q, k, v, rpb, spec: NASpec, scale: float, split: tuple[int, int] = (0,
     Hk, Dv = k.shape[4], v.shape[5]
     R = rpb.shape[1:] if rpb is not None else (1, 1, 1)
     a = _Args(*[_ptr(t) for t in (q, k, v, rpb, *tabs)], tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv, *R, scale,
-              *[_ptr(tensors.get(n)) for n in ("out", "lse", "dout", "dlse", "delta", "dq", "dk", "dv", "drpb")],
+              *[_ptr(tensors.get(n)) for n in ("out", "lse", "dout", "dlse", "dq", "dk", "dv", "drpb", "nlse_t",
+                                               "delta_t")],
               *split, _threads())
     return a, tabs
 
@@ -230,19 +232,23 @@ class _NAFunction(torch.autograd.Function):
         scale, spec = ctx.meta
         dout = torch.zeros_like(out) if dout is None else dout.float().contiguous()
         dlse = dlse.float().contiguous() if dlse is not None else None
-        dk, dv, delta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        # -lse and delta per query, laid out so that a key's queries are consecutive (see qt in
+        # na_cpu.c), plus a vector of zeros that padding slots may read.
+        side = torch.empty(2, lse.numel() + 8)
+        side[:, -8:] = 0
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
         drpb = torch.zeros(_threads(), *rpb.shape) if rpb is not None else None
         plan = _fused_plan(spec, q.shape[0], k.shape[4])
         dq = torch.empty_like(q)  # the fused path zeroes it in pass 3
         args, keep = _args(q, k, v, rpb, spec, scale, plan[:2] if plan else (0, 0), out=out, lse=lse, dout=dout,
-                           dlse=dlse, delta=delta, dq=dq, dk=dk, dv=dv, drpb=drpb)
+                           dlse=dlse, dq=dq, dk=dk, dv=dv, drpb=drpb, nlse_t=side[0], delta_t=side[1])
         if plan:  # delta; then dQ, dK, dV and drpb from the key side, even chunks, then odd ones
             for pass_ in (3, 4, 5)[: 3 if plan[2] > 1 else 2]:
                 _run(args, pass_)
         else:
-            _run(args, 1)  # dQ, delta, drpb
-            _run(args, 2)  # dK, dV (reads delta)
+            _run(args, 1)  # dQ, drpb, -lse and delta
+            _run(args, 2)  # dK, dV
         return dq, dk, dv, (drpb.sum(0) if drpb is not None else None), None, None
 
 

@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import platform
+import sys
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -78,6 +81,25 @@ def time_call(fn: Callable[[], object], device: str | torch.device, budget_s: fl
     return timing
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Silence file descriptor 2 (the profiler's native "USDT ... profiler_start/stop" lines, which
+    no setting turns off); Python exceptions raised inside still propagate and print after it."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: str | torch.device) -> Optional[int]:
     """Peak bytes allocated during one ``fn()`` above what was allocated before it; ``None`` if unknown."""
     device = torch.device(device)
@@ -93,7 +115,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: str | torch.device) -> Op
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         # One "[memory]" event per allocation (+bytes) and free (-bytes), on every thread; the
         # running sum in time order is the live memory allocated since the call began.

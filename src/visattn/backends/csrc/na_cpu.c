@@ -33,6 +33,7 @@
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v8fu __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int32_t v8iu __attribute__((vector_size(32), aligned(4), may_alias));
 
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -177,8 +178,9 @@ typedef struct {
     float scale;
     float *out, *lse;                   /* [T*H, Dv], [T*H]: written by forward, read by backward */
     const float *dout, *dlse;           /* [T*H, Dv], [T*H] or NULL (no gradient into the LSE) */
-    float *delta, *dq, *dk, *dv;        /* [T*H], [T*H, D], [T*Hk, D], [T*Hk, Dv] */
+    float *dq, *dk, *dv;                /* [T*H, D], [T*Hk, D], [T*Hk, Dv] */
     float *drpb;                        /* [nthreads, H*R0*R1*R2]: one slice per thread, summed by the caller */
+    float *nlse_t, *delta_t;            /* backward: -lse and delta at qt(...) (see qt), + 8 zeroed floats */
     int64_t split, chunk;               /* fused backward: chunks of `chunk` indices (pairs on axis 2) of axis `split` */
     int nthreads;
 } na_args;
@@ -211,7 +213,7 @@ typedef struct {
     float *dl;       /* [cap]: per-slot delta (dK/dV pass) */
     float *tmp;      /* [2][max(D, Dv)]: rows of the discarded second query of an odd tail */
     int64_t *col, *a2; /* [cap]: axis-2 template (see axis2_template) */
-    int8_t *in;      /* [2][cap] */
+    int32_t *in;     /* [2][cap]: -1 where pair i is inside its window, else 0 */
     int64_t cap;
 } scratch;
 
@@ -226,7 +228,7 @@ static int scratch_init(scratch *S, int64_t cap, int64_t dim) {
     S->tmp = calloc(2 * dim, sizeof(float));
     S->col = malloc(sizeof(int64_t) * cap);
     S->a2 = malloc(sizeof(int64_t) * cap);
-    S->in = malloc(2 * cap);
+    S->in = malloc(sizeof(int32_t) * 2 * cap);
     return S->row && S->ridx && S->bias && S->s && S->dp && S->dl && S->tmp && S->col && S->a2 && S->in;
 }
 
@@ -250,7 +252,7 @@ static void axis2_template(const na_args *A, scratch *S, int64_t ulo, int64_t nu
         for (int i = 0; i < 2; i++) {
             /* query slots: key a2 in the window of query pair[i]; key slots: key pair[i] in query a2's */
             const int64_t qq = keys ? a2 : pair[i], kk = keys ? pair[i] : a2;
-            S->in[i * S->cap + u] = u < nu && lo2[qq] <= kk && kk <= hi2[qq];
+            S->in[i * S->cap + u] = u < nu && lo2[qq] <= kk && kk <= hi2[qq] ? -1 : 0;
         }
     }
 }
@@ -282,7 +284,7 @@ static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, 
             if (!A->rpb) continue;
             const int64_t r01 = ((a0 - TAB(A->rof, 0, x0)) * A->R1 + a1 - TAB(A->rof, 1, x1)) * A->R2;
             for (int i = 0; i < 2; i++) {
-                const int8_t *in = S->in + i * cap;
+                const int32_t *in = S->in + i * cap;
                 for (int64_t u = 0; u < nub; u++) {
                     const int64_t ri = r01 + S->a2[u] - rof2[i];
                     CHECK(!in[u] || (0 <= ri && ri < A->R0 * A->R1 * A->R2));
@@ -355,6 +357,12 @@ static void softmax2(float *s0, float *s1, int64_t n, float lse[2], float inv[2]
  * and runs every head on them. A token's heads are one contiguous record, so the head loop reads
  * whole records (sliding one head along a row instead, the 512-byte strides defeated the prefetchers:
  * measured 1.25x slower). */
+/* Index of query (b, x0, x1, x2) head h (group-major indices) in the backward's -lse and delta
+ * copies, laid out [B, L0, L1, H, L2]: the queries of one key row are then consecutive. */
+static int64_t qt(const na_args *A, int64_t b, int64_t x0, int64_t x1, int64_t h, int64_t x2) {
+    return (((b * A->L0 + x0) * A->L1 + x1) * A->H + h) * A->L2 + x2;
+}
+
 static void forward_items(const na_args *A, scratch *S, int64_t begin, int64_t end) {
     const int64_t D = A->D, Dv = A->Dv, cap = S->cap, G = A->H / A->Hk;
     float *s0 = S->s, *s1 = S->s + cap;
@@ -399,8 +407,10 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
                 lse[i] = A->lse[r[i]];
                 delta[i] = dot(A->dout + r[i] * Dv, A->out + r[i] * Dv, Dv) - (A->dlse ? A->dlse[r[i]] : 0.0f);
             }
-            A->delta[r[0]] = delta[0];
-            if (two) A->delta[r[1]] = delta[1];
+            for (int i = 0; i < 1 + two; i++) {
+                A->delta_t[qt(A, b, x0, x1, h, x2[i])] = delta[i];
+                A->nlse_t[qt(A, b, x0, x1, h, x2[i])] = -lse[i];
+            }
             if (A->rpb) head_bias(A, S, n, h);
             scores2(A->q + r[0] * D, A->q + r[1] * D, A->k + hk * D, S->row, n, D, A->scale, S->bias, S->bias + cap,
                     period, s0, s1);
@@ -431,34 +441,38 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
 /* Slots of the key pair (y2[0], y2[1]) at (b, y0, y1) for query head h: every query whose window
  * holds either key (inverse runs qlo..qhi), row by row, padded like query_slots. Bias is
  * rpb - lse(query) where key i is in the query's window, NEG elsewhere; dl is the query's delta;
- * with rpb, ridx is the flat rpb index (-1 outside), for the fused pass's bias gradient. */
+ * with rpb, ridx is the flat rpb index (-1 outside), for the fused pass's bias gradient. A row's
+ * queries are consecutive in the qt layout, so -lse and delta come as vector loads (padding slots
+ * read past the row: finite values, masked to NEG and weight 0). */
 static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_t y1, const int64_t y2[2],
                          int64_t h) {
     const int64_t cap = S->cap, *rof2 = A->rof + 2 * A->lmax, *col = S->col;
     const int64_t ulo = TAB(A->qlo, 2, y2[0]), nu = TAB(A->qhi, 2, y2[1]) - ulo + 1, nub = round8(nu);
-    const float *lse = A->lse, *delta = A->delta;
-    const int8_t *in0 = S->in, *in1 = S->in + cap;
+    const int32_t *in0 = S->in, *in1 = S->in + cap;
     axis2_template(A, S, ulo, nu, nub, A->H, h, y2, 1);
     int64_t n = 0;
     for (int64_t x0 = TAB(A->qlo, 0, y0); x0 <= TAB(A->qhi, 0, y0); x0++) {
         for (int64_t x1 = TAB(A->qlo, 1, y1); x1 <= TAB(A->qhi, 1, y1); x1++, n += nub) {
             const int64_t base = ((b * A->L0 + TAB(A->pos, 0, x0)) * A->L1 + TAB(A->pos, 1, x1)) * A->L2 * A->H;
+            const int64_t t0 = qt(A, b, x0, x1, h, ulo);
             CHECK(0 <= x0 && x0 < A->L0 && 0 <= x1 && x1 < A->L1 && n + nub <= S->cap);
+            CHECK(t0 + nub <= A->B * A->L0 * A->L1 * A->L2 * A->H + W);
             int64_t *rows = S->row + n;
             float *dl = S->dl + n, *bias0 = S->bias + n, *bias1 = S->bias + cap + n;
             for (int64_t u = 0; u < nub; u++) {
-                const int64_t row = base + col[u];
-                CHECK(0 <= row && row < A->B * A->L0 * A->L1 * A->L2 * A->H);
-                const float nl = -lse[row];
-                rows[u] = row;
-                dl[u] = delta[row];
-                bias0[u] = in0[u] ? nl : NEG;
-                bias1[u] = in1[u] ? nl : NEG;
+                rows[u] = base + col[u];
+                CHECK(0 <= rows[u] && rows[u] < A->B * A->L0 * A->L1 * A->L2 * A->H);
+            }
+            for (int64_t u = 0; u < nub; u += W) {
+                const v8f nl = ld(A->nlse_t + t0 + u);
+                st(dl + u, ld(A->delta_t + t0 + u));
+                st(bias0 + u, sel(*(const v8iu *)(in0 + u), nl, bc(NEG)));
+                st(bias1 + u, sel(*(const v8iu *)(in1 + u), nl, bc(NEG)));
             }
             if (!A->rpb) continue;
             const int64_t r01 = ((h * A->R0 + y0 - TAB(A->rof, 0, x0)) * A->R1 + y1 - TAB(A->rof, 1, x1)) * A->R2;
             for (int i = 0; i < 2; i++) {
-                const int8_t *in = S->in + i * cap;
+                const int32_t *in = S->in + i * cap;
                 float *bias = S->bias + i * cap + n;
                 int32_t *ridx = S->ridx + i * cap + n;
                 for (int64_t u = 0; u < nub; u++) {
@@ -617,12 +631,20 @@ static void backward_fused_units(const na_args *A, scratch *S, float *drpb, int 
     }
 }
 
-/* delta = rowsum(dO * O) - dLSE, the backward's per-query constant; also zeroes dq for the fused
- * passes' accumulation (here, in parallel, rather than a separate fill). */
-static void delta_rows(const na_args *A, int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; r++) {
-        A->delta[r] = dot(A->dout + r * A->Dv, A->out + r * A->Dv, A->Dv) - (A->dlse ? A->dlse[r] : 0.0f);
-        memset(A->dq + r * A->D, 0, sizeof(float) * A->D);
+/* Pass 3, over lines (b, x0, x1, h) of the qt layout: delta = rowsum(dO * O) - dLSE, the
+ * backward's per-query constant, and -lse, into the qt copies; also zeroes dq for the fused
+ * passes' accumulation (here, in parallel, rather than in a separate fill). */
+static void delta_lines(const na_args *A, int64_t begin, int64_t end) {
+    for (int64_t line = begin; line < end; line++) {
+        const int64_t h = line % A->H, x1 = line / A->H % A->L1, x0 = line / A->H / A->L1 % A->L0;
+        const int64_t b = line / A->H / A->L1 / A->L0;
+        for (int64_t x2 = 0; x2 < A->L2; x2++) {
+            const int64_t r = qrow(A, b, x0, x1, x2, A->H, h), t = line * A->L2 + x2;
+            CHECK(t == qt(A, b, x0, x1, h, x2));
+            A->delta_t[t] = dot(A->dout + r * A->Dv, A->out + r * A->Dv, A->Dv) - (A->dlse ? A->dlse[r] : 0.0f);
+            A->nlse_t[t] = -A->lse[r];
+            memset(A->dq + r * A->D, 0, sizeof(float) * A->D);
+        }
     }
 }
 
@@ -644,7 +666,7 @@ static void *run_job(void *arg) {
     if (J->pass >= 4) fused_share(A, J->pass - 4, J->tid, J->nt, &begin, &end);
     J->status = 0;
     if (J->pass == 3) {
-        delta_rows(A, begin, end);
+        delta_lines(A, begin, end);
         return NULL;
     }
     const int kv = J->pass >= 2;
@@ -664,7 +686,7 @@ static void *run_job(void *arg) {
 }
 
 /* pass 0: forward (out, lse). Backward, two ways:
- *   1: dQ pass (dq, delta, drpb), then 2: dK/dV pass (reads delta);
+ *   1: dQ pass (dq, drpb, the -lse and delta copies), then 2: dK/dV pass (reads the copies);
  *   3: delta (and dq zeroed), then 4 and 5: fused dQ/dK/dV/drpb, colours 0 and 1 of the split axis's
  *      chunks, which saves the dQ pass's recomputation of S and dP.
  * Returns 0, 1 when scratch memory could not be allocated, 2 for a fused pass without a chunk plan.
@@ -676,7 +698,7 @@ static void *run_job(void *arg) {
 int na_run(const na_args *A, int pass) {
     if (pass >= 4 && (A->chunk < 1 || A->split < 0 || A->split > 2)) return 2;
     const int64_t tokens = A->B * A->L0 * A->L1 * A->L2;
-    const int64_t items = pass == 3   ? tokens * A->H
+    const int64_t items = pass == 3   ? tokens / A->L2 * A->H
                           : pass >= 4 ? fused_units(A, pass - 4)
                                       : A->B * A->L0 * A->L1 * ((A->L2 + 1) / 2) * (pass == 2 ? A->Hk : 1);
     /* drpb has one slice per thread: the caller allocates A->nthreads slices, in [1, MAX_THREADS] */
