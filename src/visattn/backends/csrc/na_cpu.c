@@ -13,10 +13,13 @@
  * but one of their keys per key row, so their union is walked once and each key row loaded once
  * serves both. The score micro-kernel keeps 16 vector accumulators over the head dim (register
  * resident with 32 vector registers) and reduces them with one transpose-and-add tree; the value
- * update keeps 2 x 4 accumulators of 8 features per pass. Pairs outside a query's own window get a
- * bias of NEG and an exact zero weight. The backward recomputes probabilities from the LSE: a dQ
- * pass per query pair and a key-centric dK/dV pass per key pair (each key gathers from the queries
- * that see it), so no two threads ever write the same row.
+ * update keeps 2 x 4 accumulators of 8 features per pass. Slot lists put the key rows of the union
+ * back to back and pad only the total to a multiple of 8. Pairs outside a query's own window get a
+ * bias of NEG and an exact zero weight. The backward recomputes probabilities from the LSE, from
+ * the key side (each key pair gathers from the queries that see it): dK and dV in registers, dQ
+ * scattered into the queries' rows, made race-free by running chunks of one axis in two colours
+ * whose query sets are disjoint (pass 4, 5); or, when that leaves too little parallel work, a dQ
+ * pass per query pair, then the key-side pass without dQ (passes 1, 2).
  *
  * Vectors are GCC/Clang vector extensions of 8 floats: AVX2/AVX-512 on x86, NEON pairs on Arm.
  * Head dims must be multiples of 8 (the Python side checks).
@@ -63,18 +66,6 @@ typedef int32_t v8iu __attribute__((vector_size(32), aligned(4), may_alias));
 static inline v8f ld(const float *p) { return *(const v8fu *)p; }
 static inline void st(float *p, v8f x) { *(v8fu *)p = x; }
 static inline v8f bc(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
-/* A load kept in a register. Left alone, GCC folds a key vector's load into both FMAs that use it
- * (as memory operands), loading it twice: the micro-kernels then run load-bound. The empty asm
- * makes the value opaque, so it is loaded once (measured: forward 10%, fused backward 15-20%
- * faster on Zen 4). */
-static inline v8f ld_reg(const float *p) {
-    v8f x = ld(p);
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    __asm__("" : "+v"(x));
-#endif
-    return x;
-}
-
 static inline v8f sel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
 static inline int64_t round8(int64_t n) { return (n + W - 1) / W * W; }
 
@@ -113,10 +104,10 @@ static inline v8f hsum8(const v8f c[8]) {
     return SHUF(w[0], w[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(w[0], w[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-/* s_i[j] = (a_i . B[row[j]]) * scale + bias_i[j % period] for i = 0, 1 and j < n (n and period
- * multiples of 8); the biases may be NULL. period < n repeats one key row's bias on every row. */
+/* s_i[j] = (a_i . B[row[j]]) * scale + bias_i[j] for i = 0, 1 and j < n (a multiple of 8); the
+ * biases may be NULL. */
 static void scores2(const float *a0, const float *a1, const float *B, const int64_t *row, int64_t n, int64_t dim,
-                    float scale, const float *bias0, const float *bias1, int64_t period, float *s0, float *s1) {
+                    float scale, const float *bias0, const float *bias1, float *s0, float *s1) {
     for (int64_t j = 0; j < n; j += W) {
         const float *bp[W];
         for (int t = 0; t < W; t++) bp[t] = B + row[j + t] * dim;
@@ -126,15 +117,14 @@ static void scores2(const float *a0, const float *a1, const float *B, const int6
             v8f x0 = ld(a0 + d), x1 = ld(a1 + d);
 #pragma GCC unroll 8
             for (int t = 0; t < W; t++) {
-                v8f y = ld_reg(bp[t] + d);
+                v8f y = ld(bp[t] + d);
                 c0[t] += x0 * y;
                 c1[t] += x1 * y;
             }
         }
         v8f y0 = hsum8(c0) * bc(scale), y1 = hsum8(c1) * bc(scale);
-        const int64_t jb = j % period;
-        st(s0 + j, bias0 ? y0 + ld(bias0 + jb) : y0);
-        st(s1 + j, bias1 ? y1 + ld(bias1 + jb) : y1);
+        st(s0 + j, bias0 ? y0 + ld(bias0 + j) : y0);
+        st(s1 + j, bias1 ? y1 + ld(bias1 + j) : y1);
     }
 }
 
@@ -150,7 +140,7 @@ static inline __attribute__((always_inline)) void accum_block(const int NC, cons
         const float *bp = B + row[j] * dim + c;
         v8f p0 = bc(w0[j]), p1 = bc(w1[j]);
         for (int t = 0; t < NC; t++) {
-            v8f y = ld_reg(bp + W * t);
+            v8f y = ld(bp + W * t);
             a0[t] += p0 * y;
             a1[t] += p1 * y;
         }
@@ -199,8 +189,8 @@ typedef struct {
 
 #define TAB(t, a, i) ((t)[(a) * A->lmax + (i)])
 
-/* Largest number of slots one item can have: (longest run on axes 0, 1) x (widest union of two
- * neighbouring runs on axis 2, rounded up to a vector). */
+/* Scratch slots one item may need: (longest run on axes 0, 1) x (widest union of two neighbouring
+ * runs on axis 2), rounded up to a vector, plus one vector that row-wise vector stores may overrun. */
 static int64_t max_slots(const na_args *A, const int64_t *lo, const int64_t *hi) {
     const int64_t L[3] = {A->L0, A->L1, A->L2};
     int64_t n = 1;
@@ -212,9 +202,9 @@ static int64_t max_slots(const na_args *A, const int64_t *lo, const int64_t *hi)
             const int64_t j = a == 2 && i + 1 < L[a] ? i + 1 : i, run = h[j] - l[i] + 1;
             m = run > m ? run : m;
         }
-        n *= a == 2 ? round8(m) : m;
+        n *= m;
     }
-    return n;
+    return round8(n) + W;
 }
 
 typedef struct {
@@ -251,8 +241,8 @@ static void scratch_free(scratch *S) {
 
 /* The axis-2 part of a slot list, shared by every row of it: for union slot u (0 <= u < nub, padded
  * with copies of the last index), col[u] = pos * heads + head (row offset within a row of tokens) and
- * in_i[u] = whether pair i is inside its window; for key slots (keys = 1) the window test is made
- * from the query at u's side. */
+ * in_i[u] = -1 if pair i is inside its window (0 for u >= nu); for key slots (keys = 1) the window
+ * test is made from the query at u's side. */
 static void axis2_template(const na_args *A, scratch *S, int64_t ulo, int64_t nu, int64_t nub, int64_t heads,
                            int64_t head, const int64_t pair[2], int keys) {
     const int64_t *pos2 = A->pos + 2 * A->lmax, *lo2 = A->lo + 2 * A->lmax, *hi2 = A->hi + 2 * A->lmax;
@@ -269,35 +259,50 @@ static void axis2_template(const na_args *A, scratch *S, int64_t ulo, int64_t nu
     }
 }
 
+/* Pads a slot list of n slots to a multiple of 8 with copies of its last row, bias NEG, no rpb
+ * index and delta 0 (weight 0: they add nothing anywhere); returns the padded count. Rows are not
+ * padded one by one: for k = 5 that would be 8 slots for a 6-key union, for k = 3 8 for 4. */
+static int64_t pad_slots(scratch *S, int64_t n) {
+    const int64_t np = round8(n), cap = S->cap;
+    CHECK(n >= 1 && np <= cap);
+    for (int64_t j = n; j < np; j++) {
+        S->row[j] = S->row[n - 1];
+        S->bias[j] = S->bias[cap + j] = NEG;
+        S->ridx[j] = S->ridx[cap + j] = -1;
+        S->dl[j] = 0.0f;
+    }
+    return np;
+}
+
 /* Slots of the query pair (x2[0], x2[1]) at (b, x0, x1): every key of the union of their windows,
- * key-row by key-row, each row padded to a vector with copies of its last key. Rows are those of kv
+ * key-row by key-row (rows of nu slots, back to back), padded by pad_slots. Rows are those of kv
  * head 0 (kv head hk reads row + hk) and ridx the flat rpb index of head 0 (-1 outside query i's
  * window), so one slot list serves every head. Without rpb the bias (0 inside query i's window, NEG
- * outside) is the same on every key row and only one row of it is written (*period = that row's
- * length); with rpb, head_bias writes it per head (*period = n). Returns the slot count. */
-static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, int64_t x1, const int64_t x2[2],
-                           int64_t *period) {
+ * outside) is written here; with rpb, head_bias writes it per head. Returns the padded slot count. */
+static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, int64_t x1, const int64_t x2[2]) {
     const int64_t cap = S->cap;
     const int64_t ulo = TAB(A->lo, 2, x2[0]), nu = TAB(A->hi, 2, x2[1]) - ulo + 1, nub = round8(nu);
     axis2_template(A, S, ulo, nu, nub, A->Hk, 0, x2, 0);
     const int64_t rof2[2] = {TAB(A->rof, 2, x2[0]), TAB(A->rof, 2, x2[1])};
-    if (!A->rpb)
-        for (int i = 0; i < 2; i++)
-            for (int64_t u = 0; u < nub; u++) S->bias[i * cap + u] = S->in[i * cap + u] ? 0.0f : NEG;
     int64_t n = 0;
     for (int64_t a0 = TAB(A->lo, 0, x0); a0 <= TAB(A->hi, 0, x0); a0++) {
-        for (int64_t a1 = TAB(A->lo, 1, x1); a1 <= TAB(A->hi, 1, x1); a1++, n += nub) {
+        for (int64_t a1 = TAB(A->lo, 1, x1); a1 <= TAB(A->hi, 1, x1); a1++, n += nu) {
             const int64_t base = ((b * A->L0 + TAB(A->pos, 0, a0)) * A->L1 + TAB(A->pos, 1, a1)) * A->L2 * A->Hk;
             CHECK(0 <= a0 && a0 < A->L0 && 0 <= a1 && a1 < A->L1 && n + nub <= S->cap);
-            for (int64_t u = 0; u < nub; u++) {
+            for (int64_t u = 0; u < nu; u++) {
                 S->row[n + u] = base + S->col[u];
                 CHECK(0 <= S->row[n + u] && S->row[n + u] + A->Hk - 1 < A->B * A->L0 * A->L1 * A->L2 * A->Hk);
             }
-            if (!A->rpb) continue;
+            if (!A->rpb) {  /* vector stores past nu are overwritten by the next row (or padding) */
+                for (int64_t u = 0; u < nu; u += W)
+                    for (int i = 0; i < 2; i++)
+                        st(S->bias + i * cap + n + u, sel(*(const v8iu *)(S->in + i * cap + u), bc(0.0f), bc(NEG)));
+                continue;
+            }
             const int64_t r01 = ((a0 - TAB(A->rof, 0, x0)) * A->R1 + a1 - TAB(A->rof, 1, x1)) * A->R2;
             for (int i = 0; i < 2; i++) {
                 const int32_t *in = S->in + i * cap;
-                for (int64_t u = 0; u < nub; u++) {
+                for (int64_t u = 0; u < nu; u++) {
                     const int64_t ri = r01 + S->a2[u] - rof2[i];
                     CHECK(!in[u] || (0 <= ri && ri < A->R0 * A->R1 * A->R2));
                     S->ridx[i * cap + n + u] = in[u] ? (int32_t)ri : -1;
@@ -305,8 +310,7 @@ static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, 
             }
         }
     }
-    *period = A->rpb ? n : nub;
-    return n;
+    return pad_slots(S, n);
 }
 
 /* With rpb: the bias of head h for the n slots of query_slots (rpb of head h inside, NEG outside). */
@@ -382,14 +386,13 @@ static void forward_items(const na_args *A, scratch *S, int64_t begin, int64_t e
         int64_t b, x0, x1, x2[2], unused;
         unravel(A, item, 1, &b, &x0, &x1, x2, &unused);
         const int two = x2[1] != x2[0];
-        int64_t period;
-        const int64_t n = query_slots(A, S, b, x0, x1, x2, &period);
+        const int64_t n = query_slots(A, S, b, x0, x1, x2);
         for (int64_t h = 0; h < A->H; h++) {
             const int64_t hk = h / G;
             const int64_t r0 = qrow(A, b, x0, x1, x2[0], A->H, h), r1 = qrow(A, b, x0, x1, x2[1], A->H, h);
             if (A->rpb) head_bias(A, S, n, h);
             scores2(A->q + r0 * D, A->q + r1 * D, A->k + hk * D, S->row, n, D, A->scale, S->bias, S->bias + cap,
-                    period, s0, s1);
+                    s0, s1);
             float lse[2], inv[2];
             softmax2(s0, s1, n, lse, inv);
             float *o0 = A->out + r0 * Dv, *o1 = two ? A->out + r1 * Dv : S->tmp;
@@ -409,8 +412,7 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
         int64_t b, x0, x1, x2[2], unused;
         unravel(A, item, 1, &b, &x0, &x1, x2, &unused);
         const int two = x2[1] != x2[0];
-        int64_t period;
-        const int64_t n = query_slots(A, S, b, x0, x1, x2, &period);
+        const int64_t n = query_slots(A, S, b, x0, x1, x2);
         for (int64_t h = 0; h < A->H; h++) {
             const int64_t hk = h / G;
             const int64_t r[2] = {qrow(A, b, x0, x1, x2[0], A->H, h), qrow(A, b, x0, x1, x2[1], A->H, h)};
@@ -425,10 +427,10 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
             }
             if (A->rpb) head_bias(A, S, n, h);
             scores2(A->q + r[0] * D, A->q + r[1] * D, A->k + hk * D, S->row, n, D, A->scale, S->bias, S->bias + cap,
-                    period, s0, s1);
+                    s0, s1);
             /* dP = dO . V, then dS = P * (dP - delta) in place of dP. */
-            scores2(A->dout + r[0] * Dv, A->dout + r[1] * Dv, A->v + hk * Dv, S->row, n, Dv, 1.0f, NULL, NULL, n,
-                    p0, p1);
+            scores2(A->dout + r[0] * Dv, A->dout + r[1] * Dv, A->v + hk * Dv, S->row, n, Dv, 1.0f, NULL, NULL, p0,
+                    p1);
             for (int64_t j = 0; j < n; j += W) {
                 st(p0 + j, vexp(ld(s0 + j) - bc(lse[0])) * (ld(p0 + j) - bc(delta[0])));
                 st(p1 + j, vexp(ld(s1 + j) - bc(lse[1])) * (ld(p1 + j) - bc(delta[1])));
@@ -451,7 +453,7 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
 }
 
 /* Slots of the key pair (y2[0], y2[1]) at (b, y0, y1) for query head h: every query whose window
- * holds either key (inverse runs qlo..qhi), row by row, padded like query_slots. Bias is
+ * holds either key (inverse runs qlo..qhi), row by row, laid out and padded like query_slots. Bias is
  * rpb - lse(query) where key i is in the query's window, NEG elsewhere; dl is the query's delta;
  * with rpb, ridx is the flat rpb index (-1 outside), for the fused pass's bias gradient. A row's
  * queries are consecutive in the qt layout, so -lse and delta come as vector loads (padding slots
@@ -464,18 +466,18 @@ static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, in
     axis2_template(A, S, ulo, nu, nub, A->H, h, y2, 1);
     int64_t n = 0;
     for (int64_t x0 = TAB(A->qlo, 0, y0); x0 <= TAB(A->qhi, 0, y0); x0++) {
-        for (int64_t x1 = TAB(A->qlo, 1, y1); x1 <= TAB(A->qhi, 1, y1); x1++, n += nub) {
+        for (int64_t x1 = TAB(A->qlo, 1, y1); x1 <= TAB(A->qhi, 1, y1); x1++, n += nu) {
             const int64_t base = ((b * A->L0 + TAB(A->pos, 0, x0)) * A->L1 + TAB(A->pos, 1, x1)) * A->L2 * A->H;
             const int64_t t0 = qt(A, b, x0, x1, h, ulo);
             CHECK(0 <= x0 && x0 < A->L0 && 0 <= x1 && x1 < A->L1 && n + nub <= S->cap);
             CHECK(t0 + nub <= A->B * A->L0 * A->L1 * A->L2 * A->H + W);
             int64_t *rows = S->row + n;
             float *dl = S->dl + n, *bias0 = S->bias + n, *bias1 = S->bias + cap + n;
-            for (int64_t u = 0; u < nub; u++) {
+            for (int64_t u = 0; u < nu; u++) {
                 rows[u] = base + col[u];
                 CHECK(0 <= rows[u] && rows[u] < A->B * A->L0 * A->L1 * A->L2 * A->H);
             }
-            for (int64_t u = 0; u < nub; u += W) {
+            for (int64_t u = 0; u < nu; u += W) { /* stores past nu: overwritten by the next row or padding */
                 const v8f nl = ld(A->nlse_t + t0 + u);
                 st(dl + u, ld(A->delta_t + t0 + u));
                 st(bias0 + u, sel(*(const v8iu *)(in0 + u), nl, bc(NEG)));
@@ -487,7 +489,7 @@ static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, in
                 const int32_t *in = S->in + i * cap;
                 float *bias = S->bias + i * cap + n;
                 int32_t *ridx = S->ridx + i * cap + n;
-                for (int64_t u = 0; u < nub; u++) {
+                for (int64_t u = 0; u < nu; u++) {
                     ridx[u] = -1;
                     if (!in[u]) continue;
                     const int64_t ri = r01 + y2[i] - rof2[S->a2[u]];
@@ -498,7 +500,7 @@ static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, in
             }
         }
     }
-    return n;
+    return pad_slots(S, n);
 }
 
 /* G[row[j]][c:c+8*NC] += f0 * w0[j] * a0[c:..] + f1 * w1[j] * a1[c:..] for j < n; NC is a literal
@@ -551,8 +553,8 @@ static void dkv_item(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_
     for (int64_t h = hk * G; h < hk * G + G; h++) {
         const int64_t n = key_slots(A, S, b, y0, y1, y2, h);
         /* P^T (bias holds -lse), dP^T = V . dO, dS^T = P^T (dP^T - delta) */
-        scores2(A->k + r0 * D, A->k + r1 * D, A->q, S->row, n, D, A->scale, S->bias, S->bias + cap, n, s0, s1);
-        scores2(A->v + r0 * Dv, A->v + r1 * Dv, A->dout, S->row, n, Dv, 1.0f, NULL, NULL, n, p0, p1);
+        scores2(A->k + r0 * D, A->k + r1 * D, A->q, S->row, n, D, A->scale, S->bias, S->bias + cap, s0, s1);
+        scores2(A->v + r0 * Dv, A->v + r1 * Dv, A->dout, S->row, n, Dv, 1.0f, NULL, NULL, p0, p1);
         for (int64_t j = 0; j < n; j += W) {
             v8f P0 = vexp(ld(s0 + j)), P1 = vexp(ld(s1 + j)), dl = ld(S->dl + j);
             st(s0 + j, P0);
