@@ -206,6 +206,23 @@ def test_results_do_not_depend_on_thread_count(backward_path) -> None:
     torch.testing.assert_close(results[0][5], results[1][5], atol=1e-5, rtol=1e-5)
 
 
+def test_float64_default_dtype_does_not_leak_into_the_kernel(backward_path) -> None:
+    """The kernel's own buffers (bias-gradient slices, the backward's -lse/delta copies) are float32
+    whatever torch's default dtype is."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 9, 10, 2, 8) for _ in range(3))
+    rpb = torch.randn(2, 5, 5)
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = _grads(na2d, q, k, v, "cpu_c", rpb=rpb, kernel_size=3)
+        ref = _grads(na2d, q, k, v, "reference", rpb=rpb, kernel_size=3)
+    finally:
+        torch.set_default_dtype(before)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5)
+
+
 def test_concurrent_callers_get_identical_results() -> None:
     """The kernel keeps no global state (scratch is per call and thread), so Python threads may
     call it at once."""

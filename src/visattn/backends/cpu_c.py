@@ -235,10 +235,10 @@ class _NAFunction(torch.autograd.Function):
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         # -lse and delta per query, laid out so that a key's queries are consecutive (see qt in
         # na_cpu.c), plus a vector of zeros that padding slots may read.
-        side = torch.empty(2, lse.numel() + 8)
+        side = torch.empty(2, lse.numel() + 8, dtype=torch.float32)  # (not the default dtype: may be float64)
         side[:, -8:] = 0
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
-        drpb = torch.zeros(_threads(), *rpb.shape) if rpb is not None else None
+        drpb = torch.zeros(_threads(), *rpb.shape, dtype=torch.float32) if rpb is not None else None
         plan = _fused_plan(spec, q.shape[0], k.shape[4])
         dq = torch.empty_like(q)  # the fused path zeroes it in pass 3
         args, keep = _args(q, k, v, rpb, spec, scale, plan[:2] if plan else (0, 0), out=out, lse=lse, dout=dout,
