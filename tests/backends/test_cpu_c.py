@@ -6,6 +6,7 @@ concurrent callers, and how the package behaves without a compiler or with a bro
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -135,6 +136,38 @@ def test_bounds_checked_build_runs_the_sweep(tmp_path) -> None:
     """, VISATTN_CPU_C_BOUNDS_CHECK="1", VISATTN_CACHE_DIR=str(tmp_path))
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
     assert any(p.name.startswith("na_cpu-") for p in tmp_path.iterdir())
+
+
+def test_pthreads_build_without_openmp(tmp_path) -> None:
+    """Where torch's libgomp is not found (macOS, Windows), the kernel is built without OpenMP and
+    starts its own threads: it still matches the reference, through both backward paths, on 3 threads."""
+    res = _subprocess("""
+        import torch
+        from visattn import na2d
+        from visattn.backends import cpu_c
+        cpu_c._torch_openmp = lambda: None
+        torch.set_num_threads(3)
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 12, 11, 4, 16) for _ in range(3))
+        rpb = torch.randn(4, 9, 9)
+        for min_units in (0, 10 ** 9):  # fused backward, then two-pass
+            cpu_c._FUSED_MIN_UNITS = min_units
+            grads = []
+            for backend in ("cpu_c", "reference"):
+                ts = [t.clone().requires_grad_() for t in (q, k, v, rpb)]
+                out = na2d(*ts[:3], kernel_size=5, dilation=(2, 1), rpb=ts[3], backend=backend)
+                grads.append([out, *torch.autograd.grad((out * out).sum(), ts)])
+            for a, b in zip(*grads):
+                torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5)
+        lib = cpu_c._library()[0]
+        print("ok", lib._name)
+    """, VISATTN_CACHE_DIR=str(tmp_path))
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    built = list(tmp_path.glob("na_cpu-*"))
+    assert len(built) == 1
+    if shutil.which("nm"):  # binutils present: the build really is the pthreads one
+        symbols = subprocess.run(["nm", "-D", str(built[0])], capture_output=True, text=True).stdout
+        assert "GOMP_parallel" not in symbols and "pthread_create" in symbols
 
 
 def test_bounds_check_catches_a_bad_table(tmp_path) -> None:
