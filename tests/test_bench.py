@@ -6,6 +6,7 @@ No assertion here is about time: only about what the table/JSON/plot contain.
 from __future__ import annotations
 
 import json
+import time
 from typing import Optional
 
 import pytest
@@ -291,3 +292,34 @@ def test_zoo_times_backward_of_parameter_free_and_batchnorm_modules():
     rows = run_zoo(["na1d", "na2d"], budget_s=0.01, create=create, measure_memory=False)
     assert [(r.status, r.reason) for r in rows] == [("ok", ""), ("ok", "")]
     assert rows[0].params == 0 and rows[0].fwd_bwd_ms > 0 and rows[1].fwd_bwd_ms > 0
+
+
+def test_implementations_are_timed_in_alternating_rounds():
+    """On a machine whose load changes over seconds, each implementation's median must cover the
+    same periods as its peers': calls alternate between them in rounds, each still gets its own
+    budget's worth of calls, and one that raises while timed is reported without stopping the rest."""
+    from visattn.bench.measure import Timing, time_interleaved
+
+    log: list[str] = []
+
+    def fast():
+        log.append("fast")
+
+    def slow():
+        log.append("slow")
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.004:
+            pass
+
+    def flaky():
+        log.append("flaky")
+        if log.count("flaky") > 3:
+            raise RuntimeError("broke while timed")
+
+    timings = time_interleaved([fast, slow, flaky], "cpu", budget_s=0.1, max_reps=40, rounds=5)
+    assert isinstance(timings[0], Timing) and isinstance(timings[1], Timing)
+    assert isinstance(timings[2], RuntimeError) and "broke while timed" in str(timings[2])
+    assert len(timings[0].times) == 40 and 10 <= len(timings[1].times) <= 30  # each its own budget
+    timed = log[log.index("slow", log.index("flaky")):]  # after every warm-up
+    switches = sum(a != b for a, b in zip(timed, timed[1:]))
+    assert switches >= 8, f"calls were not interleaved: {timed}"

@@ -1,6 +1,7 @@
 """Timing, memory and machine measurements shared by ``visattn bench`` and ``visattn bench --zoo``.
 
-* :func:`time_call`: warm up, then the median of as many calls as fit a time budget.
+* :func:`time_call`: warm up, then the median of as many calls as fit a time budget;
+  :func:`time_interleaved` does it for several implementations in alternating rounds.
 * :func:`peak_extra_bytes`: the peak of memory allocated *during* one call, above what was live before
   it (inputs excluded, outputs and temporaries included). On CUDA from the caching allocator's
   statistics; on CPU from ``torch.profiler``'s allocation events (torch's CPU allocator keeps no
@@ -19,11 +20,12 @@ import sys
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["Timing", "machine_info", "matmul_peak_gflops", "peak_extra_bytes", "synchronize", "time_call"]
+__all__ = ["Timing", "machine_info", "matmul_peak_gflops", "peak_extra_bytes", "synchronize", "time_call",
+           "time_interleaved"]
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -48,14 +50,10 @@ class Timing:
         return (max(self.times) - min(self.times)) / self.median if self.times else 0.0
 
 
-def time_call(fn: Callable[[], object], device: str | torch.device, budget_s: float = 2.0,
-              max_reps: int = 50, first_call_s: Optional[float] = None) -> Timing:
-    """Median-able timings of ``fn()``: as many calls as fit in ``budget_s``, at least 3 when each
-    call is cheap, a single one when one call alone exceeds twice the budget.
-
-    ``first_call_s`` is the duration of a call already made (the correctness call, which also
-    warms caches and compiles); without it one warm-up call is made here.
-    """
+def _warm(fn: Callable[[], object], device: str | torch.device, budget_s: float, max_reps: int,
+          first_call_s: Optional[float]) -> tuple[float, int]:
+    """Warm ``fn`` up; returns one warm call's seconds and how many calls fit ``budget_s`` (at least 3
+    when each call is cheap, a single one when one call alone exceeds twice the budget)."""
     if first_call_s is None:
         t0 = time.perf_counter()
         fn()
@@ -71,14 +69,59 @@ def time_call(fn: Callable[[], object], device: str | torch.device, budget_s: fl
     synchronize(device)
     one = time.perf_counter() - t0
     min_reps = max(1, min(3, int(2 * budget_s / max(one, 1e-9))))
-    reps = min(max_reps, max(min_reps, int(budget_s / max(one, 1e-9)) - 1))
-    timing = Timing([one])
-    for _ in range(reps - 1):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        timing.times.append(time.perf_counter() - t0)
-    return timing
+    return one, min(max_reps, max(min_reps, int(budget_s / max(one, 1e-9)) - 1))
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], device: str | torch.device, budget_s: float = 2.0,
+                     max_reps: int = 50, first_call_s: Optional[Sequence[Optional[float]]] = None,
+                     rounds: int = 10) -> list[Timing | Exception]:
+    """Timings of several implementations taken *together*: each gets as many calls as fit its own
+    ``budget_s`` (see :func:`time_call`), spread over ``rounds`` rounds that visit every
+    implementation in turn. On a shared machine whose load changes over seconds, each one's
+    median then covers the same periods as the others', so their ratios stay meaningful (timed one
+    after another, a busy spell during one implementation's turn skews the ratio).
+
+    Returns a :class:`Timing` per function, or the exception it raised (it is then called no more).
+    """
+    firsts = list(first_call_s) if first_call_s is not None else [None] * len(fns)
+    results: list[Timing | Exception] = []
+    reps = []
+    for fn, first in zip(fns, firsts):
+        try:
+            one, n = _warm(fn, device, budget_s, max_reps, first)
+            results.append(Timing([one]))
+            reps.append(n - 1)  # the warm estimate counts as one timed call
+        except Exception as e:  # noqa: BLE001 - reported per implementation
+            results.append(e)
+            reps.append(0)
+    for r in range(rounds):
+        for i, fn in enumerate(fns):
+            timing = results[i]
+            if not isinstance(timing, Timing):
+                continue
+            try:
+                for _ in range(reps[i] * (r + 1) // rounds - reps[i] * r // rounds):
+                    t0 = time.perf_counter()
+                    fn()
+                    synchronize(device)
+                    timing.times.append(time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001
+                results[i] = e
+    return results
+
+
+def time_call(fn: Callable[[], object], device: str | torch.device, budget_s: float = 2.0,
+              max_reps: int = 50, first_call_s: Optional[float] = None) -> Timing:
+    """Median-able timings of ``fn()``: as many calls as fit in ``budget_s``, at least 3 when each
+    call is cheap, a single one when one call alone exceeds twice the budget.
+
+    ``first_call_s`` is the duration of a call already made (the correctness call, which also
+    warms caches and compiles); without it one warm-up call is made here.
+    """
+    result = time_interleaved([fn], device, budget_s, max_reps, [first_call_s], rounds=1)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .measure import Timing, machine_info, matmul_peak_gflops, peak_extra_bytes, time_call
+from .measure import machine_info, matmul_peak_gflops, peak_extra_bytes, time_interleaved
 from .peers import Peer, default_peers
 from .problem import BenchProblem, Oracle, compare
 
@@ -43,6 +43,7 @@ class Row:
     peak_extra_mb: Optional[float] = None
     setup_s: float = 0.0
     compile_s: Optional[float] = None
+    compiles: bool = False
     speedup_vs: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -111,14 +112,35 @@ def run_bench(problem: BenchProblem, peers: Optional[Sequence[Peer]] = None, *, 
             with torch.no_grad():
                 return fn(*leaves), None
 
-    rows = []
+    rows, ready = [], []  # ready: (row, its call, first call's seconds, progress tag)
     for i, peer in enumerate(peers, 1):
         tag = f"[{i}/{len(peers)}] {peer.name}"
-        row = _run_one(peer, problem, oracle, run, budget_s, max_bytes, measure_memory, tag, progress)
-        if row.timed:
-            row.gflops = problem.flops / (row.median_ms / 1e3) / 1e9
-            row.pct_peak = 100 * row.gflops / peak_gflops
+        row, call, first = _check_one(peer, problem, oracle, run, max_bytes, tag, progress)
         rows.append(row)
+        if call is not None:
+            ready.append((row, call, first, tag))
+    if ready:
+        progress(f"timing {len(ready)} implementations together, in alternating rounds "
+                 f"(up to {budget_s:g} s each)...")
+    timings = time_interleaved([call for _, call, _, _ in ready], device, budget_s,
+                               first_call_s=[first for _, _, first, _ in ready])
+    for (row, call, first, tag), timing in zip(ready, timings):
+        if isinstance(timing, Exception):
+            status = "refused" if isinstance(timing, (NotImplementedError, ValueError)) else "failed"
+            progress(f"{tag}: {status} while timed ({error_text(timing)})")
+            _set(row, status, "out of memory" if _is_oom(timing) else error_text(timing))
+            continue
+        row.times_s = timing.times
+        row.median_ms = timing.median * 1e3
+        if row.compiles:
+            row.compile_s = max(0.0, first - timing.median)
+        if measure_memory:
+            nbytes = peak_extra_bytes(call, device)
+            row.peak_extra_mb = None if nbytes is None else nbytes / 2**20
+        verdict = {True: "correct", False: "WRONG", None: "unchecked"}[row.correct] if row.checked else "not NA"
+        progress(f"{tag}: {row.median_ms:.2f} ms median of {len(timing.times)}, {verdict}")
+        row.gflops = problem.flops / (row.median_ms / 1e3) / 1e9
+        row.pct_peak = 100 * row.gflops / peak_gflops
     for row in rows:
         row.speedup_vs = {o.name: o.median_ms / row.median_ms for o in rows
                           if o is not row and o.timed and row.timed}
@@ -134,20 +156,22 @@ def _matmul_peak(problem: BenchProblem, progress: Progress) -> float:
     return max(matmul_peak_gflops(d, problem.device) for d in dtypes)
 
 
-def _run_one(peer: Peer, problem: BenchProblem, oracle: Oracle, run, budget_s: float, max_bytes: float,
-             measure_memory: bool, tag: str, progress: Progress) -> Row:
-    row = Row(peer.name, peer.kind, "ok", checked=peer.checked)
+def _check_one(peer: Peer, problem: BenchProblem, oracle: Oracle, run, max_bytes: float, tag: str,
+               progress: Progress) -> tuple[Row, Optional[Callable[[], object]], float]:
+    """Build ``peer``, make its first call and check it against the oracle. Returns its row and,
+    when it ran, the call to time and the first call's seconds (compilation included)."""
+    row = Row(peer.name, peer.kind, "ok", checked=peer.checked, compiles=peer.compiles)
     if peer.skip:
         progress(f"{tag}: skipped ({peer.skip})")
-        return _set(row, "skipped", peer.skip)
+        return _set(row, "skipped", peer.skip), None, 0.0
     reason = peer.unavailable()
     if reason:
         progress(f"{tag}: unavailable ({reason})")
-        return _set(row, "unavailable", reason)
+        return _set(row, "unavailable", reason), None, 0.0
     reason = peer.refuse(problem, max_bytes)
     if reason:
         progress(f"{tag}: refused ({reason})")
-        return _set(row, "refused", reason)
+        return _set(row, "refused", reason), None, 0.0
     try:
         built = peer.build(problem)
         row.setup_s = built.setup_s
@@ -158,23 +182,13 @@ def _run_one(peer: Peer, problem: BenchProblem, oracle: Oracle, run, budget_s: f
         if peer.checked:
             row.correct, row.max_err = compare(problem, oracle, out, grads)
         del out, grads
-        progress(f"{tag}: timing (first call {first:.2f} s)...")
-        timing: Timing = time_call(lambda: run(built.fn), problem.device, budget_s, first_call_s=first)
     except Exception as e:  # a peer's own refusal (NotImplementedError, ValueError) or a crash: report it
         status = "refused" if isinstance(e, (NotImplementedError, ValueError)) else "failed"
         reason = "out of memory" if _is_oom(e) else error_text(e)
         progress(f"{tag}: {status} ({reason})")
-        return _set(row, status, reason)
-    row.times_s = timing.times
-    row.median_ms = timing.median * 1e3
-    if peer.compiles:
-        row.compile_s = max(0.0, first - timing.median)
-    if measure_memory:
-        nbytes = peak_extra_bytes(lambda: run(built.fn), problem.device)
-        row.peak_extra_mb = None if nbytes is None else nbytes / 2**20
-    verdict = {True: "correct", False: "WRONG", None: "unchecked"}[row.correct] if peer.checked else "not NA"
-    progress(f"{tag}: {row.median_ms:.2f} ms median of {len(timing.times)}, {verdict}")
-    return row
+        return _set(row, status, reason), None, 0.0
+    progress(f"{tag}: first call {first:.2f} s")
+    return row, (lambda: run(built.fn)), first
 
 
 def _set(row: Row, status: str, reason: str) -> Row:
