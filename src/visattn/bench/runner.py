@@ -100,11 +100,10 @@ def run_bench(problem: BenchProblem, peers: Optional[Sequence[Peer]] = None, *, 
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
 
         def run(fn):
-            for t in leaves:
-                t.grad = None
+            # Gradients returned, not accumulated into .grad: nothing outlives a call, so one call's
+            # memory (and time) never includes freeing the previous call's gradients.
             out = fn(*leaves)
-            out.backward(dout)
-            return out, tuple(t.grad for t in leaves)
+            return out, torch.autograd.grad(out, leaves, dout, allow_unused=True)
     else:
         leaves = [q, k, v]
 
