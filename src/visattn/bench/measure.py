@@ -74,10 +74,10 @@ def _warm(fn: Callable[[], object], device: str | torch.device, budget_s: float,
 
 def time_interleaved(fns: Sequence[Callable[[], object]], device: str | torch.device, budget_s: float = 2.0,
                      max_reps: int = 50, first_call_s: Optional[Sequence[Optional[float]]] = None,
-                     rounds: int = 10) -> list[Timing | Exception]:
+                     rounds: int = 4) -> list[Timing | Exception]:
     """Timings of several implementations taken *together*: each gets as many calls as fit its own
     ``budget_s`` (see :func:`time_call`), spread over ``rounds`` rounds that visit every
-    implementation in turn. On a shared machine whose load changes over seconds, each one's
+    implementation in turn (each turn of two or more calls starts with an untimed one). On a shared machine whose load changes over seconds, each one's
     median then covers the same periods as the others', so their ratios stay meaningful (timed one
     after another, a busy spell during one implementation's turn skews the ratio).
 
@@ -100,7 +100,14 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: str | torch.de
             if not isinstance(timing, Timing):
                 continue
             try:
-                for _ in range(reps[i] * (r + 1) // rounds - reps[i] * r // rounds):
+                calls = reps[i] * (r + 1) // rounds - reps[i] * r // rounds
+                if calls >= 2 and len(fns) > 1:
+                    # One untimed call after switching implementations: the first call after another
+                    # one pays for refilling caches and waking its own threads (measured: up to 1.2x
+                    # on a 1 ms kernel), which timing one implementation alone never included.
+                    fn()
+                    synchronize(device)
+                for _ in range(calls):
                     t0 = time.perf_counter()
                     fn()
                     synchronize(device)

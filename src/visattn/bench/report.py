@@ -124,8 +124,8 @@ def footnotes(result: BenchResult) -> list[str]:
         f"oracle, {tol}; max err is the largest absolute difference. Dense SDPA computes global attention "
         f"(every token sees every token), so it is shown for scale, not checked.",
         f"* median ms: wall clock of one {mode} call, median of the calls that fit a {result.budget_s:g} s budget "
-        f"per implementation after warm-up, taken in 10 rounds that visit every implementation in turn (so all "
-        f"see the same spells of machine load); one-off compilation and mask building are reported in notes "
+        f"per implementation after warm-up, taken in 4 rounds that visit every implementation in turn (so all "
+        f"see the same spells of machine load; each turn starts with an untimed call); one-off compilation and mask building are reported in notes "
         f"(Inductor's on-disk cache makes repeated compilations shorter). "
         f"Other processes share this machine: compare ratios within one run.",
         "* GFLOP/s: useful NA FLOPs (4 * tokens * prod(kernel) * head_dim * heads per forward, "
