@@ -55,6 +55,22 @@ def test_tensor_errors() -> None:
         na2d(q, k, v, 3, additional_keys=torch.randn(1, 4, 3, 8), additional_values=torch.randn(1, 4, 3, 8))
 
 
+def test_bias_and_mask_errors_name_the_argument() -> None:
+    """Biases and masks on another device, or biases of an integer dtype, are refused up front with
+    the fix (a meta tensor stands in for another device on a CPU-only machine)."""
+    q, k, v = _qkv(1, 6, 6, 2, 8)
+    rpb = torch.zeros(2, 5, 5)
+    with pytest.raises(ValueError, match=r"na2d: rpb is on meta but the query is on cpu; move it with rpb.to"):
+        na2d(q, k, v, 3, rpb=rpb.to("meta"))
+    with pytest.raises(ValueError, match=r"na2d: rpb has dtype torch.int64; .* must be a floating-point tensor"):
+        na2d(q, k, v, 3, rpb=rpb.long())
+    with pytest.raises(ValueError, match=r"attn_bias is on meta but the query is on cpu"):
+        na2d(q, k, v, 3, attn_bias=torch.zeros(1, 6, 6, 2, 9, device="meta"))
+    with pytest.raises(ValueError, match=r"key_padding_mask is on meta but the query is on cpu"):
+        na2d(q, k, v, 3, key_padding_mask=torch.zeros(1, 6, 6, dtype=torch.bool, device="meta"))
+    torch.testing.assert_close(na2d(q, k, v, 3, rpb=rpb.double()), na2d(q, k, v, 3, rpb=rpb))  # any float dtype
+
+
 def test_zero_size_batch_and_axis() -> None:
     q, k, v = _qkv(0, 6, 6, 2, 8, dim_v=5)
     out, lse = na2d(q, k, v, 3, return_lse=True)

@@ -69,6 +69,16 @@ def _check_tensors(fn: str, rank: Optional[int], q: torch.Tensor, k: torch.Tenso
 
 def _check_extras(fn: str, q: torch.Tensor, spec: NASpec, heads: int, extras: Extras) -> None:
     B, S = q.shape[0], spec.spatial
+    for name in ("rpb", "attn_bias", "key_padding_mask"):
+        t = getattr(extras, name)
+        if t is None:
+            continue
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but the query is on {q.device}; move it with "
+                             f"{name}.to(q.device).")
+        if name != "key_padding_mask" and not t.is_floating_point():
+            raise ValueError(f"{fn}: {name} has dtype {t.dtype}; it is added to the attention logits, so it "
+                             f"must be a floating-point tensor (e.g. {name}.float()).")
     if extras.rpb is not None:
         want = (heads, *(2 * k - 1 for k in spec.requested_kernel_size))
         if tuple(extras.rpb.shape) != want:
