@@ -240,14 +240,15 @@ class _NAFunction(torch.autograd.Function):
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
         drpb = torch.zeros(_threads(), *rpb.shape, dtype=torch.float32) if rpb is not None else None
         plan = _fused_plan(spec, q.shape[0], k.shape[4])
-        dq = torch.empty_like(q)  # the fused path zeroes it in pass 3
+        dq = torch.empty_like(q)  # zeroed in pass 3
         args, keep = _args(q, k, v, rpb, spec, scale, plan[:2] if plan else (0, 0), out=out, lse=lse, dout=dout,
                            dlse=dlse, dq=dq, dk=dk, dv=dv, drpb=drpb, nlse_t=side[0], delta_t=side[1])
-        if plan:  # delta; then dQ, dK, dV and drpb from the key side, even chunks, then odd ones
-            for pass_ in (3, 4, 5)[: 3 if plan[2] > 1 else 2]:
+        _run(args, 3)  # -lse and delta copies, dq zeroed
+        if plan:  # dQ, dK, dV and drpb from the key side: even chunks, then odd ones
+            for pass_ in (4, 5)[: 2 if plan[2] > 1 else 1]:
                 _run(args, pass_)
         else:
-            _run(args, 1)  # dQ, drpb, -lse and delta
+            _run(args, 1)  # dQ, drpb
             _run(args, 2)  # dK, dV
         return dq, dk, dv, (drpb.sum(0) if drpb is not None else None), None, None
 

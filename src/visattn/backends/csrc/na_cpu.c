@@ -369,16 +369,26 @@ static void softmax2(float *s0, float *s1, int64_t n, float lse[2], float inv[2]
     }
 }
 
-/* Work items of the query passes: (b, x0, x1, pair along axis 2); each item builds its slots once
- * and runs every head on them. A token's heads are one contiguous record, so the head loop reads
- * whole records (sliding one head along a row instead, the 512-byte strides defeated the prefetchers:
- * measured 1.25x slower). */
 /* Index of query (b, x0, x1, x2) head h (group-major indices) in the backward's -lse and delta
  * copies, laid out [B, L0, L1, H, L2]: the queries of one key row are then consecutive. */
 static int64_t qt(const na_args *A, int64_t b, int64_t x0, int64_t x1, int64_t h, int64_t x2) {
     return (((b * A->L0 + x0) * A->L1 + x1) * A->H + h) * A->L2 + x2;
 }
 
+/* drpb[ridx_i[j]] += dS_i[j] for the slots inside a window (ridx >= 0), pairs 0 .. npairs - 1. */
+static void add_drpb(float *drpb, const scratch *S, int64_t n, int npairs) {
+    for (int i = 0; i < npairs; i++) {
+        const int32_t *ri = S->ridx + i * S->cap;
+        const float *ds = S->dp + i * S->cap;
+        for (int64_t j = 0; j < n; j++)
+            if (ri[j] >= 0) drpb[ri[j]] += ds[j];
+    }
+}
+
+/* Work items of the query passes: (b, x0, x1, pair along axis 2); each item builds its slots once
+ * and runs every head on them. A token's heads are one contiguous record, so the head loop reads
+ * whole records (sliding one head along a row instead, the 512-byte strides defeated the prefetchers:
+ * measured 1.25x slower). */
 static void forward_items(const na_args *A, scratch *S, int64_t begin, int64_t end) {
     const int64_t D = A->D, Dv = A->Dv, cap = S->cap, G = A->H / A->Hk;
     float *s0 = S->s, *s1 = S->s + cap;
@@ -416,14 +426,10 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
         for (int64_t h = 0; h < A->H; h++) {
             const int64_t hk = h / G;
             const int64_t r[2] = {qrow(A, b, x0, x1, x2[0], A->H, h), qrow(A, b, x0, x1, x2[1], A->H, h)};
-            float lse[2], delta[2];
+            float lse[2], delta[2]; /* from pass 3's copies */
             for (int i = 0; i < 2; i++) {
-                lse[i] = A->lse[r[i]];
-                delta[i] = dot(A->dout + r[i] * Dv, A->out + r[i] * Dv, Dv) - (A->dlse ? A->dlse[r[i]] : 0.0f);
-            }
-            for (int i = 0; i < 1 + two; i++) {
-                A->delta_t[qt(A, b, x0, x1, h, x2[i])] = delta[i];
-                A->nlse_t[qt(A, b, x0, x1, h, x2[i])] = -lse[i];
+                lse[i] = -A->nlse_t[qt(A, b, x0, x1, h, x2[i])];
+                delta[i] = A->delta_t[qt(A, b, x0, x1, h, x2[i])];
             }
             if (A->rpb) head_bias(A, S, n, h);
             scores2(A->q + r[0] * D, A->q + r[1] * D, A->k + hk * D, S->row, n, D, A->scale, S->bias, S->bias + cap,
@@ -436,18 +442,9 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
                 st(p1 + j, vexp(ld(s1 + j) - bc(lse[1])) * (ld(p1 + j) - bc(delta[1])));
             }
             float *g0 = A->dq + r[0] * D, *g1 = two ? A->dq + r[1] * D : S->tmp;
-            memset(g0, 0, sizeof(float) * D);
-            memset(g1, 0, sizeof(float) * D);
+            if (!two) memset(g1, 0, sizeof(float) * D); /* dq itself was zeroed by pass 3 */
             accum2(p0, p1, A->k + hk * D, S->row, n, D, A->scale, A->scale, g0, g1);
-            if (drpb) {
-                float *dr = drpb + h * R;
-                for (int i = 0; i < 1 + two; i++) {
-                    const int32_t *ri = S->ridx + i * cap;
-                    const float *ds = S->dp + i * cap;
-                    for (int64_t j = 0; j < n; j++)
-                        if (ri[j] >= 0) dr[ri[j]] += ds[j];
-                }
-            }
+            if (drpb) add_drpb(drpb + h * R, S, n, 1 + two); /* ridx is relative to head 0's table */
         }
     }
 }
@@ -568,13 +565,7 @@ static void dkv_item(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_
         /* Padding slots repeat a real row with dS = 0 exactly; the duplicate of an odd tail's second
          * key is weighted 0 so it is not counted twice. */
         scatter2(p0, p1, A->k + r0 * D, A->k + r1 * D, A->scale, two ? A->scale : 0.0f, S->row, n, D, A->dq);
-        if (drpb)
-            for (int i = 0; i < 1 + two; i++) {
-                const int32_t *ri = S->ridx + i * cap;
-                const float *ds = S->dp + i * cap;
-                for (int64_t j = 0; j < n; j++)
-                    if (ri[j] >= 0) drpb[ri[j]] += ds[j];
-            }
+        if (drpb) add_drpb(drpb, S, n, 1 + two);
     }
 }
 
@@ -645,9 +636,9 @@ static void backward_fused_units(const na_args *A, scratch *S, float *drpb, int 
     }
 }
 
-/* Pass 3, over lines (b, x0, x1, h) of the qt layout: delta = rowsum(dO * O) - dLSE, the
- * backward's per-query constant, and -lse, into the qt copies; also zeroes dq for the fused
- * passes' accumulation (here, in parallel, rather than in a separate fill). */
+/* Pass 3, first of either backward, over lines (b, x0, x1, h) of the qt layout: delta =
+ * rowsum(dO * O) - dLSE, the backward's per-query constant, and -lse, into the qt copies; also
+ * zeroes dq, which both backward paths accumulate into (here, in parallel, not in a separate fill). */
 static void delta_lines(const na_args *A, int64_t begin, int64_t end) {
     for (int64_t line = begin; line < end; line++) {
         const int64_t h = line % A->H, x1 = line / A->H % A->L1, x0 = line / A->H / A->L1 % A->L0;
@@ -700,9 +691,10 @@ static void *run_job(void *arg) {
 }
 
 /* pass 0: forward (out, lse). Backward, two ways:
- *   1: dQ pass (dq, drpb, the -lse and delta copies), then 2: dK/dV pass (reads the copies);
- *   3: delta (and dq zeroed), then 4 and 5: fused dQ/dK/dV/drpb, colours 0 and 1 of the split axis's
- *      chunks, which saves the dQ pass's recomputation of S and dP.
+ *   first 3: the -lse and delta copies, dq zeroed; then either
+ *   1: dQ pass (dq, drpb), then 2: dK/dV pass; or
+ *   4 and 5: fused dQ/dK/dV/drpb, colours 0 and 1 of the split axis's chunks, which saves the dQ
+ *      pass's recomputation of S and dP.
  * Returns 0, 1 when scratch memory could not be allocated, 2 for a fused pass without a chunk plan.
  *
  * Threads: built with -fopenmp against the libgomp that PyTorch itself loaded, the work runs on
