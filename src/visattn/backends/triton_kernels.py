@@ -92,6 +92,33 @@ def _rpb_index(p0, p1, p2, t0, t1, t2, RK0, RK1, RK2):
 
 
 @triton.jit
+def _tile(ta0, ta1, ta2, L0, L1, L2, DIL0, DIL1, DIL2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """The ``T0 x T1 x T2`` tile ``(ta0, ta1, ta2)``, flattened: per-axis dilation groups ``g*``
+    (scalars), group positions ``p*``, coordinates ``x*`` and which slots are real positions."""
+    i0, i1, i2 = _split(tl.arange(0, T0 * T1 * T2), T1, T2)
+    g0, p0, ok0 = _members(ta0, i0, L0, DIL0, T0)
+    g1, p1, ok1 = _members(ta1, i1, L1, DIL1, T1)
+    g2, p2, ok2 = _members(ta2, i2, L2, DIL2, T2)
+    return g0, g1, g2, p0, p1, p2, g0 + DIL0 * p0, g1 + DIL1 * p1, g2 + DIL2 * p2, ok0 & ok1 & ok2
+
+
+@triton.jit
+def _all_windows(TAB0, TAB1, TAB2, L0, L1, L2, x0, x1, x2, ok):
+    """Per-query windows on the three axes (see :func:`_windows`)."""
+    lo0, hi0 = _windows(TAB0, L0, x0, ok)
+    lo1, hi1 = _windows(TAB1, L1, x1, ok)
+    lo2, hi2 = _windows(TAB2, L2, x2, ok)
+    return lo0, hi0, lo1, hi1, lo2, hi2
+
+
+@triton.jit
+def _rpb_bias(RPB, h, ridx, inside, RK0, RK1, RK2):
+    """The bias of head ``h`` at flat table indices ``ridx``, in log2 units (0 outside the window)."""
+    nb = (2 * RK0 - 1) * (2 * RK1 - 1) * (2 * RK2 - 1)
+    return tl.load(RPB + h * nb + ridx, mask=inside, other=0.0).to(tl.float32) * _LOG2E
+
+
+@triton.jit
 def _key_box(qok, lo, hi):
     """Along one axis: the last key any query of the tile sees, and the range ``[all_lo, all_hi]``
     of keys that every valid query sees. A key block inside that box on every axis needs no per-pair
@@ -113,6 +140,38 @@ def _inside(qok, s0, s1, s2, t0, t1, t2, lo0, hi0, lo1, hi1, lo2, hi2, all_lo0, 
                   & (t1[None, :] >= lo1[:, None]) & (t1[None, :] <= hi1[:, None])
                   & (t2[None, :] >= lo2[:, None]) & (t2[None, :] <= hi2[:, None]))
     return inside
+
+
+@triton.jit
+def _key_block(K, V, RPB, b, hk, h, q, qok, p0, p1, p2, lo0, hi0, lo1, hi1, lo2, hi2,
+               all_lo0, all_hi0, all_lo1, all_hi1, all_lo2, all_hi2, kend0, kend1, kend2,
+               g0, g1, g2, s0, s1, s2, j0, j1, j2, dd, dv,
+               skb, sk0, sk1, sk2, skh, svb, sv0, sv1, sv2, svh,
+               DIL0, DIL1, DIL2, RK0, RK1, RK2, qk_scale,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, TQ: tl.constexpr,
+               K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, HAS_RPB: tl.constexpr, PREC: tl.constexpr):
+    """One step of a query tile's walk (forward and dQ): the key block at group positions
+    ``(s0, s1, s2)``; returns its K and V rows, the in-window mask ``[TQ, K0*K1*K2]``, the scores
+    in log2 units (bias included) and, with ``HAS_RPB``, the bias-table indices (else 0)."""
+    t0 = s0 + j0
+    t1 = s1 + j1
+    t2 = s2 + j2
+    kok = (t0 <= kend0) & (t1 <= kend1) & (t2 <= kend2)
+    koff = (g0 + DIL0 * t0) * sk0 + (g1 + DIL1 * t1) * sk1 + (g2 + DIL2 * t2) * sk2
+    voff = (g0 + DIL0 * t0) * sv0 + (g1 + DIL1 * t1) * sv1 + (g2 + DIL2 * t2) * sv2
+    k = tl.load(K + b * skb + hk * skh + koff[:, None] + dd[None, :],
+                mask=kok[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
+    v = tl.load(V + b * svb + hk * svh + voff[:, None] + dv[None, :],
+                mask=kok[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0)
+    inside = _inside(qok, s0, s1, s2, t0, t1, t2, lo0, hi0, lo1, hi1, lo2, hi2, all_lo0, all_hi0,
+                     all_lo1, all_hi1, all_lo2, all_hi2, K0, K1, K2, TQ)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    ridx = 0
+    if HAS_RPB:
+        ridx = _rpb_index(p0[:, None], p1[:, None], p2[:, None], t0[None, :], t1[None, :], t2[None, :],
+                          RK0, RK1, RK2)
+        s += _rpb_bias(RPB, h, ridx, inside, RK0, RK1, RK2)
+    return k, v, inside, s, ridx
 
 
 @triton.jit
@@ -139,18 +198,8 @@ def na_fwd_kernel(
     h = bh % H
     hk = h // G  # GQA: query head h reads kv head h // G
 
-    m = tl.arange(0, T0 * T1 * T2)
-    i0, i1, i2 = _split(m, T1, T2)
-    g0, p0, ok0 = _members(ta0, i0, L0, DIL0, T0)
-    g1, p1, ok1 = _members(ta1, i1, L1, DIL1, T1)
-    g2, p2, ok2 = _members(ta2, i2, L2, DIL2, T2)
-    qok = ok0 & ok1 & ok2
-    x0 = g0 + DIL0 * p0
-    x1 = g1 + DIL1 * p1
-    x2 = g2 + DIL2 * p2
-    lo0, hi0 = _windows(TAB0, L0, x0, qok)
-    lo1, hi1 = _windows(TAB1, L1, x1, qok)
-    lo2, hi2 = _windows(TAB2, L2, x2, qok)
+    g0, g1, g2, p0, p1, p2, x0, x1, x2, qok = _tile(ta0, ta1, ta2, L0, L1, L2, DIL0, DIL1, DIL2, T0, T1, T2)
+    lo0, hi0, lo1, hi1, lo2, hi2 = _all_windows(TAB0, TAB1, TAB2, L0, L1, L2, x0, x1, x2, qok)
 
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -168,26 +217,14 @@ def na_fwd_kernel(
     kend1, all_lo1, all_hi1 = _key_box(qok, lo1, hi1)
     kend2, all_lo2, all_hi2 = _key_box(qok, lo2, hi2)
     for s0 in range(tl.min(lo0, 0), kend0 + 1, K0):
-        t0 = s0 + j0
         for s1 in range(tl.min(lo1, 0), kend1 + 1, K1):
-            t1 = s1 + j1
             for s2 in range(tl.min(lo2, 0), kend2 + 1, K2):
-                t2 = s2 + j2
-                kok = (t0 <= kend0) & (t1 <= kend1) & (t2 <= kend2)
-                koff = (g0 + DIL0 * t0) * sk0 + (g1 + DIL1 * t1) * sk1 + (g2 + DIL2 * t2) * sk2
-                voff = (g0 + DIL0 * t0) * sv0 + (g1 + DIL1 * t1) * sv1 + (g2 + DIL2 * t2) * sv2
-                k = tl.load(K + b * skb + hk * skh + koff[:, None] + dd[None, :],
-                            mask=kok[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
-                v = tl.load(V + b * svb + hk * svh + voff[:, None] + dv[None, :],
-                            mask=kok[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0)
-                inside = _inside(qok, s0, s1, s2, t0, t1, t2, lo0, hi0, lo1, hi1, lo2, hi2, all_lo0, all_hi0,
-                                 all_lo1, all_hi1, all_lo2, all_hi2, K0, K1, K2, T0 * T1 * T2)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-                if HAS_RPB:
-                    ridx = _rpb_index(p0[:, None], p1[:, None], p2[:, None], t0[None, :], t1[None, :],
-                                      t2[None, :], RK0, RK1, RK2)
-                    nb = (2 * RK0 - 1) * (2 * RK1 - 1) * (2 * RK2 - 1)
-                    s += tl.load(RPB + h * nb + ridx, mask=inside, other=0.0).to(tl.float32) * _LOG2E
+                k, v, inside, s, ridx = _key_block(
+                    K, V, RPB, b, hk, h, q, qok, p0, p1, p2, lo0, hi0, lo1, hi1, lo2, hi2,
+                    all_lo0, all_hi0, all_lo1, all_hi1, all_lo2, all_hi2, kend0, kend1, kend2,
+                    g0, g1, g2, s0, s1, s2, j0, j1, j2, dd, dv, skb, sk0, sk1, sk2, skh, svb, sv0, sv1, sv2, svh,
+                    DIL0, DIL1, DIL2, RK0, RK1, RK2, qk_scale,
+                    HEAD_DIM, HEAD_DIM_V, T0 * T1 * T2, K0, K1, K2, HAS_RPB, PREC)
                 s = tl.where(inside, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 # A row that has seen no key yet keeps m = -inf; shift it by 0 to avoid inf - inf.
@@ -233,18 +270,8 @@ def na_bwd_dq_kernel(
     h = bh % H
     hk = h // G
 
-    m = tl.arange(0, T0 * T1 * T2)
-    i0, i1, i2 = _split(m, T1, T2)
-    g0, p0, ok0 = _members(ta0, i0, L0, DIL0, T0)
-    g1, p1, ok1 = _members(ta1, i1, L1, DIL1, T1)
-    g2, p2, ok2 = _members(ta2, i2, L2, DIL2, T2)
-    qok = ok0 & ok1 & ok2
-    x0 = g0 + DIL0 * p0
-    x1 = g1 + DIL1 * p1
-    x2 = g2 + DIL2 * p2
-    lo0, hi0 = _windows(TAB0, L0, x0, qok)
-    lo1, hi1 = _windows(TAB1, L1, x1, qok)
-    lo2, hi2 = _windows(TAB2, L2, x2, qok)
+    g0, g1, g2, p0, p1, p2, x0, x1, x2, qok = _tile(ta0, ta1, ta2, L0, L1, L2, DIL0, DIL1, DIL2, T0, T1, T2)
+    lo0, hi0, lo1, hi1, lo2, hi2 = _all_windows(TAB0, TAB1, TAB2, L0, L1, L2, x0, x1, x2, qok)
 
     dd = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -266,31 +293,20 @@ def na_bwd_dq_kernel(
     kend1, all_lo1, all_hi1 = _key_box(qok, lo1, hi1)
     kend2, all_lo2, all_hi2 = _key_box(qok, lo2, hi2)
     for s0 in range(tl.min(lo0, 0), kend0 + 1, K0):
-        t0 = s0 + j0
         for s1 in range(tl.min(lo1, 0), kend1 + 1, K1):
-            t1 = s1 + j1
             for s2 in range(tl.min(lo2, 0), kend2 + 1, K2):
-                t2 = s2 + j2
-                kok = (t0 <= kend0) & (t1 <= kend1) & (t2 <= kend2)
-                koff = (g0 + DIL0 * t0) * sk0 + (g1 + DIL1 * t1) * sk1 + (g2 + DIL2 * t2) * sk2
-                voff = (g0 + DIL0 * t0) * sv0 + (g1 + DIL1 * t1) * sv1 + (g2 + DIL2 * t2) * sv2
-                k = tl.load(K + b * skb + hk * skh + koff[:, None] + dd[None, :],
-                            mask=kok[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
-                v = tl.load(V + b * svb + hk * svh + voff[:, None] + dv[None, :],
-                            mask=kok[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0)
-                inside = _inside(qok, s0, s1, s2, t0, t1, t2, lo0, hi0, lo1, hi1, lo2, hi2, all_lo0, all_hi0,
-                                 all_lo1, all_hi1, all_lo2, all_hi2, K0, K1, K2, T0 * T1 * T2)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-                if HAS_RPB:
-                    ridx = _rpb_index(p0[:, None], p1[:, None], p2[:, None], t0[None, :], t1[None, :],
-                                      t2[None, :], RK0, RK1, RK2)
-                    nb = (2 * RK0 - 1) * (2 * RK1 - 1) * (2 * RK2 - 1)
-                    s += tl.load(RPB + h * nb + ridx, mask=inside, other=0.0).to(tl.float32) * _LOG2E
+                k, v, inside, s, ridx = _key_block(
+                    K, V, RPB, b, hk, h, q, qok, p0, p1, p2, lo0, hi0, lo1, hi1, lo2, hi2,
+                    all_lo0, all_hi0, all_lo1, all_hi1, all_lo2, all_hi2, kend0, kend1, kend2,
+                    g0, g1, g2, s0, s1, s2, j0, j1, j2, dd, dv, skb, sk0, sk1, sk2, skh, svb, sv0, sv1, sv2, svh,
+                    DIL0, DIL1, DIL2, RK0, RK1, RK2, qk_scale,
+                    HEAD_DIM, HEAD_DIM_V, T0 * T1 * T2, K0, K1, K2, HAS_RPB, PREC)
                 p = tl.where(inside, tl.exp2(s - lse2[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
                 if HAS_RPB:
+                    nb = (2 * RK0 - 1) * (2 * RK1 - 1) * (2 * RK2 - 1)
                     tl.atomic_add(DRPB + h * nb + ridx, ds, mask=inside)
     tl.store(DQ + b * sqb + h * sqh + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -321,15 +337,7 @@ def na_bwd_dkdv_kernel(
     b = (bh // HKV).to(tl.int64)  # int64: batch offsets may pass 2**31 elements
     hk = bh % HKV
 
-    n = tl.arange(0, K0 * K1 * K2)
-    j0, j1, j2 = _split(n, K1, K2)
-    g0, t0, ok0 = _members(ta0, j0, L0, DIL0, K0)
-    g1, t1, ok1 = _members(ta1, j1, L1, DIL1, K1)
-    g2, t2, ok2 = _members(ta2, j2, L2, DIL2, K2)
-    kok = ok0 & ok1 & ok2
-    y0 = g0 + DIL0 * t0
-    y1 = g1 + DIL1 * t1
-    y2 = g2 + DIL2 * t2
+    g0, g1, g2, t0, t1, t2, y0, y1, y2, kok = _tile(ta0, ta1, ta2, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2)
     qmin0, qmax0 = _seen_by(TAB0, L0, y0, kok)
     qmin1, qmax1 = _seen_by(TAB1, L1, y1, kok)
     qmin2, qmax2 = _seen_by(TAB2, L2, y2, kok)
@@ -363,9 +371,7 @@ def na_bwd_dkdv_kernel(
                     x0 = g0 + DIL0 * p0
                     x1 = g1 + DIL1 * p1
                     x2 = g2 + DIL2 * p2
-                    lo0, hi0 = _windows(TAB0, L0, x0, qok)
-                    lo1, hi1 = _windows(TAB1, L1, x1, qok)
-                    lo2, hi2 = _windows(TAB2, L2, x2, qok)
+                    lo0, hi0, lo1, hi1, lo2, hi2 = _all_windows(TAB0, TAB1, TAB2, L0, L1, L2, x0, x1, x2, qok)
                     # Transposed layout: keys are rows, queries columns.
                     inside = ((t0[:, None] >= lo0[None, :]) & (t0[:, None] <= hi0[None, :])
                               & (t1[:, None] >= lo1[None, :]) & (t1[:, None] <= hi1[None, :])
@@ -382,8 +388,7 @@ def na_bwd_dkdv_kernel(
                     if HAS_RPB:
                         ridx = _rpb_index(p0[None, :], p1[None, :], p2[None, :], t0[:, None], t1[:, None],
                                           t2[:, None], RK0, RK1, RK2)
-                        nb = (2 * RK0 - 1) * (2 * RK1 - 1) * (2 * RK2 - 1)
-                        s += tl.load(RPB + h * nb + ridx, mask=inside, other=0.0).to(tl.float32) * _LOG2E
+                        s += _rpb_bias(RPB, h, ridx, inside, RK0, RK1, RK2)
                     p = tl.where(inside, tl.exp2(s - lse2[None, :]), 0.0)
                     dvacc += tl.dot(p.to(do.dtype), do, input_precision=PREC)
                     dp = tl.dot(v, tl.trans(do), input_precision=PREC)
