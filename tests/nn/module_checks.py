@@ -48,6 +48,13 @@ def check_batch_independent(module: nn.Module, x: torch.Tensor, atol: float = 1e
     torch.testing.assert_close(together, alone, atol=atol, rtol=1e-4)
 
 
+def receptive_field(module: nn.Module, x: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """Which input positions the output at ``(i, j)`` of sample 0 depends on: bool ``[H, W]`` of
+    nonzero gradients (``x``: ``[B, H, W, C]`` with ``requires_grad``)."""
+    (g,) = torch.autograd.grad(module(x)[0, i, j].sum(), x)
+    return g[0].abs().sum(-1) > 0
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
