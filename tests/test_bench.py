@@ -197,7 +197,7 @@ def test_cli_json_to_stdout_parses(capsys):
 
 
 def test_cli_plot_writes_png(capsys, tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (pip install 'visattn[plot]')")
     path = tmp_path / "bench.png"
     out = _cli(capsys, "--only", "torch", "--plot", str(path), "--no-memory")
     assert "visattn torch" in out.out

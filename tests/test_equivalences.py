@@ -22,7 +22,7 @@ def _rand(backend: str, *shape):
 
 def _sdpa_heads_last(q, k, v, is_causal=False):
     """Dense attention over all tokens: ``[B, *S, H, D]`` in and out."""
-    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    B, H = q.shape[0], q.shape[-2]
     f = lambda t: t.reshape(B, -1, H, t.shape[-1]).transpose(1, 2)  # noqa: E731
     out = F.scaled_dot_product_attention(f(q), f(k), f(v), is_causal=is_causal)
     return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])

@@ -150,8 +150,8 @@ def _library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         if _LIB is None and _LIB_ERROR is None:
             cc = _compiler()
             if cc is None:
-                _LIB_ERROR = (f"no C compiler found (tried $CC or `cc`; install gcc or clang, or set CC); CPU calls "
-                              f"use the numba `cpu` backend")
+                _LIB_ERROR = ("no C compiler found (tried $CC or `cc`; install gcc or clang, or set CC); CPU calls "
+                              "use the numba `cpu` backend")
             else:
                 try:
                     lib = ctypes.CDLL(str(_build(cc)))

@@ -260,7 +260,6 @@ def forward(q, k, v, shape, rpb, has_rpb, scale, zero, pos, lo, hi, rof, qblock,
     scores live in a scratch row of ``prod(kernel)`` entries, never in a ``[N, K]`` matrix.
     """
     B, L0, L1, L2, H, Hk = shape
-    D = q.shape[1]
     Dv = v.shape[1]
     G = H // Hk
     nblk = (L2 + qblock - 1) // qblock

@@ -181,11 +181,11 @@ def _plan(spec: NASpec, tiles: tuple[int, ...]) -> TilePlan:
     q_index = tuple(_place(ax.q_coord, a, r) for a, ax in enumerate(axes))
     k_index = tuple(_place(ax.k_coord, a, r) for a, ax in enumerate(axes))
     out_index = []
-    for field in ("tile_of", "pos_of"):
+    for name in ("tile_of", "pos_of"):
         for a, ax in enumerate(axes):
             shape = [1] * r
             shape[a] = -1
-            out_index.append(getattr(ax, field).reshape(shape))
+            out_index.append(getattr(ax, name).reshape(shape))
     inside = _outer([ax.inside for ax in axes], torch.logical_and)
     mask_bias = torch.zeros(inside.shape).masked_fill_(~inside, float("-inf"))
     return TilePlan(spec, axes, q_index, k_index, tuple(out_index), mask_bias)
@@ -264,7 +264,6 @@ class TorchTiledBackend(Backend):
             norm = 1.0 / total
         out = torch.matmul(e, vt) * norm  # [B, H, NT, TQ, Dv]
 
-        S = spec.spatial
         tiles_shape = tuple(ax.q_coord.shape[0] for ax in plan.axes)
         slots_shape = tuple(ax.q_coord.shape[1] for ax in plan.axes)
         out = out.reshape(B, H, *tiles_shape, *slots_shape, p.dim_v)[lead + plan.out_index]
