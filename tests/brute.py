@@ -106,12 +106,12 @@ def brute_force(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, sca
 
 
 def problem_for(q, k, v, *, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, attn_bias=None,
-                key_padding_mask=None, return_attn=False, requires_grad=True) -> Problem:
+                key_padding_mask=None, return_attn=False) -> Problem:
     """The :class:`Problem` the dispatcher builds for this call (to ask a backend ``why_not``)."""
     spec = make_spec("test", tuple(q.shape[1:-2]), kernel_size, stride, dilation, is_causal)
     return Problem(spec=spec, batch=q.shape[0], heads=q.shape[-2], heads_kv=k.shape[-2], dim=q.shape[-1],
                    dim_v=v.shape[-1], dtype=q.dtype, device=q.device, scale=q.shape[-1] ** -0.5,
-                   requires_grad=requires_grad, has_rpb=rpb is not None, has_attn_bias=attn_bias is not None,
+                   has_rpb=rpb is not None, has_attn_bias=attn_bias is not None,
                    has_key_padding_mask=key_padding_mask is not None, return_attn=return_attn)
 
 
@@ -129,7 +129,7 @@ def on_backend(name: str, call: Callable[[Optional[str]], object], problem: Prob
 
 
 def takes_float64(backend: str) -> bool:
-    """Whether ``backend`` serves float64 CPU calls (float32-only kernels such as cpu_c do not)."""
+    """Whether ``backend`` serves float64 CPU calls (float32-only kernels such as the C ``cpu`` ones do not)."""
     p = Problem(spec=make_spec("t", (4,), 3), batch=1, heads=1, heads_kv=1, dim=8, dim_v=8, dtype=torch.float64,
                 device=torch.device("cpu"), scale=1.0)
     return why_not(backend, p) is None

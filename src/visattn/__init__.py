@@ -4,7 +4,6 @@ The functional core (``na1d``, ``na2d``, ``na3d``, ``neighborhood_attention``) f
 API and semantics; backends are chosen automatically (``visattn info`` lists them).
 """
 
-from .flops import count_flops
 from .functional import merge_attentions, na1d, na2d, na3d, na_av, neighborhood_attention
 from .nn import (
     NeighborhoodAttention1D,
@@ -16,6 +15,16 @@ from .nn import (
 from .models import create_model, list_models
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # A measurement tool, imported on first use: it pulls in torch.utils.flop_counter and the bench.
+    if name == "count_flops":
+        from .bench.flops import count_flops
+
+        return count_flops
+    raise AttributeError(f"module 'visattn' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",

@@ -8,13 +8,15 @@ for NATTEN runs unchanged. Validation happens once here; backends receive a chec
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Union
 
 import torch
 
-from .backends import Extras, Problem, Result, select_backend
+from . import dispatch
+from .backends import Extras
 from .backends.base import lse_dtype, safe_logsumexp
-from . import ops  # noqa: F401  (registers the torch.library custom ops)
 from .spec import BoolOrTuple, IntOrTuple, NASpec, _as_tuple, make_spec, neighbor_table
 
 __all__ = ["na1d", "na2d", "na3d", "na_av", "neighborhood_attention", "merge_attentions"]
@@ -97,6 +99,48 @@ def _check_extras(fn: str, q: torch.Tensor, spec: NASpec, heads: int, extras: Ex
                              f"{(B, *S)} (True = ignore that key), got {m.dtype} {tuple(m.shape)}.")
 
 
+def _check_scale(fn: str, scale, head_dim: int) -> float:
+    """``scale`` as a finite Python float (``None``: ``head_dim ** -0.5``)."""
+    if scale is None:
+        return head_dim ** -0.5
+    if torch.compiler.is_compiling():  # may be symbolic (dynamic shapes); the same call is checked in eager
+        return scale
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not (scale.is_floating_point() or scale.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{fn}: scale is a {scale.dtype} tensor of shape {tuple(scale.shape)}; pass a Python "
+                            f"number (e.g. scale=0.125).")
+        if scale.requires_grad:
+            raise TypeError(f"{fn}: scale is a tensor that requires grad, but the scale is a constant of the "
+                            f"operator and would get no gradient; multiply the query by it instead.")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{fn}: scale={scale!r} ({type(scale).__name__}) must be a real number, e.g. "
+                        f"scale={head_dim ** -0.5:.4g} (the default, head_dim ** -0.5), or None.")
+    if not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale={scale!r} must be finite; pass None for head_dim ** -0.5.")
+    return scale
+
+
+def _check_additional(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ak: Optional[torch.Tensor],
+                      av: Optional[torch.Tensor]) -> None:
+    """Extra KV tokens: both or neither, ``[B, N, H_kv, D]`` / ``[B, N, H_kv, D_v]``, q's dtype and device."""
+    if ak is None and av is None:
+        return
+    if ak is None or av is None:
+        raise ValueError(f"{fn}: pass both additional_keys and additional_values, or neither.")
+    for name, t in (("additional_keys", ak), ("additional_values", av)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor [B, N, H_kv, D], got {type(t).__name__}.")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"{fn}: {name} is {t.dtype} on {t.device} but the query is {q.dtype} on {q.device}; "
+                            f"use {name}.to(query).")
+    B, Hkv, D, Dv = q.shape[0], k.shape[-2], q.shape[-1], v.shape[-1]
+    if ak.dim() != 4 or ak.shape[0] != B or ak.shape[2] != Hkv or ak.shape[3] != D or \
+            av.dim() != 4 or av.shape[:3] != ak.shape[:3] or av.shape[3] != Dv:
+        raise ValueError(f"{fn}: additional_keys/values must be [B, N, H_kv, D] / [B, N, H_kv, D_v] = "
+                         f"[{B}, N, {Hkv}, {D}] / [{B}, N, {Hkv}, {Dv}], got {tuple(ak.shape)} / {tuple(av.shape)}.")
+
+
 def _dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Every query against the same ``N`` extra tokens. ``q [B, *S, H, D]``, ``k/v [B, N, H_kv, D]``.
 
@@ -177,93 +221,37 @@ def neighborhood_attention(
     if unknown:
         raise TypeError(f"{fn}: unexpected keyword argument(s) {sorted(unknown)}.")
     rank = _check_tensors(fn, _rank, query, key, value)
-    spec = make_spec(fn, tuple(query.shape[1 : rank + 1]), kernel_size, stride, dilation, is_causal)
-    B, H, Hkv, D, Dv = query.shape[0], query.shape[-2], key.shape[-2], query.shape[-1], value.shape[-1]
-    if scale is None:
-        scale = D ** -0.5
+    requested = tuple(_as_tuple(fn, n, a, rank, t) for n, a, t in
+                      (("kernel_size", kernel_size, int), ("stride", stride, int), ("dilation", dilation, int),
+                       ("is_causal", is_causal, bool)))
+    spec = make_spec(fn, tuple(query.shape[1 : rank + 1]), *requested)
+    B, H, D, Dv = query.shape[0], query.shape[-2], query.shape[-1], value.shape[-1]
+    scale = _check_scale(fn, scale, D)
+    for flag, value_ in (("return_lse", return_lse), ("return_attn", return_attn)):
+        if not isinstance(value_, bool):
+            raise TypeError(f"{fn}: {flag}={value_!r} must be True or False.")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"{fn}: backend={backend!r} must be None (automatic) or a backend name such as 'torch' "
+                        f"(`visattn info` lists them).")
     extras = Extras(rpb=rpb, attn_bias=attn_bias, key_padding_mask=key_padding_mask)
     _check_extras(fn, query, spec, H, extras)
-    if (additional_keys is None) != (additional_values is None):
-        raise ValueError(f"{fn}: pass both additional_keys and additional_values, or neither.")
-    if additional_keys is not None:
-        ak, av = additional_keys, additional_values
-        if ak.dim() != 4 or ak.shape[0] != B or ak.shape[2] != Hkv or ak.shape[3] != D or \
-                av.shape[:3] != ak.shape[:3] or av.shape[3] != Dv:
-            raise ValueError(f"{fn}: additional_keys/values must be [B, N, H_kv, D] / [B, N, H_kv, D_v] = "
-                             f"[{B}, N, {Hkv}, {D}] / [{B}, N, {Hkv}, {Dv}], got {tuple(ak.shape)} / {tuple(av.shape)}.")
+    _check_additional(fn, query, key, value, additional_keys, additional_values)
     if any(L == 0 for L in spec.spatial) or B == 0:
         return _empty(query, Dv, spec, return_lse, return_attn, additional_keys)
 
-    if _through_custom_op():
-        # One opaque custom op (visattn.ops) instead of tracing a backend: no graph break, and the
-        # backend and the window rules are applied at run time from the real (possibly dynamic) sizes.
-        req = [list(_as_tuple(fn, n, a, rank, t)) for n, a, t in
-               (("stride", stride, int), ("dilation", dilation, int), ("is_causal", is_causal, bool))]
-        out, lse, attn = torch.ops.visattn.na_forward(
-            query, key, value, rpb, attn_bias, key_padding_mask, list(spec.requested_kernel_size), *req,
-            float(scale), backend or "", return_attn)
-    else:
-        out, lse, attn = _na_eager(query, key, value, spec, float(scale), backend, rpb, attn_bias,
-                                   key_padding_mask, return_attn, fn)
+    out, lse, attn = dispatch.attention(query, key, value, spec, requested, scale, backend, extras, return_attn, fn)
     if additional_keys is not None:
-        out_x, lse_x = _dense_attention(query, additional_keys, additional_values, float(scale))
+        out_x, lse_x = _dense_attention(query, additional_keys, additional_values, scale)
         out, lse_new = merge_attentions([out, out_x], [lse, lse_x])
         if return_attn:
             safe = torch.where(torch.isfinite(lse_new), lse_new, torch.zeros_like(lse_new))
             cdt = lse_new.dtype
-            logits_x = _extra_logits(query, additional_keys, float(scale)).to(cdt)
+            logits_x = _extra_logits(query, additional_keys, scale).to(cdt)
             attn = torch.cat([attn.to(cdt) * torch.exp(lse.to(cdt) - safe).unsqueeze(-1),
                               torch.exp(logits_x - safe.unsqueeze(-1))], dim=-1).to(query.dtype)
         lse = lse_new
     result = (out,) + ((lse,) if return_lse else ()) + ((attn,) if return_attn else ())
     return result[0] if len(result) == 1 else result
-
-
-def _through_custom_op() -> bool:
-    """Whether this call goes through ``torch.ops.visattn.na_forward`` instead of a backend directly.
-
-    Under ``torch.compile``/``torch.export`` (except the ONNX exporter, which needs plain ops), and
-    under any active ``TorchDispatchMode`` (e.g. ``FlopCounterMode``, which then sees one op with an
-    exact FLOP formula instead of a backend's internal tile work). Plain eager calls skip it.
-    """
-    if torch.compiler.is_compiling():
-        return not torch.onnx.is_in_onnx_export()
-    return torch._C._len_torch_dispatch_stack() > 0
-
-
-def _na_eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: Union[NASpec, tuple], scale: float,
-              backend: Optional[str], rpb: Optional[torch.Tensor], attn_bias: Optional[torch.Tensor],
-              key_padding_mask: Optional[torch.Tensor], return_attn: bool, fn: str):
-    """Pick a backend for the (validated) call and run it: ``(out, lse, attn or None)``.
-
-    ``spec`` is a :class:`NASpec`, or ``(kernel_size, stride, dilation, is_causal)`` as requested
-    (the custom ops in :mod:`visattn.ops` pass those, and the rules are applied here to real sizes).
-    """
-    if not isinstance(spec, NASpec):
-        spec = make_spec(fn, tuple(query.shape[1:-2]), *spec)
-    if backend is None and torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export():
-        # torch.onnx.export(dynamo=True) traces with torch.export: the gather-based reference
-        # derives its indices from the (possibly symbolic) sizes with tensor ops, so the ONNX graph
-        # keeps dynamic spatial axes. (The tiled backend builds its plan with Python ints.)
-        backend = "reference"
-    elif backend is None and torch.jit.is_tracing():
-        # The TorchScript ONNX exporter records the ops it sees: the pure-PyTorch tiled backend
-        # traces (its index tensors become constants, fixing the spatial size).
-        backend = "torch"
-    B, H, Hkv = query.shape[0], query.shape[-2], key.shape[-2]
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, key, value, rpb, attn_bias))
-    problem = Problem(
-        spec=spec, batch=B, heads=H, heads_kv=Hkv, dim=query.shape[-1], dim_v=value.shape[-1], dtype=query.dtype,
-        device=query.device, scale=scale, requires_grad=grad, has_rpb=rpb is not None,
-        has_attn_bias=attn_bias is not None, has_key_padding_mask=key_padding_mask is not None,
-        return_attn=return_attn,
-    )
-    impl = select_backend(problem, backend, fn)
-    if Hkv != H and not impl.supports_gqa:
-        key, value = key.repeat_interleave(H // Hkv, dim=-2), value.repeat_interleave(H // Hkv, dim=-2)
-    res: Result = impl.forward(query, key, value, problem, Extras(rpb, attn_bias, key_padding_mask))
-    return res.out, res.lse, res.attn
 
 
 def _extra_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,45 +1,58 @@
-"""``torch.library`` custom ops, so that ``torch.compile(fullgraph=True)`` sees one opaque node.
+"""The autograd and compiler boundary: two ``torch.library`` custom ops and the one autograd registration.
 
-Two ops, both with fake (meta) implementations that only compute output shapes, so they trace with
-symbolic (dynamic) spatial sizes without guarding on them:
+* ``visattn::na_forward(q, k, v, rpb?, attn_bias?, key_padding_mask?, kernel_size, stride, dilation,
+  is_causal, scale, backend, return_attn) -> (out, lse, attn)``: the neighbourhood part of
+  :func:`visattn.neighborhood_attention` (extra KV tokens are merged outside, in traceable PyTorch).
+* ``visattn::na_backward(grad_out, grad_lse?, grad_attn?, q, k, v, out, lse, rpb?, attn_bias?,
+  key_padding_mask?, ...) -> (dq, dk, dv, drpb, dattn_bias)``: its gradients. A backend with a native
+  backward (:attr:`Backend.native_backward`) computes them from the saved output and LSE; for the
+  others the op recomputes their differentiable forward and differentiates it.
 
-* ``visattn::na_forward(q, k, v, rpb?, attn_bias?, key_padding_mask?, kernel_size, stride,
-  dilation, is_causal, scale, backend, return_attn) -> (out, lse, attn)``: the neighbourhood part of
-  :func:`visattn.neighborhood_attention` (extra KV tokens are merged outside, in traceable PyTorch);
-  ``backend=""`` chooses automatically *at run time*, from the real shapes;
-* ``visattn::na_backward(...)``: its gradients. It works for every backend by **recomputing** the
-  backend's forward under ``torch.enable_grad()`` and calling ``torch.autograd.grad`` on it: the
-  backward costs one extra forward and needs no per-backend backward op, at the price of keeping the
-  inputs (not the activations) alive between forward and backward.
+Both ops carry the *requested* per-axis ints and ``backend=""`` for automatic selection: the
+variable-resolution rule (:func:`visattn.spec.fit_axis`) and the choice of backend happen inside,
+from the real shapes, so ``torch.compile`` traces them with symbolic sizes and a new resolution needs
+no new graph. Selection depends only on the problem, so the backward op finds the forward's backend.
 
-Eager calls do not go through these ops (``functional`` branches on
-``torch.compiler.is_compiling()``), so they pay no dispatcher overhead. The ops carry the *requested*
-per-axis ints; the variable-resolution rule (:func:`visattn.spec.fit_axis`) is applied inside, from
-the real shapes, which is why a new resolution needs no new graph.
+:mod:`visattn.dispatch` decides when a call goes through these ops: always under ``torch.compile``
+and dispatch modes, and in eager whenever a backend with a native backward must record a gradient.
+The flop formulas (``FlopCounterMode`` then counts the operator's useful work) are registered here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from .backends import Extras, Problem, Result, run_backward, run_forward, select_backend
 from .backends.base import lse_dtype
+from .spec import BoolOrTuple, IntOrTuple, make_spec, na_flops
 
-__all__ = ["na_forward", "na_backward"]
+__all__ = ["forward_impl", "na_backward", "na_backward_op_flops", "na_forward", "na_forward_op_flops",
+           "na_op_flop_formula", "register_na_flop_formula"]
 
 _EMPTY = (0,)  # placeholder for an absent optional output (custom ops cannot return None)
 
 
-def _call_eager(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
-                is_causal, scale, backend, return_attn):
-    from .functional import _na_eager  # lazy: functional imports this module
+def _setup(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation, is_causal,
+           scale, backend, return_attn, fn):
+    spec = make_spec(fn, tuple(query.shape[1:-2]), tuple(kernel_size), tuple(stride), tuple(dilation),
+                     tuple(is_causal))
+    extras = Extras(rpb, attn_bias, key_padding_mask)
+    p = Problem.of(query, key, value, spec, float(scale), extras, return_attn)
+    return select_backend(p, backend or None, fn), p, extras
 
-    spec = (tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal))
-    return _na_eager(query, key, value, spec, scale, backend or None, rpb, attn_bias, key_padding_mask, return_attn,
-                     "visattn::na_forward")
+
+def forward_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: Optional[torch.Tensor],
+                 attn_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                 kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+                 is_causal: Sequence[bool], scale: float, backend: str, return_attn: bool) -> Result:
+    """The body of ``visattn::na_forward``: select the backend from the real shapes and run it."""
+    impl, p, extras = _setup(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
+                             is_causal, scale, backend, return_attn, "visattn::na_forward")
+    return run_forward(impl, query, key, value, p, extras)
 
 
 @torch.library.custom_op("visattn::na_forward", mutates_args=())
@@ -51,11 +64,11 @@ def na_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Neighbourhood attention: ``out [B, *S, H, D_v]``, ``lse [B, *S, H]``, ``attn [B, *S, H, K]``
     (``attn`` is an empty tensor unless ``return_attn``)."""
-    out, lse, attn = _call_eager(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride,
-                                 dilation, is_causal, scale, backend, return_attn)
+    res = forward_impl(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
+                       is_causal, scale, backend, return_attn)
     # Contiguous so that the real strides match the fake ones the compiler planned with.
-    attn = attn.contiguous() if attn is not None else query.new_empty(_EMPTY)
-    return out.contiguous(), lse.contiguous(), attn
+    attn = res.attn.contiguous() if res.attn is not None else query.new_empty(_EMPTY)
+    return res.out.contiguous(), res.lse.contiguous(), attn
 
 
 @na_forward.register_fake
@@ -77,8 +90,8 @@ def _na_forward_fake(query, key, value, rpb, attn_bias, key_padding_mask, kernel
 def _autograd_inside_op():
     """Re-enable autograd inside an op body.
 
-    A custom op without its own autograd formula runs below the autograd dispatch keys (they are
-    excluded thread-locally), so ``enable_grad`` alone would record nothing; the recompute needs them.
+    A custom op runs below the autograd dispatch keys (they are excluded thread-locally), so
+    ``enable_grad`` alone would record nothing; differentiating a backend's forward needs them.
     """
     keys = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
             torch._C.DispatchKey.AutogradNestedTensor)
@@ -93,83 +106,147 @@ def _autograd_inside_op():
             torch._C._dispatch_tls_set_dispatch_key_excluded(k, b)
 
 
+def differentiate_forward(impl, p: Problem, grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
+                          grad_attn: Optional[torch.Tensor], query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, extras: Extras, create_graph: bool = False) -> list[Optional[torch.Tensor]]:
+    """Gradients ``[dq, dk, dv, drpb, dattn_bias]`` (``None`` for absent inputs) by autograd through
+    ``impl``'s differentiable forward, for backends without a native backward and for double
+    backward (``create_graph``)."""
+    leaves = [t if create_graph else t.detach().requires_grad_()
+              for t in (query, key, value)] + [None if t is None else (t if create_graph else t.detach().requires_grad_())
+                                               for t in (extras.rpb, extras.attn_bias)]
+    res = run_forward(impl, *leaves[:3], p, Extras(leaves[3], leaves[4], extras.key_padding_mask))
+    outputs, grads = [res.out], [grad_out]
+    if grad_lse is not None:
+        # LSE is -inf for a query with no key; its gradient there is zero, not NaN.
+        outputs.append(res.lse)
+        grads.append(torch.where(torch.isfinite(res.lse), grad_lse, 0.0))
+    if grad_attn is not None and res.attn is not None:
+        outputs.append(res.attn)
+        grads.append(grad_attn)
+    inputs = [t for t in leaves if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(outputs, inputs, grads, allow_unused=True, create_graph=create_graph))
+    result = []
+    for t in leaves:
+        g = next(got) if t is not None and t.requires_grad else None
+        result.append(torch.zeros_like(t) if g is None and t is not None else g)
+    return result
+
+
 @torch.library.custom_op("visattn::na_backward", mutates_args=())
 def na_backward(
-    grad_out: torch.Tensor, grad_lse: torch.Tensor, grad_attn: torch.Tensor,
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], grad_attn: Optional[torch.Tensor],
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     rpb: Optional[torch.Tensor], attn_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
     kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int], is_causal: Sequence[bool],
     scale: float, backend: str, return_attn: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv, drpb, dattn_bias)`` of :func:`na_forward`, by recomputation (module
-    docstring); ``drpb``/``dattn_bias`` are empty tensors when ``rpb``/``attn_bias`` are absent."""
-    with _autograd_inside_op():
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in (query, key, value, rpb, attn_bias)]
-        out, lse, attn = _call_eager(*leaves[:3], leaves[3], leaves[4], key_padding_mask, kernel_size, stride,
-                                     dilation, is_causal, scale, backend, return_attn)
-        # LSE is -inf for a query with no key; its gradient there is zero, not NaN.
-        grad_lse = torch.where(torch.isfinite(lse), grad_lse, 0.0)
-        outputs, grads = [out, lse], [grad_out, grad_lse]
-        if return_attn:
-            outputs.append(attn)
-            grads.append(grad_attn)
-        inputs = [t for t in leaves if t is not None]
-        got = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
-    got_iter = iter(got)
-    result = []
-    for t in leaves:
-        if t is None:
-            result.append(query.new_empty(_EMPTY))
-        else:
-            g = next(got_iter)
-            result.append(torch.zeros_like(t) if g is None else g.contiguous())
-    return tuple(result)
+    """Gradients ``(dq, dk, dv, drpb, dattn_bias)`` of :func:`na_forward` (module docstring);
+    ``drpb``/``dattn_bias`` are empty tensors when ``rpb``/``attn_bias`` are absent."""
+    impl, p, extras = _setup(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
+                             is_causal, scale, backend, return_attn, "visattn::na_backward")
+    if impl.native_backward:
+        g = run_backward(impl, query, key, value, out, lse, grad_out, grad_lse, p, extras)
+        grads = [g.dq, g.dk, g.dv, g.drpb, g.dattn_bias]
+    else:
+        with _autograd_inside_op():
+            grads = differentiate_forward(impl, p, grad_out, grad_lse, grad_attn, query, key, value, extras)
+    return tuple(query.new_empty(_EMPTY) if g is None else g.contiguous() for g in grads)
 
 
 @na_backward.register_fake
-def _na_backward_fake(grad_out, grad_lse, grad_attn, query, key, value, rpb, attn_bias, key_padding_mask,
-                      kernel_size, stride, dilation, is_causal, scale, backend, return_attn):
-    return tuple(torch.empty_like(t) if t is not None else query.new_empty(_EMPTY)
-                 for t in (query, key, value, rpb, attn_bias))
+def _na_backward_fake(grad_out, grad_lse, grad_attn, query, key, value, out, lse, rpb, attn_bias,
+                      key_padding_mask, kernel_size, stride, dilation, is_causal, scale, backend, return_attn):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None
+                 else query.new_empty(_EMPTY) for t in (query, key, value, rpb, attn_bias))
 
 
-_ARGS = ("query", "key", "value", "rpb", "attn_bias", "key_padding_mask", "kernel_size", "stride", "dilation",
-         "is_causal", "scale", "backend", "return_attn")
+# ------------------------------------------------------------------------------------------------
+# The autograd registration (the only one in the library)
+
+_PARAMS = ("kernel_size", "stride", "dilation", "is_causal", "scale", "backend", "return_attn")
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    tensors, ctx.args = inputs[:6], dict(zip(_ARGS[6:], inputs[6:]))  # tensors only via save_for_backward
-    ctx.present = [t is not None for t in tensors]
-    ctx.save_for_backward(*(t for t in tensors if t is not None))
+    query, key, value, rpb, attn_bias, key_padding_mask, *params = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(query, key, value, out, lse, rpb, attn_bias, key_padding_mask)
+    ctx.params = params
+    ctx.set_materialize_grads(False)  # an unused LSE or weights output costs no zero-filled gradient
 
 
 def _backward(ctx, grad_out, grad_lse, grad_attn):
-    saved = iter(ctx.saved_tensors)
-    tensors = [next(saved) if present else None for present in ctx.present]
-    a = ctx.args
-    q = tensors[0]
-    # Outputs the loss did not use arrive as None; the op needs tensors.
-    grad_out = q.new_zeros((*q.shape[:-1], tensors[2].shape[-1])) if grad_out is None else grad_out
-    grad_lse = q.new_zeros(q.shape[:-1], dtype=lse_dtype(q.dtype)) if grad_lse is None else grad_lse
-    grad_attn = q.new_zeros(_EMPTY) if grad_attn is None or not a["return_attn"] else grad_attn
-    dq, dk, dv, drpb, dbias = torch.ops.visattn.na_backward(
-        grad_out, grad_lse, grad_attn, *tensors, a["kernel_size"], a["stride"], a["dilation"], a["is_causal"],
-        a["scale"], a["backend"], a["return_attn"])
-    return (dq, dk, dv, drpb if tensors[3] is not None else None, dbias if tensors[4] is not None else None,
-            None, None, None, None, None, None, None, None)
+    query, key, value, out, lse, rpb, attn_bias, key_padding_mask = ctx.saved_tensors
+    params = dict(zip(_PARAMS, ctx.params))
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if not params["return_attn"]:
+        grad_attn = None
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, gradient penalties): gradients that are themselves
+        # differentiable, by autograd through the portable backend's forward.
+        from .backends import get_backend
+
+        spec = make_spec("visattn::na_backward", tuple(query.shape[1:-2]), *(params[n] for n in _PARAMS[:4]))
+        extras = Extras(rpb, attn_bias, key_padding_mask)
+        p = Problem.of(query, key, value, spec, float(params["scale"]), extras, params["return_attn"])
+        grads = differentiate_forward(get_backend("torch"), p, grad_out, grad_lse, grad_attn, query, key, value,
+                                      extras, create_graph=True)
+    else:
+        grads = torch.ops.visattn.na_backward(grad_out, grad_lse, grad_attn, query, key, value, out, lse, rpb,
+                                              attn_bias, key_padding_mask, *ctx.params)
+    dq, dk, dv, drpb, dbias = grads
+    return (dq, dk, dv, drpb if rpb is not None else None, dbias if attn_bias is not None else None,
+            None, *(None,) * len(_PARAMS))
 
 
 na_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ------------------------------------------------------------------------------------------------
+# FLOP formulas for torch.utils.flop_counter
 
-def _register_flop_formulas() -> None:
-    """Exact FLOPs for ``torch.utils.flop_counter`` (so ``FlopCounterMode`` counts the operator's
-    useful work, not a backend's internals): forward per :func:`visattn.spec.na_flops`, backward as
-    2x forward (the usual convention, although the recomputing backward does one more forward)."""
+def na_forward_op_flops(query_shape, key_shape, value_shape, rpb_shape, attn_bias_shape, key_padding_mask_shape,
+                        kernel_size, stride, dilation, is_causal, *args, out_val: Any = None, **kwargs) -> int:
+    """FLOPs of ``visattn::na_forward``: :func:`visattn.spec.na_flops` (``QK^T`` and ``PV`` over every
+    window slot) plus one add per slot for a relative positional bias (as NATTEN's fvcore handle)."""
+    rank = len(query_shape) - 3
+    spec = make_spec("visattn::na_forward", tuple(query_shape[1:rank + 1]), kernel_size, stride, dilation, is_causal)
+    flops = na_flops(spec, query_shape[0], query_shape[-2], query_shape[-1], value_shape[-1])
+    if rpb_shape is not None:
+        flops += 2 * query_shape[0] * spec.num_tokens * spec.window_size * query_shape[-2]
+    return flops
+
+
+def na_backward_op_flops(grad_out_shape, grad_lse_shape, grad_attn_shape, query_shape, key_shape, value_shape,
+                         saved_out_shape, lse_shape, rpb_shape, attn_bias_shape, key_padding_mask_shape, kernel_size, stride,
+                         dilation, is_causal, *args, out_val: Any = None, **kwargs) -> int:
+    """FLOPs of ``visattn::na_backward``: 2x the forward's (the papers' and ``visattn bench``'s convention)."""
+    return 2 * na_forward_op_flops(query_shape, key_shape, value_shape, rpb_shape, attn_bias_shape,
+                                   key_padding_mask_shape, kernel_size, stride, dilation, is_causal)
+
+
+def na_op_flop_formula(query_shape, key_shape, value_shape, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
+                       dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, *args, out_val: Any = None,
+                       **kwargs) -> int:
+    """FLOP formula for someone else's custom op with NATTEN's signature
+    ``(query, key, value, kernel_size, stride, dilation, is_causal, ..., rpb=...)`` (heads-last
+    shapes); register it with :func:`register_na_flop_formula`."""
+    rpb = kwargs.get("rpb")
+    return na_forward_op_flops(query_shape, key_shape, value_shape, rpb, None, None, kernel_size, stride,
+                               dilation, is_causal)
+
+
+def register_na_flop_formula(op) -> None:
+    """Make PyTorch's ``FlopCounterMode`` count ``op`` (a ``torch.ops.<ns>.<name>`` packet whose schema
+    starts like NATTEN's ``na*d``) with :func:`na_op_flop_formula`."""
     from torch.utils.flop_counter import register_flop_formula
 
-    from .flops import na_backward_op_flops, na_forward_op_flops
+    register_flop_formula(op)(na_op_flop_formula)
+
+
+def _register_flop_formulas() -> None:
+    from torch.utils.flop_counter import register_flop_formula
 
     register_flop_formula(torch.ops.visattn.na_forward)(na_forward_op_flops)
     register_flop_formula(torch.ops.visattn.na_backward)(na_backward_op_flops)

@@ -1,5 +1,4 @@
-"""The shared parity harness: every backend, forward (out, LSE) and backward (dQ, dK, dV, extra
-KV grads, and gradients flowing into LSE) against the float64 oracle, over the whole case sweep."""
+"""Every backend against the float64 oracle over the whole case sweep (the harness is tests/parity.py)."""
 
 from __future__ import annotations
 
@@ -7,51 +6,15 @@ import pytest
 import torch
 
 from cases import CASES, Case
-from brute import problem_for
-from oracle import GRAD_TOL, TOL, oracle
-from visattn import neighborhood_attention
-from visattn.backends import list_backends, why_not
+from parity import run_parity, usable
+from visattn.backends import list_backends
 
 DTYPES = [torch.float64, torch.float32]
-
-
-def _usable(name: str) -> None:
-    reason = why_not(name)
-    if reason is not None:
-        pytest.skip(f"backend {name!r} is not usable on this machine: {reason}")
-
-
-def run_parity(backend: str, case: Case, dtype: torch.dtype, device: str = "cpu") -> None:
-    """Compare ``backend`` with the oracle on ``case``; shared by every backend's test file."""
-    q, k, v, xk, xv = case.make(dtype, device)
-    refusal = why_not(backend, problem_for(q, k, v, **case.kwargs()))
-    if refusal is not None:  # a stated limit (e.g. triton: no float64), routed around by the dispatcher
-        pytest.skip(f"backend {backend!r} declines this case: {refusal}")
-    inputs = [t for t in (q, k, v, xk, xv) if t is not None]
-    out, lse = neighborhood_attention(q, k, v, **case.kwargs(), additional_keys=xk, additional_values=xv,
-                                      backend=backend, return_lse=True)
-    ref_out, ref_lse = oracle(*(t.detach().requires_grad_() for t in (q, k, v)),
-                              *((xk, xv) if xk is not None else ()), **case.kwargs())
-    atol, rtol = TOL[dtype]
-    assert out.shape == ref_out.shape and out.dtype == dtype
-    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=atol, rtol=rtol)
-
-    g = torch.Generator().manual_seed(1)
-    d_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    d_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((out.double() * d_out.to(device)).sum() + (lse.double() * d_lse.to(device)).sum(), inputs)
-    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    r_out, r_lse = oracle(*ref_inputs, **case.kwargs())
-    ref_grads = torch.autograd.grad((r_out * d_out.to(device)).sum() + (r_lse * d_lse.to(device)).sum(), ref_inputs)
-    gatol, grtol = GRAD_TOL[dtype]
-    for name, a, b in zip(("dq", "dk", "dv", "d_extra_k", "d_extra_v"), grads, ref_grads):
-        torch.testing.assert_close(a.double(), b, atol=gatol, rtol=grtol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("backend", list_backends())
 def test_parity(backend: str, case: Case, dtype: torch.dtype) -> None:
-    _usable(backend)
+    usable(backend)
     run_parity(backend, case, dtype)

@@ -21,11 +21,11 @@ import torch
 import visattn
 from cases import CASES, Case
 from oracle import GRAD_TOL, TOL
-from test_parity import run_parity
+from parity import run_parity
 from visattn import neighborhood_attention
 from visattn.backends import select_backend, why_not
 from visattn.backends.base import Problem
-from visattn.backends.triton_na import _axis_table, _triton_missing
+from visattn.backends.triton.backend import _axis_table, _triton_missing
 from visattn.spec import axis_windows, make_spec
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -148,21 +148,18 @@ def test_interp_rpb():
 
 
 @needs_interpreter
-def test_interp_custom_op_and_compile():
-    """The kernels are torch.library ops: schema, fake and autograd registrations pass ``opcheck``,
-    and ``torch.compile(fullgraph=True)`` traces through them (forward and backward)."""
-    import visattn.backends.triton_na  # noqa: F401  (registers the ops)
-
+def test_interp_through_the_library_ops_and_compile():
+    """The kernels run behind the library's own custom ops (no Triton-private ops): ``opcheck`` passes
+    with ``backend="triton"`` and ``torch.compile(fullgraph=True)`` traces forward and backward."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 6, 2, 16, generator=g).requires_grad_() for _ in range(3))
-    params = ([3], [1], [1], [False], [3], 0.25)
-    op = torch.ops.visattn.triton_na_fwd.default
+    args = (q, k, v, None, None, None, [3], [1], [1], [False], 0.25, "triton", False)
     # test_aot_dispatch_dynamic is left out: the torch.compile check below covers tracing.
-    torch.library.opcheck(op, (q, k, v, None, *params),
+    torch.library.opcheck(torch.ops.visattn.na_forward.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
     def f(q, k, v):
-        out, lse = op(q, k, v, None, *params)
+        out, lse = neighborhood_attention(q, k, v, 3, backend="triton", return_lse=True)
         return out.sum() + lse.sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -192,8 +189,8 @@ def _compile(kind: str, arch: int, dtype: str, cfg, dim: int = 64, warps: int = 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from visattn.backends import triton_kernels as tk
-    from visattn.backends.triton_na import _meta
+    from visattn.backends.triton import kernels as tk
+    from visattn.backends.triton.backend import _meta
 
     fn = {"fwd": tk.na_fwd_kernel, "dq": tk.na_bwd_dq_kernel, "dkdv": tk.na_bwd_dkdv_kernel}[kind]
     consts = dict(HEAD_DIM=dim, HEAD_DIM_V=dim, BLOCK_D=dim, BLOCK_DV=dim, HAS_RPB=True,
@@ -213,7 +210,7 @@ def _compile(kind: str, arch: int, dtype: str, cfg, dim: int = 64, warps: int = 
 def test_kernels_compile_for_gpu(kind: str, arch: int):
     """Without a GPU: each kernel lowers to a cubin for Ampere/Hopper, on tensor cores, within the
     shared-memory budget (catches GPU-only errors the interpreter cannot see)."""
-    from visattn.backends.triton_na import _GPU_CONFIGS
+    from visattn.backends.triton.backend import _GPU_CONFIGS
 
     cfg = _GPU_CONFIGS[2][0]
     compiled = _compile(kind, arch, "fp16", cfg if kind != "dkdv" else (cfg[1], cfg[0]))

@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import visattn
 from visattn import count_flops
-from visattn.flops import na_macs, register_na_flop_formula
+from visattn.bench.flops import na_macs
+from visattn.ops import register_na_flop_formula
 from visattn.models import NAT_CONFIGS, create_model
 from visattn.models.nat import NATBlock
 from visattn.spec import make_spec

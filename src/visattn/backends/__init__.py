@@ -1,8 +1,10 @@
-"""Backend registry: the one place backends are listed, and automatic selection.
+"""Backend registry: the one place backends are listed, automatic selection, and running one.
 
-A backend is one module in this folder exposing a :class:`~visattn.backends.base.Backend` subclass.
-Modules are imported lazily so that an optional dependency (numba, triton) missing on this machine
-only makes its backend unavailable, never the package.
+A backend is one module (or folder) here exposing a :class:`~visattn.backends.base.Backend`
+subclass, registered in one line of ``_BUILTIN``. Modules are imported lazily so that an optional
+dependency (triton) missing on this machine only makes its backend unavailable, never the package.
+Probing (:func:`why_not`, :func:`select_backend`'s candidates) has no side effects; a backend is made
+ready (:meth:`Backend.load`: the C kernels compile) only when it is chosen for a call.
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
-from .base import Backend, Extras, Problem, Result
+import torch
 
-__all__ = ["Backend", "Extras", "Problem", "Result", "get_backend", "list_backends", "register_backend", "select_backend"]
+from .base import Backend, Extras, Grads, Problem, Result
+
+__all__ = ["Backend", "Extras", "Grads", "Problem", "Result", "get_backend", "list_backends", "register_backend",
+           "run_backward", "run_forward", "select_backend", "why_not"]
 
 # name -> "module:Class". Order is only the display order; selection uses Backend.priority.
 _BUILTIN = {
     "reference": "reference:ReferenceBackend",
     "torch": "torch_tiled:TorchTiledBackend",
-    "cpu": "cpu_numba:CpuBackend",
-    "cpu_c": "cpu_c:CpuCBackend",
-    "triton": "triton_na:TritonBackend",
+    "cpu": "cpu.backend:CpuBackend",
+    "triton": "triton.backend:TritonBackend",
 }
 _INSTANCES: dict[str, Backend] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
@@ -64,7 +68,7 @@ def get_backend(name: str) -> Backend:
 
 
 def why_not(name: str, p: Optional[Problem] = None) -> Optional[str]:
-    """Why backend ``name`` cannot run here (or cannot serve ``p``); ``None`` if it can."""
+    """Why backend ``name`` cannot run here (or cannot serve ``p``); ``None`` if it can. No side effects."""
     backend = _load(name)
     if backend is None:
         return _IMPORT_ERRORS.get(name, "no backend of that name")
@@ -75,24 +79,59 @@ def why_not(name: str, p: Optional[Problem] = None) -> Optional[str]:
 
 
 def select_backend(p: Problem, name: Optional[str] = None, fn: str = "neighborhood_attention") -> Backend:
-    """The backend to run ``p``: ``name`` if given (else raise saying why it cannot), otherwise the
-    highest-priority backend that accepts ``p``."""
+    """The backend to run ``p``, made ready (:meth:`Backend.load`).
+
+    ``name`` forces one (raising with the reason if it cannot serve ``p``); otherwise the
+    highest-priority backend that accepts ``p`` and loads. The choice depends only on ``p`` and on
+    this machine, so a call's backward finds the backend its forward used.
+    """
     if name is not None:
         backend = get_backend(name)
-        reason = why_not(name, p)
+        reason = why_not(name, p) or backend.load()
         if reason is not None:
             raise ValueError(f"{fn}: backend={name!r} cannot serve this call: {reason}. "
                              f"Pass backend=None to choose automatically.")
         return backend
-    best, reasons = None, []
+    reasons, candidates = [], []
     for candidate in list_backends():
         reason = why_not(candidate, p)
-        if reason is not None:
+        if reason is None:
+            candidates.append(_INSTANCES[candidate])
+        else:
             reasons.append(f"{candidate}: {reason}")
-            continue
-        backend = _INSTANCES[candidate]
-        if best is None or backend.priority(p) > best.priority(p):
-            best = backend
-    if best is None:
-        raise ValueError(f"{fn}: no backend can serve this call ({'; '.join(reasons)}).")
-    return best
+    # Stable sort: among equal priorities the display order decides.
+    for backend in sorted(candidates, key=lambda b: -b.priority(p)):
+        reason = backend.load()
+        if reason is None:
+            return backend
+        reasons.append(f"{backend.name}: {reason}")
+    raise ValueError(f"{fn}: no backend can serve this call ({'; '.join(reasons)}).")
+
+
+def _expand_kv(impl: Backend, p: Problem, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k/v repeated to the query's heads for a backend without native GQA (query head h uses kv head
+    h // G); autograd sums the repeated heads' gradients back."""
+    if p.heads_kv == p.heads or impl.supports_gqa:
+        return k, v
+    g = p.heads // p.heads_kv
+    return k.repeat_interleave(g, dim=-2), v.repeat_interleave(g, dim=-2)
+
+
+def run_forward(impl: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem,
+                extras: Extras) -> Result:
+    """``impl.forward`` on the call's own tensors (GQA expanded where the backend needs it)."""
+    k, v = _expand_kv(impl, p, k, v)
+    return impl.forward(q, k, v, p, extras)
+
+
+def run_backward(impl: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem,
+                 extras: Extras) -> Grads:
+    """``impl.backward`` (native backends only) with the kv-head gradients summed back for GQA."""
+    ke, ve = _expand_kv(impl, p, k, v)
+    grads = impl.backward(q, ke, ve, out, lse, dout, dlse, p, extras)
+    if ke is not k:
+        g = p.heads // p.heads_kv
+        fold = lambda t: t.unflatten(-2, (p.heads_kv, g)).sum(-2)  # noqa: E731
+        grads.dk, grads.dv = fold(grads.dk), fold(grads.dv)
+    return grads

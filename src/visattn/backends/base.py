@@ -1,4 +1,11 @@
-"""What a backend is: a description of one call (:class:`Problem`) and the :class:`Backend` contract."""
+"""What a backend is: a description of one call (:class:`Problem`) and the :class:`Backend` contract.
+
+A backend computes the forward (output and log-sum-exp) and, if it has one, its own backward from
+what the forward saved. It never deals with autograd: :mod:`visattn.ops` owns the one autograd
+registration and calls :meth:`Backend.forward` / :meth:`Backend.backward`. A backend without a
+backward of its own (``native_backward = False``) writes a differentiable forward instead, and
+autograd through that forward is its backward.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ class Problem:
     """Everything a backend needs to decide whether it can serve a call, without the tensors.
 
     Shapes: ``q [B, *S, H, D]``, ``k [B, *S, H_kv, D]``, ``v [B, *S, H_kv, D_v]`` (heads-last).
+    Whether gradients will be asked for is deliberately not part of it: the choice of backend must
+    be the same for a call's forward and its backward, and the backward op cannot see it.
     """
 
     spec: NASpec
@@ -27,16 +36,24 @@ class Problem:
     dtype: torch.dtype
     device: torch.device
     scale: float
-    requires_grad: bool = False
     has_rpb: bool = False
     has_attn_bias: bool = False
     has_key_padding_mask: bool = False
     return_attn: bool = False
 
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: NASpec, scale: float,
+           extras: "Extras", return_attn: bool = False) -> "Problem":
+        """The problem of a (validated) call on these tensors."""
+        return cls(spec=spec, batch=q.shape[0], heads=q.shape[-2], heads_kv=k.shape[-2], dim=q.shape[-1],
+                   dim_v=v.shape[-1], dtype=q.dtype, device=q.device, scale=scale, has_rpb=extras.rpb is not None,
+                   has_attn_bias=extras.attn_bias is not None,
+                   has_key_padding_mask=extras.key_padding_mask is not None, return_attn=return_attn)
+
 
 @dataclass
 class Extras:
-    """Optional per-call tensors beyond q/k/v (issue "Beyond NATTEN").
+    """Optional per-call tensors beyond q/k/v.
 
     * ``rpb [H, 2k0-1, ...]``: relative positional bias, indexed by key minus query group position.
     * ``attn_bias [B, *S, H, K]``: additive logits in neighbourhood-slot order.
@@ -58,34 +75,67 @@ class Result:
     attn: Optional[torch.Tensor] = None
 
 
+@dataclass
+class Grads:
+    """Input gradients of one call: ``dq``, ``dk``, ``dv`` shaped like the inputs, ``drpb`` like the
+    bias table and ``dattn_bias`` like ``attn_bias`` (``None`` where the input was absent)."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    drpb: Optional[torch.Tensor] = None
+    dattn_bias: Optional[torch.Tensor] = None
+
+
 class Backend(ABC):
     """One implementation of the operator. Subclasses set the class attributes and ``forward``.
 
-    ``forward`` must be differentiable w.r.t. q, k, v (and the extras' float tensors) *including*
-    gradients that flow into ``lse`` (extra KV tokens are merged through it).
+    * ``native_backward = True``: :meth:`backward` computes the gradients from the inputs, the
+      output and the LSE the forward returned; :meth:`forward` runs without autograd.
+    * ``native_backward = False``: :meth:`forward` must be differentiable w.r.t. q, k, v and the
+      extras' float tensors, *including* gradients that flow into ``lse`` (extra KV tokens are
+      merged through it); autograd through it is the backward.
     """
 
     name: str = ""
     description: str = ""
     #: whether k/v may have fewer heads than q; otherwise the dispatcher repeats them.
     supports_gqa: bool = False
+    #: whether :meth:`backward` is implemented (see the class docstring).
+    native_backward: bool = False
 
     def unavailable(self) -> Optional[str]:
-        """Why this backend cannot run on this machine at all (missing dependency), or ``None``."""
+        """Why this backend cannot run on this machine at all (missing dependency), or ``None``.
+
+        Must be cheap and free of side effects (it compiles and loads nothing): it is asked for every
+        call during automatic selection and by ``visattn info``.
+        """
         return None
 
     def refuse(self, p: Problem) -> Optional[str]:
-        """Why this backend cannot serve ``p``, or ``None`` if it can."""
+        """Why this backend cannot serve ``p``, or ``None`` if it can (cheap, no side effects)."""
         return None
 
     def priority(self, p: Problem) -> float:
         """Higher wins in automatic selection among backends that accept ``p``."""
         return 0.0
 
+    def load(self) -> Optional[str]:
+        """Get ready to run (compile, load a library); called before the first call this backend
+        serves, and then on every call, so it must be cheap once done. Returns why it failed, after
+        which :meth:`unavailable` must report that reason (selection then routes around it)."""
+        return None
+
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras: Extras) -> Result:
         """Run the call. q/k/v as in :class:`Problem` (k/v already repeated to ``H`` heads unless
         ``supports_gqa``); returns a :class:`Result`."""
+
+    def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras) -> Grads:
+        """Gradients of ``sum(out * dout) + sum(lse * dlse)`` (``dlse=None``: zero) for a backend with
+        ``native_backward``; ``out``/``lse`` are what :meth:`forward` returned for these inputs."""
+        raise NotImplementedError(f"backend {self.name!r} has no native backward")
 
 
 def safe_logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

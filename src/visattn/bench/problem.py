@@ -86,8 +86,7 @@ class BenchProblem:
     def backend_problem(self) -> Problem:
         """The :class:`visattn.backends.Problem` a backend sees for this call."""
         return Problem(spec=self.spec, batch=self.batch, heads=self.heads, heads_kv=self.heads, dim=self.head_dim,
-                       dim_v=self.head_dim, dtype=self.dtype, device=torch.device(self.device), scale=self.scale,
-                       requires_grad=self.backward)
+                       dim_v=self.head_dim, dtype=self.dtype, device=torch.device(self.device), scale=self.scale)
 
     def na_kwargs(self) -> dict:
         """Window arguments as the caller passed them (``neighborhood_attention`` / NATTEN keywords)."""

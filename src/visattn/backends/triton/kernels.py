@@ -1,6 +1,6 @@
 """Fused Triton kernels for generalized neighborhood attention: forward, dQ, and dK/dV.
 
-Imported lazily by :mod:`visattn.backends.triton_na` (only when ``triton`` is installed). Every
+Imported lazily by :mod:`visattn.backends.triton.backend` (only when ``triton`` is installed). Every
 call is seen as rank 3: a rank-1 or rank-2 problem gets leading axes of length 1 (kernel, stride
 and dilation 1), so one kernel serves all ranks and the unused axes cost a tile of extent 1.
 

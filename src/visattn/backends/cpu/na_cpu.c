@@ -1,9 +1,9 @@
 /* Fused neighborhood attention on CPU: forward and race-free backward, float32.
  *
- * Compiled at first use by visattn/backends/cpu_c.py with the system C compiler for the host CPU
+ * Compiled at first use by build.py (next to this file) with the system C compiler for the host CPU
  * (-O3 -march=native) and loaded with ctypes: no Python or PyTorch headers, no C++ ABI.
  *
- * Geometry (same tables as the numba kernels, see cpu_kernels.py): every tensor is the contiguous
+ * Geometry (the tables of geometry.py): every tensor is the contiguous
  * heads-last [B, L0, L1, L2, heads, dim] one, seen as rows of `dim` floats (row of token t, head h
  * is t*heads + h). Each axis is walked in group-major order (dilation group 0, then 1, ...):
  * pos[a][i] is the coordinate of index i and a query's keys are the run lo[a][i]..hi[a][i] on every
@@ -22,7 +22,7 @@
  * pass per query pair, then the key-side pass without dQ (passes 1, 2).
  *
  * Vectors are GCC/Clang vector extensions of 8 floats: AVX2/AVX-512 on x86, NEON pairs on Arm.
- * Head dims must be multiples of 8 (the Python side checks).
+ * Head dims must be multiples of 8 (the Python side pads others with zeros).
  */
 #include <math.h>
 #ifdef _OPENMP
@@ -44,7 +44,7 @@ typedef int32_t v8iu __attribute__((vector_size(32), aligned(4), may_alias));
 #define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
 #endif
 
-/* Built with -DNA_BOUNDS_CHECK (VISATTN_CPU_C_BOUNDS_CHECK=1), every row, table and bias index and
+/* Built with -DNA_BOUNDS_CHECK (VISATTN_CPU_BOUNDS_CHECK=1), every row, table and bias index and
  * every scratch write is checked and a violation aborts with its line: the tests run a sweep so. */
 #ifdef NA_BOUNDS_CHECK
 #include <stdio.h>
@@ -72,7 +72,7 @@ static inline int64_t round8(int64_t n) { return (n + W - 1) / W * W; }
 /* exp(x) for x <= ~0; exactly 0 below -87 (masked pairs). exp(x) = 2^e * exp(r), |r| <= ln2/2,
  * degree-6 Taylor polynomial: relative error < 2e-7. e = round(x / ln2) by adding 1.5 * 2^23, which
  * leaves the integer in the low mantissa bits; this relies on IEEE rounding being kept, i.e. the
- * file is never compiled with -ffast-math / -fassociative-math (cpu_c.py's flags are not). */
+ * file is never compiled with -ffast-math / -fassociative-math (build.py's flags are not). */
 static inline v8f vexp(v8f x) {
     const v8f magic = bc(12582912.0f);
     v8i keep = x > bc(-87.0f);

@@ -1,11 +1,11 @@
 """Triton backend: fused forward and backward kernels on CUDA (or on CPU under ``TRITON_INTERPRET=1``).
 
-The kernels (:mod:`visattn.backends.triton_kernels`) tile queries and keys in up to three
+The kernels (:mod:`visattn.backends.triton.kernels`) tile queries and keys in up to three
 dimensions; this file builds the per-axis window tables from :mod:`visattn.spec`, chooses tiles
-(autotuned on a GPU, fixed small ones in the interpreter), launches, and exposes forward and
-backward as ``torch.library`` custom ops (``visattn::triton_na_fwd`` / ``_bwd``) with a registered
-autograd formula, so ``torch.compile(fullgraph=True)`` sees one opaque op. Extra KV tokens are merged by the dispatcher through the LSE this backend returns,
-so the backward accepts a gradient on LSE (``delta = rowsum(dO * O) - dLSE``).
+(autotuned on a GPU, fixed small ones in the interpreter) and launches the forward and the native
+backward. Autograd and ``torch.compile`` see the library's own custom ops (:mod:`visattn.ops`), which
+call this backend like any other. Extra KV tokens are merged through the LSE this backend returns, so
+the backward accepts a gradient on LSE (``delta = rowsum(dO * O) - dLSE``).
 
 Supported: ranks 1-3, per-axis kernel/stride/dilation/causal, GQA/MQA (natively), ``D``/``D_v`` up
 to 256 (independently), fp16/bf16/fp32, relative positional bias (with its gradient). Refused (the
@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from ..spec import NASpec, axis_windows
-from .base import Backend, Extras, Problem, Result, refuse_unfused_features
+from ...spec import NASpec, axis_windows
+from ..base import Backend, Extras, Grads, Problem, Result, refuse_unfused_features
 
 _MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -140,7 +140,7 @@ def _launcher(kind: str, rank: int):
     For dK/dV the roles swap (``K*`` is the key tile that a program owns, ``T*`` the query tiles it
     walks); each config is transposed so the owned tile gets the forward's query-tile shape.
     """
-    from . import triton_kernels as tk
+    from . import kernels as tk
 
     fn = {"fwd": tk.na_fwd_kernel, "dq": tk.na_bwd_dq_kernel, "dkdv": tk.na_bwd_dkdv_kernel}[kind]
     if _interpret():
@@ -227,31 +227,14 @@ class _Call:
         kernel[_grid(self.spatial3, self.dil3, rows, tile_names)](*args, **self.common, **meta)
 
 
-def _spec(q: torch.Tensor, kernel_size, stride, dilation, is_causal, requested_kernel_size) -> NASpec:
-    """Rebuild the (already validated and fitted) spec from the op's plain arguments."""
-    return NASpec(spatial=tuple(q.shape[1:-2]), kernel_size=tuple(kernel_size), stride=tuple(stride),
-                  dilation=tuple(dilation), is_causal=tuple(bool(c) for c in is_causal),
-                  requested_kernel_size=tuple(requested_kernel_size))
-
-
 def _prepare(t: torch.Tensor) -> torch.Tensor:
     """The kernels index the head dim with unit stride; every other dim may be strided."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# ---------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile (no graph break), with a registered backward.
-#
-# The spec travels as plain int/bool lists so the ops have a schema; they are called only by
-# TritonBackend after functional.py validated everything.
-
-
-@torch.library.custom_op("visattn::triton_na_fwd", mutates_args=())
-def _na_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
-            kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
-            requested_kernel_size: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``out [B, *S, H, D_v]`` (q's dtype) and ``lse [B, *S, H]`` (float32)."""
-    spec = _spec(q, kernel_size, stride, dilation, is_causal, requested_kernel_size)
+def _launch_forward(spec: NASpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out [B, *S, H, D_v]`` (q's dtype) and ``lse [B, *S, H]`` (float32)."""
     q, k, v = _prepare(q), _prepare(k), _prepare(v)
     call = _Call(spec, q, k, v, rpb is not None, scale)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
@@ -263,21 +246,13 @@ def _na_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[tor
     return out, lse
 
 
-@_na_fwd.register_fake
-def _na_fwd_fake(q, k, v, rpb, kernel_size, stride, dilation, is_causal, requested_kernel_size, scale):
-    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("visattn::triton_na_bwd", mutates_args=())
-def _na_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-            rpb: Optional[torch.Tensor], dout: torch.Tensor, dlse: Optional[torch.Tensor],
-            kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
-            requested_kernel_size: list[int], scale: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: ``dq, dk, dv`` (contiguous, input dtypes) and ``drpb`` (``[0]`` without rpb)."""
-    spec = _spec(q, kernel_size, stride, dilation, is_causal, requested_kernel_size)
+def _launch_backward(spec: NASpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, rpb: Optional[torch.Tensor], dout: torch.Tensor, dlse: Optional[torch.Tensor],
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``dq, dk, dv`` (contiguous, input dtypes) and ``drpb`` (``None`` without rpb)."""
     # dq/dk/dv are written with q/k/v's strides, so those must be dense.
     q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
+    lse = lse.float().contiguous()
     call = _Call(spec, q, k, v, rpb is not None, scale)
     # delta folds the LSE gradient in: dlogits = P * (dP - (rowsum(dO * O) - dLSE)).
     delta = (dout.float() * out.float()).sum(-1)
@@ -294,39 +269,14 @@ def _na_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
                 q, k, v, dout, lse, delta, dq, drpb, rpb_arg, *call.tabs, *strides)
     call.launch("dkdv", ("K0", "K1", "K2"), call.batch * call.heads_kv,
                 q, k, v, dout, lse, delta, dk, dv, rpb_arg, *call.tabs, *strides)
-    return dq, dk, dv, (drpb.to(rpb.dtype) if rpb is not None else drpb[:0])
-
-
-@_na_bwd.register_fake
-def _na_bwd_fake(q, k, v, out, lse, rpb, dout, dlse, kernel_size, stride, dilation, is_causal, requested_kernel_size, scale):
-    drpb = torch.empty_like(rpb, memory_format=torch.contiguous_format) if rpb is not None else q.new_empty(0, dtype=torch.float32)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format), drpb)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, rpb, *params = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, rpb)
-    ctx.params = params
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, rpb = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv, drpb = _na_bwd(q, k, v, out, lse, rpb, dout, dlse, *ctx.params)
-    return (dq, dk, dv, drpb if rpb is not None else None) + (None,) * len(ctx.params)
-
-
-torch.library.register_autograd("visattn::triton_na_fwd", _backward, setup_context=_setup_context)
+    return dq, dk, dv, (drpb.to(rpb.dtype) if rpb is not None else None)
 
 
 class TritonBackend(Backend):
     name = "triton"
     description = "fused Triton kernels: multi-dim query tiles x key boxes, online softmax, fused backward"
     supports_gqa = True
+    native_backward = True
 
     def unavailable(self) -> Optional[str]:
         missing = _triton_missing()
@@ -351,10 +301,11 @@ class TritonBackend(Backend):
         return 10.0 if p.device.type == "cuda" else -50.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras: Extras) -> Result:
-        s = p.spec
-        out, lse = _na_fwd(q, k, v, extras.rpb, list(s.kernel_size), list(s.stride), list(s.dilation),
-                           list(s.is_causal), list(s.requested_kernel_size), p.scale)
-        return Result(out, lse)
+        return Result(*_launch_forward(p.spec, q, k, v, extras.rpb, p.scale))
+
+    def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras) -> Grads:
+        return Grads(*_launch_backward(p.spec, q, k, v, out, lse, extras.rpb, dout, dlse, p.scale))
 
 
 __all__ = ["TritonBackend"]

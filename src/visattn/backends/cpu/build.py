@@ -1,0 +1,179 @@
+"""Compile ``na_cpu.c`` for this CPU on first use, cache it on disk, and load it with :mod:`ctypes`.
+
+Why at first use, on the user's machine, with the system C compiler (``$CC``, else ``cc``):
+
+* no PyTorch or Python headers, so no C++ ABI coupling (NATTEN's install pain) and one build serves
+  every torch version;
+* nothing to compile at ``pip install`` (wheels stay pure Python);
+* ``-march=native`` uses this CPU's vector units; the shared library is cached on disk
+  (``$VISATTN_CACHE_DIR``, else ``~/.cache/visattn``), keyed by the source, the flags, the compiler's
+  version and the CPU model, so the ~1 s compile is paid once per machine.
+
+Nothing here runs on import or when a backend is probed: :func:`library` builds (or loads) the kernel
+the first time a call is actually served by the ``cpu`` backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("na_cpu.c")
+_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
+          "-Werror=implicit-function-declaration", "-ffp-contract=fast"]
+#: Environment variable that builds the kernel with every index checked (aborts on a violation).
+BOUNDS_CHECK_ENV = "VISATTN_CPU_BOUNDS_CHECK"
+
+
+class Args(ctypes.Structure):
+    """Mirror of ``na_args`` in ``na_cpu.c`` (same order, same types)."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v", "rpb", "pos", "lo", "hi", "rof", "qlo", "qhi")]
+                + [(n, ctypes.c_int64) for n in ("lmax", "B", "L0", "L1", "L2", "H", "Hk", "D", "Dv", "R0", "R1", "R2")]
+                + [("scale", ctypes.c_float)]
+                + [(n, ctypes.c_void_p) for n in ("out", "lse", "dout", "dlse", "dq", "dk", "dv", "drpb", "nlse_t",
+                                                  "delta_t")]
+                + [(n, ctypes.c_int64) for n in ("split", "chunk")]
+                + [("nthreads", ctypes.c_int)])
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("VISATTN_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "visattn"
+
+
+def compiler() -> Optional[str]:
+    """Path of the C compiler the kernel would be built with, or ``None``."""
+    return shutil.which(os.environ.get("CC") or "cc")
+
+
+def _cpu_model() -> str:
+    """What ``-march=native`` depends on: a cached build must never run on another CPU model."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def torch_openmp() -> Optional[Path]:
+    """The GNU OpenMP runtime PyTorch loaded (Linux wheels bundle ``torch/lib/libgomp*.so*``), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return found[0] if found else None
+
+
+def _flags() -> list[str]:
+    arch = "-march=native" if platform.machine().lower() in ("x86_64", "amd64", "i686") else "-mcpu=native"
+    return [*_FLAGS, arch] + (["-DNA_BOUNDS_CHECK"] if os.environ.get(BOUNDS_CHECK_ENV) == "1" else [])
+
+
+def build(cc: str) -> Path:
+    """Compile the kernel for this CPU (or find it in the cache); returns the shared library's path.
+
+    With PyTorch's own libgomp found, the kernel is compiled with ``-fopenmp`` and linked against
+    that very file (its soname matches the copy torch already loaded, so the loader reuses it): the
+    kernel then runs on torch's thread pool (a second pool would share the cores with torch's
+    still-spinning workers). Otherwise it starts its own pthreads.
+    """
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    flags = _flags()
+    gomp = torch_openmp()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_model(), sys.platform,
+                                    str(gomp)]).encode()).hexdigest()[:20]
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    target = cache_dir() / f"na_cpu-{key}{suffix}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile next to the target and rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=target.parent)
+    os.close(fd)
+    obj = tmp + ".o"
+    try:
+        if gomp is not None:  # compile with OpenMP, link torch's runtime by path (not the system -lgomp)
+            steps = [[cc, *flags, "-fopenmp", "-c", str(SOURCE), "-o", obj],
+                     [cc, *flags, obj, str(gomp), f"-Wl,-rpath,{gomp.parent}", "-o", tmp, "-lm"]]
+        else:
+            steps = [[cc, *flags, str(SOURCE), "-o", tmp, "-lm"]]
+        for cmd in steps:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return target
+
+
+_LIB: Optional[ctypes.CDLL] = None
+_LIB_ERROR: Optional[str] = None
+_LOCK = threading.Lock()
+
+
+def status() -> Optional[str]:
+    """Why the kernel cannot be used, without building anything: no compiler, or an earlier build
+    that failed in this process; ``None`` if it is loaded or looks buildable."""
+    if _LIB is not None:
+        return None
+    if _LIB_ERROR is not None:
+        return _LIB_ERROR
+    if compiler() is None:
+        return "no C compiler found (tried $CC or `cc`; install gcc or clang, or set CC); CPU calls use the torch backend"
+    return None
+
+
+def library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
+    """The loaded kernel library, or ``(None, why not)``; built once per process (thread-safe)."""
+    global _LIB, _LIB_ERROR
+    with _LOCK:
+        if _LIB is None and _LIB_ERROR is None:
+            cc = compiler()
+            if cc is None:
+                _LIB_ERROR = status()
+            else:
+                try:
+                    lib = ctypes.CDLL(str(build(cc)))
+                    lib.na_run.argtypes = [ctypes.POINTER(Args), ctypes.c_int]
+                    lib.na_run.restype = ctypes.c_int
+                    _LIB = lib
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    _LIB_ERROR = f"building the C kernel failed: {e}"
+    return _LIB, _LIB_ERROR
+
+
+def forget() -> None:
+    """Drop the loaded library and any recorded failure (tests: rebuild under a changed environment)."""
+    global _LIB, _LIB_ERROR
+    with _LOCK:
+        _LIB, _LIB_ERROR = None, None
+
+
+def run(args: Args, pass_: int) -> None:
+    """Run kernel pass ``pass_`` (0: forward; 3: backward prologue; 1, 2: two-pass backward; 4, 5:
+    the fused backward's two colours). The library must be loaded."""
+    lib = _LIB
+    assert lib is not None, "cpu backend: run() before the kernel was loaded"
+    code = lib.na_run(ctypes.byref(args), pass_)
+    if code == 1:
+        raise MemoryError("cpu backend: the kernel could not allocate its per-thread scratch memory")
+    assert code == 0, f"cpu backend: na_run(pass={pass_}) returned {code}"

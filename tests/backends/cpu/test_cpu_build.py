@@ -1,0 +1,197 @@
+"""Building the C kernels: probing never compiles, the first served call does (once, cached on disk),
+a bounds-checked build over the sweep, the pthreads build where torch's OpenMP runtime is not found,
+and how the package behaves without a compiler or with a broken one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from visattn import na2d
+from visattn.backends import Problem, select_backend, why_not
+from visattn.backends.cpu import build
+from visattn.spec import make_spec
+
+pytestmark = pytest.mark.skipif(build.compiler() is None, reason="no C compiler on this machine")
+
+TESTS = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+def _subprocess(script: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=full_env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_probing_compiles_nothing_and_the_first_served_call_builds(tmp_path) -> None:
+    """``import visattn``, ``visattn info``, ``why_not``, selection for a CUDA-like problem and a
+    forward on the torch backend leave the cache empty; the first call the cpu backend serves builds."""
+    res = _subprocess("""
+        import os, sys, torch
+        import visattn
+        from visattn.backends import Problem, select_backend, why_not
+        from visattn.cli.main import main
+        from visattn.spec import make_spec
+        cache = os.environ["VISATTN_CACHE_DIR"]
+        main(["info"])
+        assert why_not("cpu") is None
+        p = Problem(spec=make_spec("t", (8, 8), 3), batch=1, heads=1, heads_kv=1, dim=8, dim_v=8,
+                    dtype=torch.float32, device=torch.device("meta"), scale=1.0)
+        assert select_backend(p).name != "cpu"
+        q = torch.randn(1, 8, 8, 1, 8)
+        visattn.na2d(q, q, q, 3, backend="torch")
+        visattn.na2d(q.double(), q.double(), q.double(), 3)  # float64: served by torch
+        assert not os.listdir(cache), os.listdir(cache)
+        visattn.na2d(q, q, q, 3)
+        assert any(f.startswith("na_cpu-") for f in os.listdir(cache))
+        print("ok")
+    """, VISATTN_CACHE_DIR=str(tmp_path))
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_bounds_checked_build_runs_the_sweep(tmp_path) -> None:
+    """The kernel built with every index checked (an out-of-bounds index aborts the process) runs the
+    whole parity sweep in float32 through both backward paths, plus bias-table cases, in a subprocess."""
+    res = _subprocess("""
+        import torch
+        from cases import CASES
+        from parity import run_parity
+        from visattn import na2d, na3d
+        from visattn.backends.cpu import backend as cpu
+        for min_units in (0, 10 ** 9):  # fused backward, then two-pass
+            cpu._FUSED_MIN_UNITS = min_units
+            for case in CASES:
+                try:
+                    run_parity("cpu", case, torch.float32)
+                except BaseException as e:
+                    if type(e).__name__ != "Skipped":
+                        raise
+            for fn, shape, kw, table in [
+                    (na2d, (1, 9, 10, 2, 16), dict(kernel_size=(5, 4), dilation=(1, 2), stride=(2, 1)), (2, 9, 7)),
+                    (na3d, (1, 5, 6, 7, 2, 8), dict(kernel_size=3, is_causal=(True, False, True)), (2, 5, 5, 5))]:
+                q = torch.randn(shape, requires_grad=True)
+                rpb = torch.randn(table, requires_grad=True)
+                out = fn(q, q, q, **kw, rpb=rpb, backend="cpu")
+                out.sum().backward()
+        print("ok")
+    """, **{build.BOUNDS_CHECK_ENV: "1", "VISATTN_CACHE_DIR": str(tmp_path)})
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    assert any(p.name.startswith("na_cpu-") for p in tmp_path.iterdir())
+
+
+def test_pthreads_build_without_openmp(tmp_path) -> None:
+    """Where torch's libgomp is not found (macOS, Windows), the kernel is built without OpenMP and
+    starts its own threads: it still matches the reference, through both backward paths, on 3 threads."""
+    res = _subprocess("""
+        import torch
+        from visattn import na2d
+        from visattn.backends.cpu import backend as cpu, build
+        build.torch_openmp = lambda: None
+        torch.set_num_threads(3)
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 12, 11, 4, 16) for _ in range(3))
+        rpb = torch.randn(4, 9, 9)
+        for min_units in (0, 10 ** 9):  # fused backward, then two-pass
+            cpu._FUSED_MIN_UNITS = min_units
+            grads = []
+            for backend in ("cpu", "reference"):
+                ts = [t.clone().requires_grad_() for t in (q, k, v, rpb)]
+                out = na2d(*ts[:3], kernel_size=5, dilation=(2, 1), rpb=ts[3], backend=backend)
+                grads.append([out, *torch.autograd.grad((out * out).sum(), ts)])
+            for a, b in zip(*grads):
+                torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5)
+        print("ok", build.library()[0]._name)
+    """, VISATTN_CACHE_DIR=str(tmp_path))
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    built = list(tmp_path.glob("na_cpu-*"))
+    assert len(built) == 1
+    if shutil.which("nm"):  # binutils present: the build really is the pthreads one
+        symbols = subprocess.run(["nm", "-D", str(built[0])], capture_output=True, text=True).stdout
+        assert "GOMP_parallel" not in symbols and "pthread_create" in symbols
+
+
+def test_bounds_check_catches_a_bad_table(tmp_path) -> None:
+    """The checked build really checks: a corrupted window table aborts with the failed condition
+    instead of reading outside the tensor."""
+    res = _subprocess("""
+        import torch
+        from visattn.backends.cpu import backend as cpu, build
+        from visattn.backends.cpu.geometry import tables
+        from visattn.spec import make_spec
+        spec = make_spec("na2d", (6, 6), 3)
+        tables(spec)[2][2, 1] = 40  # hi of the second query on the last axis: far past the axis
+        q = torch.randn(1, 1, 6, 6, 1, 8)
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:-1])
+        assert build.library()[0] is not None
+        build.run(cpu._args(q, q, q, None, spec, 1.0, out=out, lse=lse), 0)
+        print("not caught")
+    """, **{build.BOUNDS_CHECK_ENV: "1", "VISATTN_CACHE_DIR": str(tmp_path)})
+    assert res.returncode != 0 and "bounds check failed" in res.stderr, (res.stdout, res.stderr[-2000:])
+
+
+def _problem() -> Problem:
+    return Problem(spec=make_spec("na2d", (14, 14), 7), batch=1, heads=2, heads_kv=2, dim=32, dim_v=32,
+                   dtype=torch.float32, device=torch.device("cpu"), scale=0.2)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch):
+    """Forget the loaded library so the next call rebuilds (or fails) under the patched environment;
+    the library of the rest of the session is restored afterwards."""
+    monkeypatch.setattr(build, "_LIB", None)
+    monkeypatch.setattr(build, "_LIB_ERROR", None)
+
+
+def test_without_a_compiler_the_package_falls_back(monkeypatch, fresh_library) -> None:
+    monkeypatch.setattr(build, "compiler", lambda: None)
+    reason = why_not("cpu")
+    assert reason is not None and "no C compiler found" in reason and "set CC" in reason
+    assert select_backend(_problem()).name == "torch"
+    q = torch.randn(1, 8, 8, 2, 16)
+    torch.testing.assert_close(na2d(q, q, q, 3), na2d(q, q, q, 3, backend="reference"), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend='cpu' cannot serve this call: no C compiler"):
+        na2d(q, q, q, 3, backend="cpu")
+
+
+def test_a_failing_compiler_is_reported_with_its_output(monkeypatch, tmp_path, fresh_library) -> None:
+    """The failure surfaces on the first call the backend would serve: that call is routed to the
+    torch backend (and is correct), and from then on ``why_not`` reports the compiler's output."""
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fakecc 1.0; exit 0; fi\n"
+                    "echo 'fakecc: error: no vectors today' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("VISATTN_CACHE_DIR", str(tmp_path / "cache"))
+    assert why_not("cpu") is None  # a compiler exists; nothing was tried yet
+    q = torch.randn(1, 8, 8, 2, 16)
+    torch.testing.assert_close(na2d(q, q, q, 3), na2d(q, q, q, 3, backend="reference"), atol=1e-5, rtol=1e-5)
+    reason = why_not("cpu")
+    assert reason is not None and "building the C kernel failed" in reason and "no vectors today" in reason
+    assert select_backend(_problem()).name == "torch"
+    assert not list((tmp_path / "cache").glob("na_cpu-*"))  # nothing half-written left in the cache
+
+
+def test_build_is_cached_on_disk(monkeypatch, tmp_path, fresh_library) -> None:
+    """A second process (here: a forgotten library) finds the shared library in the cache instead
+    of compiling again."""
+    monkeypatch.setenv("VISATTN_CACHE_DIR", str(tmp_path))
+    assert build.library()[1] is None
+    built = list(tmp_path.glob("na_cpu-*"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    build.forget()
+    monkeypatch.setattr(build.subprocess, "run", _no_compile(build.subprocess.run))
+    assert build.library()[1] is None and built[0].stat().st_mtime_ns == stamp
+
+
+def _no_compile(run):
+    def guarded(cmd, *a, **kw):
+        assert "--version" in cmd, f"compiled again: {cmd}"
+        return run(cmd, *a, **kw)
+    return guarded

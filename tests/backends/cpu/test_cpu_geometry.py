@@ -1,0 +1,70 @@
+"""The C kernels' window tables and the fused backward's race-freedom, checked against the explicit
+neighbourhoods of :func:`visattn.spec.neighbor_table` (not against the tables themselves)."""
+
+from __future__ import annotations
+
+import torch
+
+from visattn.backends.cpu.geometry import axis_tables, colour_chunks
+from visattn.spec import make_spec, neighbor_table
+
+
+def _axis_sees(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> torch.Tensor:
+    """[query, key] bool along one axis, from the spec's explicit neighbourhoods."""
+    index, valid, _ = neighbor_table(make_spec("axis", (length,), kernel, stride, dilation, causal))
+    sees = torch.zeros(length, length, dtype=torch.bool)
+    rows = torch.arange(length)[:, None].expand_as(index)
+    sees[rows[valid], index[valid]] = True
+    return sees
+
+
+def _random_axes(g: torch.Generator, rank: int) -> list[tuple[int, int, int, int, bool]]:
+    rint = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    axes = []
+    for _ in range(rank):
+        dil = rint(1, 3)
+        length = rint(dil, 30)
+        kernel = rint(1, length // dil)
+        axes.append((length, kernel, rint(1, kernel), dil, bool(rint(0, 1))))
+    return axes
+
+
+def test_axis_tables_are_the_neighbourhoods_in_group_major_order() -> None:
+    """Index i stands for coordinate pos[i]; its keys are the indices lo[i]..hi[i]; the queries seeing
+    key j are the indices qlo[j]..qhi[j]: all three agree with the explicit neighbourhoods."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        (length, kernel, stride, dil, causal), = _random_axes(g, 1)
+        pos, lo, hi, _, qlo, qhi = axis_tables(length, kernel, stride, dil, causal, kernel)
+        sees = _axis_sees(length, kernel, stride, dil, causal)[pos][:, pos]  # in index order
+        idx = torch.arange(length)
+        by_table = (idx[None, :] >= lo[:, None]) & (idx[None, :] <= hi[:, None])
+        assert torch.equal(by_table, sees)
+        seen_by = (idx[:, None] >= qlo[None, :]) & (idx[:, None] <= qhi[None, :])
+        assert torch.equal(seen_by, sees)
+
+
+def test_fused_backward_chunks_of_one_colour_never_share_a_query() -> None:
+    """The fused backward's race-freedom: run c and run c + 2 of the split axis (indices in
+    dilation-group-major order, pairs on the last axis) are seen by disjoint sets of queries, so the
+    units of one colour write disjoint dQ rows. Checked over random geometries (kernel, stride,
+    dilation, causal per axis; ranks 1-3)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        rank = int(torch.randint(1, 4, (1,), generator=g))
+        axes = _random_axes(g, rank)
+        spec = make_spec("t", *zip(*axes))
+        axis, chunk, count = colour_chunks(spec)
+        shape = (1,) * (3 - rank) + spec.spatial
+        if shape[axis] == 1:
+            assert count == 1
+            continue
+        length, kernel, stride, dil, causal = axes[axis - (3 - rank)]
+        order = sorted(range(length), key=lambda c: (c % dil, c // dil))  # group-major index -> coordinate
+        per_unit = 2 if axis == 2 else 1
+        sees = _axis_sees(length, kernel, stride, dil, causal)
+        runs = [order[i * chunk * per_unit:(i + 1) * chunk * per_unit] for i in range(count)]
+        assert sum(map(len, runs)) == length
+        seen_by = [sees[:, run].any(1) for run in runs]  # queries seeing each run
+        for c in range(count - 2):
+            assert not (seen_by[c] & seen_by[c + 2]).any(), (axes, axis, chunk, c)
