@@ -9,9 +9,14 @@ Three paths, one semantics (every path ends in the same backend code):
   on the saved output and LSE, eager or compiled, with no recomputation;
 * **the backend directly, without autograd**: eager calls that need no gradient (inference);
 * **the backend's differentiable forward**: eager calls that need a gradient from a backend without a
-  native backward (``torch``, ``reference``), and calls under ``torch.func`` transforms or forward-mode
-  AD, which custom ops do not support: there the portable ``torch`` backend serves the call and
-  ``vmap``, ``jvp`` and double backward go through its PyTorch ops.
+  native backward (``torch``, ``reference``), and differentiation by ``torch.func`` transforms
+  (``grad``, ``jvp``, ``jacrev``, ...) or forward-mode AD, which custom ops do not support: there the
+  portable ``torch`` backend serves the call and the derivatives go through its PyTorch ops (memory
+  linear in tokens, as its forward).
+
+``torch.func.vmap`` alone goes through the custom op (it has vmap rules: the fused kernels run on the
+vmapped batch); double backward (``create_graph=True``) differentiates the ``torch`` backend's forward
+(see :mod:`visattn.ops`).
 
 Exports also pick a traceable backend: the ONNX exporter the ``reference`` one (its indices derive
 from symbolic sizes), the TorchScript tracer the ``torch`` one.
@@ -37,9 +42,20 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _under_transform(*tensors: Optional[torch.Tensor]) -> bool:
-    """``torch.func`` transforms (vmap, jvp, grad) or forward-mode AD dual tensors are active."""
-    if torch._C._are_functorch_transforms_active():
+def _transforms() -> set[str]:
+    """Names of the active ``torch.func`` transforms (``"Vmap"``, ``"Grad"``, ``"Jvp"``, ...)."""
+    if not torch._C._are_functorch_transforms_active():
+        return set()
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return {i.key().name for i in retrieve_all_functorch_interpreters()}
+
+
+def _functorch_autodiff(transforms: set[str], *tensors: Optional[torch.Tensor]) -> bool:
+    """Differentiation that custom ops do not support: ``torch.func.grad``/``vjp``/``jacrev`` (custom
+    ops' autograd is not a functorch transform) and forward mode (``torch.func.jvp``,
+    ``torch.autograd.forward_ad`` dual tensors)."""
+    if transforms & {"Grad", "Jvp"}:
         return True
     if torch.autograd.forward_ad._current_level >= 0:
         from torch.autograd.forward_ad import unpack_dual
@@ -86,12 +102,18 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec:
     if _through_custom_op():
         out, lse, attn = torch.ops.visattn.na_forward(query, key, value, *op_args, backend or "", return_attn)
         return out, lse, (attn if return_attn else None)
-    if _under_transform(*tensors):
+    transforms = _transforms()
+    functorch_autodiff = _functorch_autodiff(transforms, *tensors)
+    if functorch_autodiff:
         backend = backend or "torch"
     backend = _export_backend(backend)
     p = Problem.of(query, key, value, spec, scale, extras, return_attn)
     impl = select_backend(p, backend, fn)
-    if impl.native_backward and _needs_grad(*tensors):
+    if functorch_autodiff and impl.native_backward:
+        raise ValueError(f"{fn}: backend={impl.name!r} cannot be differentiated by torch.func transforms (grad, "
+                         f"jvp, jacrev, ...) or forward-mode AD; pass backend=None or backend='torch', whose "
+                         f"differentiable forward serves them.")
+    if impl.native_backward and (transforms or _needs_grad(*tensors)):
         out, lse, attn = ops.na_forward(query, key, value, *op_args, impl.name, return_attn)
         return out, lse, (attn if return_attn else None)
     if impl.native_backward:

@@ -204,6 +204,49 @@ na_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------
+# vmap rules (torch.func.vmap, and per-sample gradients with vmap(grad(...)))
+
+def _vmap_rule(op, info, in_dims, args, batched: tuple[int, ...], loop_if: tuple[int, ...]):
+    """Run ``op`` under vmap. The arguments at ``batched`` are ``[B, ...]`` tensors: their vmapped dim
+    is folded into the batch dim, one call for the whole vmap. The arguments at ``loop_if`` are one
+    table for the whole call (a bias table ``rpb``): if present, the op runs once per vmapped sample
+    instead (the table may differ per sample, and its gradient must). Outputs: vmapped dim first;
+    empty placeholders (absent optional outputs) unbatched."""
+    size = info.batch_size
+    if any(args[i] is not None for i in loop_if):
+        per_sample = []
+        for s in range(size):
+            per_sample.append(op(*[a.select(in_dims[i], s) if isinstance(a, torch.Tensor) and in_dims[i] is not None
+                                   else a for i, a in enumerate(args)]))
+        columns = list(zip(*per_sample))
+        return (tuple(torch.stack(c) if c[0].numel() else c[0] for c in columns),
+                tuple(0 if c[0].numel() else None for c in columns))
+    folded = list(args)
+    for i in batched:
+        a = args[i]
+        if a is None:
+            continue
+        a = a.movedim(in_dims[i], 0) if in_dims[i] is not None else a.expand(size, *a.shape)
+        folded[i] = a.reshape(size * a.shape[1], *a.shape[2:])
+    result = op(*folded)
+    outs = tuple(r.reshape(size, -1, *r.shape[1:]) if r.numel() else r for r in result)
+    return outs, tuple(0 if r.numel() else None for r in result)
+
+
+@na_forward.register_vmap
+def _na_forward_vmap(info, in_dims, *args):
+    # (q, k, v, rpb, attn_bias, key_padding_mask, ...): all [B, ...] but the bias table
+    return _vmap_rule(torch.ops.visattn.na_forward, info, in_dims, args, batched=(0, 1, 2, 4, 5), loop_if=(3,))
+
+
+@na_backward.register_vmap
+def _na_backward_vmap(info, in_dims, *args):
+    # (grad_out, grad_lse, grad_attn, q, k, v, out, lse, rpb, attn_bias, key_padding_mask, ...)
+    return _vmap_rule(torch.ops.visattn.na_backward, info, in_dims, args,
+                      batched=(0, 1, 2, 3, 4, 5, 6, 7, 9, 10), loop_if=(8,))
+
+
+# ------------------------------------------------------------------------------------------------
 # FLOP formulas for torch.utils.flop_counter
 
 def na_forward_op_flops(query_shape, key_shape, value_shape, rpb_shape, attn_bias_shape, key_padding_mask_shape,
