@@ -1,6 +1,7 @@
 """A second, independent oracle for the "beyond NATTEN" features: plain Python loops over queries
-and neighbourhood slots in float64, written from the rules in ``shared/DESIGN.md`` section 2 and the
-variable-resolution rule, without ``visattn.spec`` (so a bug there cannot hide in both).
+and neighbourhood slots in float64, written from the rules in the README's "Semantics" section, the
+variable-resolution rule, and the definitions of cross-grid and periodic axes (docs/beyond.md),
+without ``visattn.spec`` (so a bug there cannot hide in both).
 
 Also: a helper that runs a call on a named backend, or, where the backend refuses the call, checks
 that automatic selection routes it to one that serves it.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 from typing import Callable, Optional
 
 import pytest
@@ -19,16 +21,26 @@ from visattn.backends import Problem, why_not
 from visattn.spec import make_spec
 
 
-def axis_neighbors(x: int, L: int, k: int, s: int, d: int, causal: bool) -> tuple[int, list[tuple[int, int, int]]]:
+def axis_neighbors(x: int, L: int, k: int, s: int, d: int, causal: bool, Lk: Optional[int] = None,
+                   periodic: bool = False) -> tuple[int, list[tuple[int, int, int]]]:
     """Neighbours of coordinate ``x`` along one axis: ``(k_eff, [(slot, key_coord, key_minus_query)])``.
 
-    ``key_minus_query`` is in dilation-group positions (what the RPB table is indexed by).
+    ``key_minus_query`` is in dilation-group positions (what the RPB table is indexed by). ``Lk``: the
+    key grid's length (cross-grid: the query is centred at ``min(floor((x + 1/2) Lk / L), Lk - 1)``
+    and sees what a query there sees); ``periodic``: keys ``(x + d j) mod L``, ``j`` in
+    ``[-(k // 2), k - 1 - k // 2]``.
     """
-    if k > L:  # variable resolution: full attention along a short axis
-        k, d = L, 1
-    elif k * d > L:  # ... or the largest dilation that fits
-        d = L // k
+    Lk = L if Lk is None else Lk
+    if k > Lk:  # variable resolution: full attention along a short axis
+        k, d = Lk, 1
+    elif k * d > Lk:  # ... or the largest dilation that fits
+        d = Lk // k
     s = min(s, k)
+    if periodic:
+        offsets = range(-(k // 2), k - k // 2)
+        return k, [(j + k // 2, (x + d * j) % L, j) for j in offsets]
+    x = min(math.floor(Fraction(2 * x + 1, 2) * Fraction(Lk, L)), Lk - 1)  # the centre on the key grid
+    L = Lk
     g, p = x % d, x // d
     n = len(range(g, L, d))
     if causal:
@@ -54,22 +66,24 @@ def axis_args(na: dict, rank: int) -> list[tuple[int, int, int, bool]]:
 
 
 def brute_force(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
-                attn_bias=None, key_padding_mask=None):
+                attn_bias=None, key_padding_mask=None, periodic=False):
     """``(out [B, *S, H, Dv], lse [B, *S, H], attn [B, *S, H, K])`` in float64, differentiable.
 
-    Per-axis arguments are ints or tuples; ``k``/``v`` may have fewer heads (GQA).
+    Per-axis arguments are ints or tuples; ``k``/``v`` may have fewer heads (GQA) and another grid
+    (cross-grid) than ``q``.
     """
     B, S, H, D = q.shape[0], tuple(q.shape[1:-2]), q.shape[-2], q.shape[-1]
+    Sk = tuple(k.shape[1:-2])
     r = len(S)
     tup = lambda a: tuple(a) if isinstance(a, (tuple, list)) else (a,) * r  # noqa: E731
-    ks, st, dl, ca = tup(kernel_size), tup(stride), tup(dilation), tup(is_causal)
+    ks, st, dl, ca, pe = tup(kernel_size), tup(stride), tup(dilation), tup(is_causal), tup(periodic)
     G = H // k.shape[-2]
     scale = D ** -0.5 if scale is None else scale
     q, k, v = q.double(), k.double(), v.double()
     outs, lses, attns = [], [], []
     for b in range(B):
         for x in itertools.product(*(range(L) for L in S)):
-            per_axis = [axis_neighbors(x[a], S[a], ks[a], st[a], dl[a], ca[a]) for a in range(r)]
+            per_axis = [axis_neighbors(x[a], S[a], ks[a], st[a], dl[a], ca[a], Sk[a], pe[a]) for a in range(r)]
             K = math.prod(ke for ke, _ in per_axis)
             slot_strides = [math.prod(ke for ke, _ in per_axis[a + 1:]) for a in range(r)]
             for h in range(H):
@@ -106,9 +120,10 @@ def brute_force(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, sca
 
 
 def problem_for(q, k, v, *, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, attn_bias=None,
-                key_padding_mask=None, return_attn=False) -> Problem:
+                key_padding_mask=None, return_attn=False, periodic=False) -> Problem:
     """The :class:`Problem` the dispatcher builds for this call (to ask a backend ``why_not``)."""
-    spec = make_spec("test", tuple(q.shape[1:-2]), kernel_size, stride, dilation, is_causal)
+    spec = make_spec("test", tuple(q.shape[1:-2]), kernel_size, stride, dilation, is_causal,
+                     key_spatial=tuple(k.shape[1:-2]), periodic=periodic)
     return Problem(spec=spec, batch=q.shape[0], heads=q.shape[-2], heads_kv=k.shape[-2], dim=q.shape[-1],
                    dim_v=v.shape[-1], dtype=q.dtype, device=q.device, scale=q.shape[-1] ** -0.5,
                    has_rpb=rpb is not None, has_attn_bias=attn_bias is not None,

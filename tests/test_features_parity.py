@@ -1,7 +1,8 @@
 """Every backend against the loop oracle (``brute.py``) on the "beyond NATTEN" features: relative
-positional bias, additive bias, key padding mask, attention weights and variable resolution,
-forward (out, LSE, weights) and backward (q, k, v, rpb, attn_bias, gradients flowing through the
-weights). A backend that refuses a feature must be routed around by automatic selection."""
+positional bias, additive bias, key padding mask, attention weights, variable resolution, keys on
+another grid (cross-grid) and periodic axes, forward (out, LSE, weights) and backward (q, k, v, rpb,
+attn_bias, gradients flowing through the weights). A backend that refuses a feature must be routed
+around by automatic selection."""
 
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ class FeatureCase:
     mask: float = 0.0  # fraction of masked keys
     heads: int = 2
     heads_kv: int = 2
+    key_spatial: tuple[int, ...] = ()  # cross-grid: keys on this grid
 
     def __str__(self) -> str:
         tags = [f"S{'x'.join(map(str, self.spatial))}"] + [f"{k[0]}{v}" for k, v in self.na.items()]
+        tags += [f"Sk{'x'.join(map(str, self.key_spatial))}"] if self.key_spatial else []
         tags += [t for t, on in (("rpb", self.rpb), ("bias", self.bias), (f"mask{self.mask}", self.mask),
                                  (f"gqa{self.heads}:{self.heads_kv}", self.heads != self.heads_kv)) if on]
         return "_".join(tags).replace(" ", "")
@@ -45,6 +48,18 @@ CASES = [
     FeatureCase((3, 9), dict(kernel_size=5, dilation=(1, 3)), rpb=True, bias=True),  # variable resolution
     FeatureCase((4, 3, 5), dict(kernel_size=(2, 3, 3), stride=(1, 3, 1), dilation=(2, 1, 1),
                                 is_causal=(True, False, False)), rpb=True, bias=True, mask=0.2),
+    # cross-grid: upsampling, downsampling, with stride/causal/dilation, 3-D with GQA
+    FeatureCase((11,), dict(kernel_size=3), rpb=True, mask=0.2, key_spatial=(5,)),
+    FeatureCase((5, 7), dict(kernel_size=(3, 4), dilation=(2, 1)), rpb=True, bias=True, key_spatial=(9, 12)),
+    FeatureCase((8,), dict(kernel_size=4, stride=2, is_causal=True), rpb=True, key_spatial=(13,)),
+    FeatureCase((3, 4, 5), dict(kernel_size=3), rpb=True, heads=4, heads_kv=2, key_spatial=(5, 3, 6)),
+    FeatureCase((4, 6), dict(kernel_size=5), bias=True, key_spatial=(3, 6)),  # kernel > key axis
+    # periodic axes: with dilation, per axis, k * d > L (dilation fitted), k > L (whole axis once)
+    FeatureCase((9,), dict(kernel_size=5, dilation=2, periodic=True), rpb=True, mask=0.2),
+    FeatureCase((6, 7), dict(kernel_size=(3, 5), dilation=(2, 1), periodic=(True, False)), rpb=True, bias=True),
+    FeatureCase((7,), dict(kernel_size=3, dilation=4, periodic=True), rpb=True),
+    FeatureCase((4, 5), dict(kernel_size=5, periodic=True), rpb=True, bias=True),
+    FeatureCase((3, 4, 5), dict(kernel_size=3, periodic=(True, True, True)), rpb=True, heads=4, heads_kv=1),
 ]
 
 
@@ -52,17 +67,17 @@ def _inputs(case: FeatureCase, dtype: torch.dtype):
     """Inputs drawn in float32, so the float64 and float32 runs see the same values (one oracle run)."""
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g).to(dtype).requires_grad_()  # noqa: E731
-    B, S = 2, case.spatial
+    B, S, Sk = 2, case.spatial, case.key_spatial or case.spatial
     q = mk(B, *S, case.heads, 8)
-    k, v = mk(B, *S, case.heads_kv, 8), mk(B, *S, case.heads_kv, 6)
-    spec = make_spec("test", S, **case.na)
+    k, v = mk(B, *Sk, case.heads_kv, 8), mk(B, *Sk, case.heads_kv, 6)
+    spec = make_spec("test", S, **case.na, key_spatial=Sk)
     extras = {}
     if case.rpb:
         extras["rpb"] = mk(case.heads, *(2 * r - 1 for r in spec.requested_kernel_size))
     if case.bias:
         extras["attn_bias"] = mk(B, *S, case.heads, spec.window_size)
     if case.mask:
-        extras["key_padding_mask"] = torch.rand(B, *S, generator=g) < case.mask
+        extras["key_padding_mask"] = torch.rand(B, *Sk, generator=g) < case.mask
     return q, k, v, extras
 
 

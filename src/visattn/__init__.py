@@ -13,6 +13,7 @@ from .nn import (
     list_attn,
 )
 from .models import create_model, list_models
+from .varlen import na_varlen
 
 __version__ = "0.1.0"
 
@@ -41,5 +42,6 @@ __all__ = [
     "na2d",
     "na3d",
     "na_av",
+    "na_varlen",
     "neighborhood_attention",
 ]

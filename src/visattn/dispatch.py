@@ -34,8 +34,8 @@ from .spec import NASpec
 
 __all__ = ["Requested", "attention"]
 
-#: Per-axis ``(kernel_size, stride, dilation, is_causal)`` as the caller passed them, normalized.
-Requested = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]
+#: Per-axis ``(kernel_size, stride, dilation, is_causal, periodic)`` as the caller passed them, normalized.
+Requested = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...], tuple[bool, ...]]
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -93,14 +93,16 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec:
     """Run the neighbourhood part of a validated call: ``(out [B, *S, H, D_v], lse [B, *S, H],
     attn [B, *S, H, K] or None)``.
 
-    ``spec`` is the call's spec for ``query``'s spatial shape; ``requested`` the per-axis
-    ``(kernel_size, stride, dilation, is_causal)`` as the caller asked, which the custom op carries
-    (it applies the variable-resolution rule itself, from the real sizes).
+    ``spec`` is the call's spec for the query and key grids; ``requested`` the per-axis
+    ``(kernel_size, stride, dilation, is_causal, periodic)`` as the caller asked, which the custom op
+    carries (it applies the variable-resolution rule itself, from the real sizes).
     """
     tensors = (query, key, value, extras.rpb, extras.attn_bias)
-    op_args = (extras.rpb, extras.attn_bias, extras.key_padding_mask, *(list(r) for r in requested), float(scale))
+    op_args = (extras.rpb, extras.attn_bias, extras.key_padding_mask, *(list(r) for r in requested[:4]), float(scale))
+    periodic = list(requested[4]) if any(requested[4]) else None
     if _through_custom_op():
-        out, lse, attn = torch.ops.visattn.na_forward(query, key, value, *op_args, backend or "", return_attn)
+        out, lse, attn = torch.ops.visattn.na_forward(query, key, value, *op_args, backend or "", return_attn,
+                                                      periodic)
         return out, lse, (attn if return_attn else None)
     transforms = _transforms()
     functorch_autodiff = _functorch_autodiff(transforms, *tensors)
@@ -114,7 +116,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec:
                          f"jvp, jacrev, ...) or forward-mode AD; pass backend=None or backend='torch', whose "
                          f"differentiable forward serves them.")
     if impl.native_backward and (transforms or _needs_grad(*tensors)):
-        out, lse, attn = ops.na_forward(query, key, value, *op_args, impl.name, return_attn)
+        out, lse, attn = ops.na_forward(query, key, value, *op_args, impl.name, return_attn, periodic)
         return out, lse, (attn if return_attn else None)
     if impl.native_backward:
         with torch.no_grad():  # nothing to record: run the kernels as they are

@@ -50,13 +50,19 @@ def _check_tensors(fn: str, rank: Optional[int], q: torch.Tensor, k: torch.Tenso
         if t.dim() != q.dim():
             raise ValueError(f"{fn}: {name} has {t.dim()} dims but query has {q.dim()}; all must be "
                              f"[B, *spatial, heads, head_dim].")
-        if t.shape[: r + 1] != q.shape[: r + 1]:
-            raise ValueError(f"{fn}: {name} batch/spatial shape {tuple(t.shape[: r + 1])} differs from "
-                             f"query's {tuple(q.shape[: r + 1])}.")
+        if t.shape[0] != q.shape[0]:
+            raise ValueError(f"{fn}: {name} has batch {t.shape[0]} but query has {q.shape[0]}; they must match.")
         if t.dtype != q.dtype:
             raise TypeError(f"{fn}: {name}.dtype={t.dtype} but query.dtype={q.dtype}; cast them to one dtype.")
         if t.device != q.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}; move them to one device.")
+    if k.shape[1: r + 1] != v.shape[1: r + 1]:
+        # keys may live on another grid than the queries (cross-grid attention), but keys and values on one
+        other = "" if k.shape[1: r + 1] == q.shape[1: r + 1] else \
+            f"key batch/spatial shape {tuple(k.shape[: r + 1])} differs from query's {tuple(q.shape[: r + 1])} and "
+        raise ValueError(f"{fn}: {other}value's spatial shape {tuple(v.shape[1: r + 1])} differs from key's "
+                         f"{tuple(k.shape[1: r + 1])}; keys and values must share one grid (which may differ from "
+                         f"the queries' for cross-grid attention).")
     if not q.is_floating_point():
         raise TypeError(f"{fn}: query.dtype={q.dtype}; attention needs a floating-point dtype.")
     if k.shape[-1] != q.shape[-1]:
@@ -94,9 +100,10 @@ def _check_extras(fn: str, q: torch.Tensor, spec: NASpec, heads: int, extras: Ex
                              f"{spec.kernel_size}).")
     m = extras.key_padding_mask
     if m is not None:
-        if m.dtype != torch.bool or tuple(m.shape) != (B, *S):
-            raise ValueError(f"{fn}: key_padding_mask must be a bool tensor of shape [B, *spatial] = "
-                             f"{(B, *S)} (True = ignore that key), got {m.dtype} {tuple(m.shape)}.")
+        Sk = spec.key_spatial
+        if m.dtype != torch.bool or tuple(m.shape) != (B, *Sk):
+            raise ValueError(f"{fn}: key_padding_mask must be a bool tensor of shape [B, *spatial] of the keys = "
+                             f"{(B, *Sk)} (True = ignore that key), got {m.dtype} {tuple(m.shape)}.")
 
 
 def _check_scale(fn: str, scale, head_dim: int) -> float:
@@ -192,22 +199,29 @@ def neighborhood_attention(
     attn_bias: Optional[torch.Tensor] = None,
     key_padding_mask: Optional[torch.Tensor] = None,
     return_attn: bool = False,
+    periodic: BoolOrTuple = False,
     _fn: str = "neighborhood_attention",
     _rank: Optional[int] = None,
     **natten_kwargs,
 ) -> Output:
     """Generalized neighborhood attention over 1-3 spatial axes (heads-last layout).
 
-    Shapes: ``query [B, *S, H, D]``, ``key [B, *S, H_kv, D]``, ``value [B, *S, H_kv, D_v]`` with
+    Shapes: ``query [B, *S, H, D]``, ``key [B, *S_k, H_kv, D]``, ``value [B, *S_k, H_kv, D_v]`` with
     ``H_kv`` dividing ``H`` (GQA/MQA). Per-axis ``kernel_size``, ``stride``, ``dilation``,
     ``is_causal`` (an int/bool or a tuple). ``scale`` defaults to ``D ** -0.5``.
+
+    * Cross-grid: ``S_k`` may differ from ``S`` (same rank): query ``x`` is centred at key coordinate
+      ``min(floor((x + 0.5) * Lk / Lq), Lk - 1)`` per axis and sees what a query there sees on the key
+      grid (:mod:`visattn.spec`). ``S_k == S`` is plain neighborhood attention.
+    * ``periodic`` (bool or per axis): the axis wraps; query ``x`` sees ``(x + d*j) mod L`` for ``j`` in
+      ``[-(k//2), k-1-k//2]`` (no shifted windows at the seam). Not with stride or causal on that axis.
 
     * ``additional_keys/values [B, N, H_kv, D(_v)]``: extra global tokens every query also attends
       to, in one softmax with its neighbourhood.
     * ``rpb [H, 2k0-1, ...]``: relative positional bias (NAT/DiNAT), indexed by key minus query
       position within the dilation group.
     * ``attn_bias [B, *S, H, K]``: additive logits per neighbourhood slot; ``key_padding_mask
-      [B, *S]`` bool, True = ignore that key. A query left with no key outputs zeros and LSE -inf.
+      [B, *S_k]`` bool, True = ignore that key. A query left with no key outputs zeros and LSE -inf.
     * ``backend``: ``None`` picks the fastest that supports the call; a name forces it.
 
     Returns ``out [B, *S, H, D_v]``; with ``return_lse`` also ``lse [B, *S, H]``; with
@@ -223,8 +237,9 @@ def neighborhood_attention(
     rank = _check_tensors(fn, _rank, query, key, value)
     requested = tuple(_as_tuple(fn, n, a, rank, t) for n, a, t in
                       (("kernel_size", kernel_size, int), ("stride", stride, int), ("dilation", dilation, int),
-                       ("is_causal", is_causal, bool)))
-    spec = make_spec(fn, tuple(query.shape[1 : rank + 1]), *requested)
+                       ("is_causal", is_causal, bool), ("periodic", periodic, bool)))
+    spec = make_spec(fn, tuple(query.shape[1 : rank + 1]), *requested[:4], key_spatial=tuple(key.shape[1: rank + 1]),
+                     periodic=requested[4])
     B, H, D, Dv = query.shape[0], query.shape[-2], query.shape[-1], value.shape[-1]
     scale = _check_scale(fn, scale, D)
     for flag, value_ in (("return_lse", return_lse), ("return_attn", return_attn)):
@@ -236,6 +251,9 @@ def neighborhood_attention(
     extras = Extras(rpb=rpb, attn_bias=attn_bias, key_padding_mask=key_padding_mask)
     _check_extras(fn, query, spec, H, extras)
     _check_additional(fn, query, key, value, additional_keys, additional_values)
+    if any(L == 0 for L in spec.key_spatial) and not any(L == 0 for L in spec.spatial) and B > 0:
+        raise ValueError(f"{fn}: key has spatial shape {spec.key_spatial} with an empty axis but the query's "
+                         f"{spec.spatial} has none: those queries would have no key to attend to.")
     if any(L == 0 for L in spec.spatial) or B == 0:
         return _empty(query, Dv, spec, return_lse, return_attn, additional_keys)
 

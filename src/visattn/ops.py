@@ -37,9 +37,9 @@ _EMPTY = (0,)  # placeholder for an absent optional output (custom ops cannot re
 
 
 def _setup(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation, is_causal,
-           scale, backend, return_attn, fn):
+           scale, backend, return_attn, periodic, fn):
     spec = make_spec(fn, tuple(query.shape[1:-2]), tuple(kernel_size), tuple(stride), tuple(dilation),
-                     tuple(is_causal))
+                     tuple(is_causal), key_spatial=tuple(key.shape[1:-2]), periodic=tuple(periodic) if periodic else False)
     extras = Extras(rpb, attn_bias, key_padding_mask)
     p = Problem.of(query, key, value, spec, float(scale), extras, return_attn)
     return select_backend(p, backend or None, fn), p, extras
@@ -48,10 +48,11 @@ def _setup(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, str
 def forward_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: Optional[torch.Tensor],
                  attn_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                  kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
-                 is_causal: Sequence[bool], scale: float, backend: str, return_attn: bool) -> Result:
+                 is_causal: Sequence[bool], scale: float, backend: str, return_attn: bool,
+                 periodic: Optional[Sequence[bool]] = None) -> Result:
     """The body of ``visattn::na_forward``: select the backend from the real shapes and run it."""
     impl, p, extras = _setup(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
-                             is_causal, scale, backend, return_attn, "visattn::na_forward")
+                             is_causal, scale, backend, return_attn, periodic, "visattn::na_forward")
     return run_forward(impl, query, key, value, p, extras)
 
 
@@ -60,12 +61,12 @@ def na_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     rpb: Optional[torch.Tensor], attn_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
     kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int], is_causal: Sequence[bool],
-    scale: float, backend: str, return_attn: bool,
+    scale: float, backend: str, return_attn: bool, periodic: Optional[Sequence[bool]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Neighbourhood attention: ``out [B, *S, H, D_v]``, ``lse [B, *S, H]``, ``attn [B, *S, H, K]``
-    (``attn`` is an empty tensor unless ``return_attn``)."""
+    (``attn`` is an empty tensor unless ``return_attn``). ``periodic``: ``None`` for none."""
     res = forward_impl(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
-                       is_causal, scale, backend, return_attn)
+                       is_causal, scale, backend, return_attn, periodic)
     # Contiguous so that the real strides match the fake ones the compiler planned with.
     attn = res.attn.contiguous() if res.attn is not None else query.new_empty(_EMPTY)
     return res.out.contiguous(), res.lse.contiguous(), attn
@@ -73,13 +74,13 @@ def na_forward(
 
 @na_forward.register_fake
 def _na_forward_fake(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
-                     is_causal, scale, backend, return_attn):
+                     is_causal, scale, backend, return_attn, periodic=None):
     lead = query.shape[:-1]
     out = query.new_empty((*lead, value.shape[-1]))
     lse = query.new_empty(lead, dtype=lse_dtype(query.dtype))
     if return_attn:
-        # fit_axis: the effective kernel is min(kernel, length); sym_min adds no guard on the size.
-        window = math.prod(torch.sym_min(k, L) for k, L in zip(kernel_size, query.shape[1:-2]))
+        # fit_axis on the key grid: the effective kernel is min(kernel, length); sym_min adds no guard.
+        window = math.prod(torch.sym_min(k, L) for k, L in zip(kernel_size, key.shape[1:-2]))
         attn = query.new_empty((*lead, window))
     else:
         attn = query.new_empty(_EMPTY)
@@ -139,12 +140,12 @@ def na_backward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     rpb: Optional[torch.Tensor], attn_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
     kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int], is_causal: Sequence[bool],
-    scale: float, backend: str, return_attn: bool,
+    scale: float, backend: str, return_attn: bool, periodic: Optional[Sequence[bool]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv, drpb, dattn_bias)`` of :func:`na_forward` (module docstring);
     ``drpb``/``dattn_bias`` are empty tensors when ``rpb``/``attn_bias`` are absent."""
     impl, p, extras = _setup(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
-                             is_causal, scale, backend, return_attn, "visattn::na_backward")
+                             is_causal, scale, backend, return_attn, periodic, "visattn::na_backward")
     if impl.native_backward:
         g = run_backward(impl, query, key, value, out, lse, grad_out, grad_lse, p, extras)
         grads = [g.dq, g.dk, g.dv, g.drpb, g.dattn_bias]
@@ -156,7 +157,8 @@ def na_backward(
 
 @na_backward.register_fake
 def _na_backward_fake(grad_out, grad_lse, grad_attn, query, key, value, out, lse, rpb, attn_bias,
-                      key_padding_mask, kernel_size, stride, dilation, is_causal, scale, backend, return_attn):
+                      key_padding_mask, kernel_size, stride, dilation, is_causal, scale, backend, return_attn,
+                      periodic=None):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None
                  else query.new_empty(_EMPTY) for t in (query, key, value, rpb, attn_bias))
 
@@ -164,7 +166,7 @@ def _na_backward_fake(grad_out, grad_lse, grad_attn, query, key, value, out, lse
 # ------------------------------------------------------------------------------------------------
 # The autograd registration (the only one in the library)
 
-_PARAMS = ("kernel_size", "stride", "dilation", "is_causal", "scale", "backend", "return_attn")
+_PARAMS = ("kernel_size", "stride", "dilation", "is_causal", "scale", "backend", "return_attn", "periodic")
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -187,7 +189,8 @@ def _backward(ctx, grad_out, grad_lse, grad_attn):
         # differentiable, by autograd through the portable backend's forward.
         from .backends import get_backend
 
-        spec = make_spec("visattn::na_backward", tuple(query.shape[1:-2]), *(params[n] for n in _PARAMS[:4]))
+        spec = make_spec("visattn::na_backward", tuple(query.shape[1:-2]), *(params[n] for n in _PARAMS[:4]),
+                         key_spatial=tuple(key.shape[1:-2]), periodic=tuple(params["periodic"]) if params["periodic"] else False)
         extras = Extras(rpb, attn_bias, key_padding_mask)
         p = Problem.of(query, key, value, spec, float(params["scale"]), extras, params["return_attn"])
         grads = differentiate_forward(get_backend("torch"), p, grad_out, grad_lse, grad_attn, query, key, value,
@@ -254,7 +257,8 @@ def na_forward_op_flops(query_shape, key_shape, value_shape, rpb_shape, attn_bia
     """FLOPs of ``visattn::na_forward``: :func:`visattn.spec.na_flops` (``QK^T`` and ``PV`` over every
     window slot) plus one add per slot for a relative positional bias (as NATTEN's fvcore handle)."""
     rank = len(query_shape) - 3
-    spec = make_spec("visattn::na_forward", tuple(query_shape[1:rank + 1]), kernel_size, stride, dilation, is_causal)
+    spec = make_spec("visattn::na_forward", tuple(query_shape[1:rank + 1]), kernel_size, stride, dilation, is_causal,
+                     key_spatial=tuple(key_shape[1:rank + 1]))
     flops = na_flops(spec, query_shape[0], query_shape[-2], query_shape[-1], value_shape[-1])
     if rpb_shape is not None:
         flops += 2 * query_shape[0] * spec.num_tokens * spec.window_size * query_shape[-2]

@@ -163,6 +163,17 @@ def refuse_unfused_features(p: Problem) -> Optional[str]:
     return None
 
 
+def refuse_general_geometry(p: Problem) -> Optional[str]:
+    """The refusal of kernels that only walk same-grid, non-wrapping axes: keys on another grid than
+    the queries, or periodic axes (the ``torch`` backend serves both)."""
+    if p.spec.cross_grid:
+        return (f"keys on another grid ({p.spec.key_spatial}) than the queries ({p.spec.spatial}) are not supported "
+                f"by this kernel (the torch backend serves them)")
+    if any(p.spec.periodic):
+        return "periodic axes are not supported by this kernel (the torch backend serves them)"
+    return None
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """LSE is kept in float32 for half inputs, in the input dtype otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -37,14 +37,14 @@ class ReferenceBackend(Backend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras: Extras) -> Result:
         spec = p.spec
-        B, N, H, G = p.batch, spec.num_tokens, p.heads, p.heads // p.heads_kv
+        B, N, Nk, H, G = p.batch, spec.num_tokens, spec.num_keys, p.heads, p.heads // p.heads_kv
         index, valid, rel = (t.to(q.device) for t in neighbor_table(spec))
         K = index.shape[1]
         cdt = lse_dtype(q.dtype)
         qf = q.reshape(B, N, H, p.dim).to(cdt)
         # Repeat k/v heads for GQA: query head h uses kv head h // G.
-        kf = k.reshape(B, N, p.heads_kv, p.dim).to(cdt).repeat_interleave(G, dim=2)
-        vf = v.reshape(B, N, p.heads_kv, p.dim_v).to(cdt).repeat_interleave(G, dim=2)
+        kf = k.reshape(B, Nk, p.heads_kv, p.dim).to(cdt).repeat_interleave(G, dim=2)
+        vf = v.reshape(B, Nk, p.heads_kv, p.dim_v).to(cdt).repeat_interleave(G, dim=2)
         kn, vn = kf[:, index], vf[:, index]  # [B, N, K, H, D]
         logits = torch.einsum("bnhd,bnkhd->bnhk", qf, kn) * p.scale
         if extras.rpb is not None:
@@ -53,7 +53,7 @@ class ReferenceBackend(Backend):
             logits = logits + extras.attn_bias.to(cdt).reshape(B, N, H, K)
         mask = valid[None, :, None, :]
         if extras.key_padding_mask is not None:
-            keep = ~extras.key_padding_mask.reshape(B, N)[:, index]  # [B, N, K]
+            keep = ~extras.key_padding_mask.reshape(B, Nk)[:, index]  # [B, N, K]
             mask = mask & keep[:, :, None, :]
         probs, lse = masked_softmax(logits, mask.expand_as(logits))
         out = torch.einsum("bnhk,bnkhd->bnhd", probs, vn)

@@ -1,8 +1,9 @@
 """Portable pure-PyTorch backend: query tiles against their haloed key regions, as batched GEMMs.
 
-Each axis is cut into tiles of ``T`` consecutive queries *within one dilation group*; the keys any
-query of a tile can see form one contiguous run of that group (windows move monotonically), at most
-``R`` long. A tile is then a small dense attention problem ``[T^r queries] x [R^r keys]`` with a
+Each axis is cut into tiles of ``T`` consecutive queries whose window centres lie in one dilation
+group of the key grid; the keys any query of a tile can see form one contiguous run of that group
+(windows move monotonically with the centre), at most ``R`` long. Cross-grid and periodic axes are
+the same walk on the key grid (a periodic axis's virtual grid maps back to its real keys). A tile is then a small dense attention problem ``[T^r queries] x [R^r keys]`` with a
 mask, so the whole call is a handful of gathers and two batched matmuls, on any device, with
 autograd for the backward. Memory is ``O(tokens * R^r)``: linear in tokens, never quadratic.
 
@@ -12,6 +13,7 @@ The per-axis masks, neighbourhood slots and relative positions all come from
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ..spec import AxisWindows, NASpec, axis_windows
+from ..spec import AxisWindows, NASpec
 from .base import Backend, Extras, Problem, Result, lse_dtype
 
 
@@ -47,29 +49,32 @@ class AxisTiles:
 
 
 def _axis_tiles(w: AxisWindows, tile: int, requested_kernel: int) -> AxisTiles:
+    """Cut one axis's queries into tiles: the queries whose centres share a dilation group of the key
+    grid, in centre order (windows move monotonically with the centre, so a tile's keys are one
+    contiguous run of that group), ``tile`` at a time."""
     d, k = w.dilation, w.kernel
-    q_pos, k_start, groups = [], [], []
+    q_coords, k_start, groups = [], [], []
     tile_of = torch.empty(w.length, dtype=torch.int64)
     pos_of = torch.empty(w.length, dtype=torch.int64)
+    group = w.group.tolist()
     for g in range(d):
-        n = (w.length - g + d - 1) // d
-        for start in range(0, n, tile):
-            members = torch.arange(start, min(start + tile, n))
-            coords = g + d * members
-            tile_of[coords] = len(q_pos)
-            pos_of[coords] = torch.arange(len(members))
-            padded = torch.cat([members, members[-1:].expand(tile - len(members))])
-            q_pos.append(padded)
+        # Centres move monotonically with the query, so query order is centre order within a group.
+        members = torch.tensor([x for x in range(w.length) if group[x] == g], dtype=torch.int64)
+        n = (w.key_length - g + d - 1) // d
+        for start in range(0, len(members), tile):
+            coords = members[start:start + tile]
+            tile_of[coords] = len(q_coords)
+            pos_of[coords] = torch.arange(len(coords))
+            q_coords.append(torch.cat([coords, coords[-1:].expand(tile - len(coords))]))
             k_start.append(int(w.lo[coords].min()))
             groups.append((g, n))
-    q_pos_t = torch.stack(q_pos)  # [nt, T] group positions
+    q_coord = torch.stack(q_coords)  # [nt, T] query coordinates
     g_t = torch.tensor([g for g, _ in groups])[:, None]
     n_t = torch.tensor([n for _, n in groups])[:, None]
-    q_coord = g_t + d * q_pos_t
     k0 = torch.tensor(k_start)[:, None]
-    span = int((w.hi[q_coord] - k0[:, :1].expand_as(q_coord)).max()) + 1
+    span = int((w.hi[q_coord] - k0).max()) + 1
     k_pos = k0 + torch.arange(span)[None, :]  # [nt, R] group positions, may run past the group
-    k_coord = g_t + d * torch.minimum(k_pos, n_t - 1)
+    k_coord = w.key_coord(g_t + d * torch.minimum(k_pos, n_t - 1))
     lo, hi, base, pos = (t[q_coord][:, :, None] for t in (w.lo, w.hi, w.base, w.pos))
     kp = k_pos[:, None, :]
     inside = (kp >= lo) & (kp <= hi)
@@ -145,22 +150,27 @@ class TilePlan:
         """
         got = self._features.get(name)
         if got is None:
-            ax, spec = self.axes, self.spec
-            if name == "rel":
-                got = _flat([a.rel for a in ax], [2 * k - 1 for k in spec.requested_kernel_size])
-            elif name == "slot":
-                got = _flat([a.slot for a in ax], list(spec.kernel_size))
-            elif name == "qtok":
-                got = _flat([a.q_coord[:, :, None] for a in ax], list(spec.spatial)).squeeze(-1)
-            elif name == "ktok":
-                got = _flat([a.k_coord[:, None, :] for a in ax], list(spec.spatial)).squeeze(1)
-            elif name == "region":
-                got = _flat([a.region_of for a in ax], [a.k_coord.shape[1] for a in ax])
-            elif name == "slot_ok":
-                got = _outer([a.slot_ok for a in ax], torch.logical_and)
-            else:
-                raise KeyError(f"TilePlan.feature: unknown feature {name!r}")
-            got = self._features[name] = got.to(self.mask_bias.device)
+            with _untraced():
+                got = self._feature(name)
+        return got
+
+    def _feature(self, name: str) -> torch.Tensor:
+        ax, spec = self.axes, self.spec
+        if name == "rel":
+            got = _flat([a.rel for a in ax], [2 * k - 1 for k in spec.requested_kernel_size])
+        elif name == "slot":
+            got = _flat([a.slot for a in ax], list(spec.kernel_size))
+        elif name == "qtok":
+            got = _flat([a.q_coord[:, :, None] for a in ax], list(spec.spatial)).squeeze(-1)
+        elif name == "ktok":
+            got = _flat([a.k_coord[:, None, :] for a in ax], list(spec.key_spatial)).squeeze(1)
+        elif name == "region":
+            got = _flat([a.region_of for a in ax], [a.k_coord.shape[1] for a in ax])
+        elif name == "slot_ok":
+            got = _outer([a.slot_ok for a in ax], torch.logical_and)
+        else:
+            raise KeyError(f"TilePlan.feature: unknown feature {name!r}")
+        got = self._features[name] = got.to(self.mask_bias.device)
         return got
 
 
@@ -174,10 +184,7 @@ def _place(t: torch.Tensor, a: int, r: int) -> torch.Tensor:
 @lru_cache(maxsize=64)
 def _plan(spec: NASpec, tiles: tuple[int, ...]) -> TilePlan:
     r = spec.rank
-    axes = [
-        _axis_tiles(axis_windows(L, k, s, d, c), t, rk)
-        for (L, k, s, d, c), t, rk in zip(spec.axes(), tiles, spec.requested_kernel_size)
-    ]
+    axes = [_axis_tiles(w, t, rk) for w, t, rk in zip(spec.windows(), tiles, spec.requested_kernel_size)]
     q_index = tuple(_place(ax.q_coord, a, r) for a, ax in enumerate(axes))
     k_index = tuple(_place(ax.k_coord, a, r) for a, ax in enumerate(axes))
     out_index = []
@@ -202,8 +209,24 @@ def get_plan(spec: NASpec, device: torch.device, dtype: torch.dtype) -> TilePlan
     if plan is None:
         if len(_DEVICE_PLANS) > 64:
             _DEVICE_PLANS.clear()
-        plan = _DEVICE_PLANS[key] = _plan(spec, tiles).to(device, dtype)
+        with _untraced():
+            plan = _DEVICE_PLANS[key] = _plan(spec, tiles).to(device, dtype)
     return plan
+
+
+@contextlib.contextmanager
+def _untraced():
+    """Build index tensors outside the TorchScript tracer (ONNX export): they depend on the spec
+    alone, so the trace should hold them as constants, not record the Python that made them."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        yield
+        return
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def _flat(parts: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...spec import NASpec
-from ..base import Backend, Extras, Grads, Problem, Result, refuse_unfused_features
+from ..base import Backend, Extras, Grads, Problem, Result, refuse_general_geometry, refuse_unfused_features
 from . import build
 from .geometry import colour_chunks, tables
 
@@ -113,7 +113,7 @@ class CpuBackend(Backend):
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return (f"dtype {p.dtype} is not supported (float32; half types computed in float32; float64 goes to the "
                     f"torch backend)")
-        return refuse_unfused_features(p)
+        return refuse_unfused_features(p) or refuse_general_geometry(p)
 
     def priority(self, p: Problem) -> float:
         return 20.0 if p.spec.window_size <= _MAX_WINDOW else -1.0

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ...spec import NASpec, axis_windows
-from ..base import Backend, Extras, Grads, Problem, Result, refuse_unfused_features
+from ..base import Backend, Extras, Grads, Problem, Result, refuse_general_geometry, refuse_unfused_features
 
 _MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -294,7 +294,7 @@ class TritonBackend(Backend):
             return f"dtype {p.dtype} is not supported (float16, bfloat16, float32); use backend='torch'"
         if max(p.dim, p.dim_v) > _MAX_HEAD_DIM:
             return f"head_dim={p.dim}, dim_v={p.dim_v}: at most {_MAX_HEAD_DIM} is supported"
-        return refuse_unfused_features(p)
+        return refuse_unfused_features(p) or refuse_general_geometry(p)
 
     def priority(self, p: Problem) -> float:
         # First choice on CUDA; in the interpreter (CPU) only when forced by name.
