@@ -1,6 +1,6 @@
-"""Pieces shared by the zoo's token mixers (channels-last ``[B, H, W, C]``): the input check, the
-qkv/projection pair most mixers start and end with, and one call into the GNA operator that also
-handles attention dropout.
+"""Pieces shared by the token mixers (channels-last ``[B, *S, C]``): the input check, the
+qkv/projection pair most mixers start and end with (:class:`QKVMixer`), and one call into the GNA
+operator that also handles attention dropout (:func:`na_attend`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ def check_input(module: nn.Module, x: torch.Tensor, dim: int) -> tuple[int, int,
     return x.shape[0], x.shape[1], x.shape[2]
 
 
-def check_heads(cls: str, dim: int, num_heads: int) -> int:
-    """Head dim for ``dim`` channels split into ``num_heads`` heads, or a clear error."""
+def check_heads(cls: str, dim: int, num_heads: int, dim_arg: str = "dim") -> int:
+    """Head dim for ``dim`` channels split into ``num_heads`` heads, or an error naming the
+    constructor argument ``dim_arg`` that holds the channel count."""
     if num_heads < 1 or dim % num_heads:
-        raise ValueError(f"{cls}: dim={dim} is not divisible by num_heads={num_heads}; choose num_heads "
-                         f"among the divisors of dim.")
+        raise ValueError(f"{cls}: {dim_arg}={dim} is not divisible by num_heads={num_heads}; choose num_heads "
+                         f"among the divisors of {dim_arg}.")
     return dim // num_heads
 
 
 def na_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, na_args: dict, scale: float,
               attn_drop: float = 0.0, training: bool = False, backend: Optional[str] = None,
               **extras) -> torch.Tensor:
-    """GNA ``out [B, H, W, heads, D_v]`` from heads-last ``q, k [.., D]``, ``v [.., D_v]``.
+    """GNA ``out [B, *S, heads, D_v]`` from heads-last ``q, k [B, *S, heads, D]``, ``v [.., D_v]``.
 
     With attention dropout active the probabilities must exist explicitly, so that path asks the
     operator for them and applies them with :func:`~visattn.functional.na_av` (slower, memory
@@ -49,15 +50,20 @@ def na_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, na_args: dic
 class QKVMixer(nn.Module):
     """Base of the softmax mixers: ``qkv = Linear(C, 3C)``, heads, ``proj = Linear(C, C)``.
 
-    Subclasses implement ``forward``; ``_qkv(x)`` gives heads-last ``q, k, v [B, H, W, heads, C/heads]``
-    and ``_out(o)`` merges heads and projects.
+    Subclasses implement ``forward``; ``_qkv(x)`` turns a channels-last ``x [B, *S, C]`` of any
+    rank into heads-last ``q, k, v [B, *S, heads, C/heads]`` and ``_out(o)`` merges the heads of
+    ``o [B, *S, heads, C/heads]`` and projects back to ``[B, *S, C]``. ``attn_drop`` is a
+    probability (applied by :func:`na_attend` or the subclass), ``proj_drop`` a module.
     """
+
+    #: the subclass constructor's name for the channel count, for error messages
+    dim_arg: str = "dim"
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_scale: Optional[float] = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
         super().__init__()
         self.dim, self.num_heads = dim, num_heads
-        self.head_dim = check_heads(type(self).__name__, dim, num_heads)
+        self.head_dim = check_heads(type(self).__name__, dim, num_heads, self.dim_arg)
         self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop

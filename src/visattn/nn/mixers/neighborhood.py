@@ -7,15 +7,23 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...functional import na_av, neighborhood_attention
 from ...spec import BoolOrTuple, IntOrTuple, _as_tuple
 from ..registry import register_attn
+from .base import QKVMixer, na_attend
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
 
 
-class _NeighborhoodAttentionNd(nn.Module):
+class _NeighborhoodAttentionNd(QKVMixer):
+    """``qkv`` -> neighborhood attention of rank :attr:`rank` -> ``proj``: ``[B, *S, C] -> [B, *S, C]``.
+
+    NATTEN's module: same constructor, same attributes (``embed_dim``, ``kernel_size``, ``stride``,
+    ``dilation``, ``is_causal``, ``scale``, ...) and the same state-dict keys (``qkv``, ``proj``,
+    ``rpb [heads, 2k-1, ...]``), so its checkpoints load unchanged. Subclasses set ``rank``.
+    """
+
     rank: int = 0
+    dim_arg = "embed_dim"
 
     def __init__(
         self,
@@ -32,51 +40,40 @@ class _NeighborhoodAttentionNd(nn.Module):
         rel_pos_bias: bool = False,
         backend: Optional[str] = None,
     ) -> None:
-        super().__init__()
+        super().__init__(embed_dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
         name = type(self).__name__
-        if embed_dim % num_heads:
-            raise ValueError(f"{name}: embed_dim={embed_dim} is not divisible by num_heads={num_heads}.")
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.head_dim = embed_dim // num_heads
         self.kernel_size = _as_tuple(name, "kernel_size", kernel_size, self.rank, int)
         self.stride = _as_tuple(name, "stride", stride, self.rank, int)
         self.dilation = _as_tuple(name, "dilation", dilation, self.rank, int)
         self.is_causal = _as_tuple(name, "is_causal", is_causal, self.rank, bool)
-        self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
         self.backend = backend
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(embed_dim, embed_dim)
-        self.proj_drop = nn.Dropout(proj_drop)
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.zeros(num_heads, *(2 * k - 1 for k in self.kernel_size)))
             nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
         else:
             self.register_parameter("rpb", None)
 
+    @property
+    def embed_dim(self) -> int:
+        """NATTEN's name for the channel count (:attr:`dim` of the mixer base)."""
+        return self.dim
+
     def _na_args(self) -> dict:
         return dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation, is_causal=self.is_causal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, *S, C]`` -> ``[B, *S, C]``."""
-        if x.dim() != self.rank + 2 or x.shape[-1] != self.embed_dim:
+        if x.dim() != self.rank + 2 or x.shape[-1] != self.dim:
             axes = ", ".join(f"S{i}" for i in range(self.rank))
-            raise ValueError(f"{type(self).__name__}: expected a channels-last input [B, {axes}, {self.embed_dim}], "
+            raise ValueError(f"{type(self).__name__}: expected a channels-last input [B, {axes}, {self.dim}], "
                              f"got {tuple(x.shape)}. Permute channels-first tensors with x.movedim(1, -1).")
-        q, k, v = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim).unbind(-3)
-        if self.attn_drop > 0 and self.training:
-            # Dropout acts on the probabilities, so take them explicitly (slower, memory O(tokens*K)).
-            _, attn = neighborhood_attention(q, k, v, **self._na_args(), scale=self.scale, rpb=self.rpb,
-                                             return_attn=True, backend=self.backend)
-            attn = nn.functional.dropout(attn, self.attn_drop, training=True)
-            out = na_av(attn, v, **self._na_args())
-        else:
-            out = neighborhood_attention(q, k, v, **self._na_args(), scale=self.scale, rpb=self.rpb,
-                                         backend=self.backend)
-        return self.proj_drop(self.proj(out.reshape(x.shape)))
+        q, k, v = self._qkv(x)
+        out = na_attend(q, k, v, na_args=self._na_args(), scale=self.scale, rpb=self.rpb, attn_drop=self.attn_drop,
+                        training=self.training, backend=self.backend)
+        return self._out(out)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+        return (f"embed_dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, dilation={self.dilation}, is_causal={self.is_causal}, "
                 f"rel_pos_bias={self.rpb is not None}")
 
