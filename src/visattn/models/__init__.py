@@ -2,6 +2,9 @@
 
 ``create_model("dinat_tiny", num_classes=10)``, ``list_models("nat_*")``; official checkpoints
 load through :func:`load_official_checkpoint`; timm users call :func:`register_timm`.
+
+Each family file registers its variants with ``@register_model`` (see :mod:`.registry`); importing
+it here is what puts them in the registry, so a new family is one file plus one import line.
 """
 
 import sys

@@ -4,7 +4,8 @@
 Transformer" (Hassani & Shi, 2022). DiNAT *is* NAT with a per-layer dilation: every other layer of a
 stage uses dilated NA whose dilation is chosen so the window spans the whole feature map at the
 training resolution (``feature_size // kernel_size``: 8, 4, 2, 1 at 224). So :class:`NAT` takes an
-optional ``dilations`` list per stage and the variants below are just configs.
+optional ``dilations`` list per stage, and the variants are configs (:data:`NAT_CONFIGS`), each
+registered by a one-line builder at the end of this file.
 
 Layout (module names differ from the official code on purpose; :mod:`visattn.models.convert` maps
 official checkpoints):
@@ -32,6 +33,8 @@ from torch import nn
 
 from ..nn import NeighborhoodAttention2D
 from ..nn.layers import ConvDownsample, ConvStem, DropPath, GlobalAttention2D, LayerScale, Mlp
+from .convert import load_official_checkpoint
+from .registry import register_model
 
 __all__ = ["NAT", "NAT_CONFIGS", "NATConfig", "dinat_dilations"]
 
@@ -316,7 +319,7 @@ _ARCH_FIELDS = ("depths", "num_heads", "embed_dim", "mlp_ratio", "drop_path_rate
 
 
 def build_nat(name: str, *, img_size: Sequence[int] | int = 224, **kwargs) -> NAT:
-    """Build the registered variant ``name``; ``kwargs`` override its config or go to :class:`NAT`.
+    """Build the variant ``name`` of :data:`NAT_CONFIGS`; ``kwargs`` override its config or go to :class:`NAT`.
 
     For DiNAT variants, ``img_size`` picks the dilations (:func:`dinat_dilations`); pass
     ``dilations=...`` to set them by hand.
@@ -328,3 +331,75 @@ def build_nat(name: str, *, img_size: Sequence[int] | int = 224, **kwargs) -> NA
         kwargs["dilations"] = dinat_dilations(cfg.depths, cfg.kernel_size, img_size)
     return NAT(depths=cfg.depths, num_heads=cfg.num_heads, embed_dim=cfg.embed_dim, mlp_ratio=cfg.mlp_ratio,
                kernel_size=cfg.kernel_size, layer_scale=cfg.layer_scale, drop_path_rate=cfg.drop_path_rate, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered variants: ``create_model(name, **kwargs)`` calls the builder below (kwargs as in build_nat)
+# --------------------------------------------------------------------------------------------------
+
+# Official ImageNet-1k checkpoints (SHI-Labs), mapped onto our layout by convert.py for pretrained=True.
+_NAT_CKPT = "https://shi-labs.com/projects/nat/checkpoints/CLS/"
+_DINAT_CKPT = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/"
+
+
+@register_model("nat_mini", url=_NAT_CKPT + "nat_mini.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["nat_mini"])
+def nat_mini(**kwargs) -> NAT:
+    """NAT-Mini; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("nat_mini", **kwargs)
+
+
+@register_model("nat_tiny", url=_NAT_CKPT + "nat_tiny.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["nat_tiny"])
+def nat_tiny(**kwargs) -> NAT:
+    """NAT-Tiny; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("nat_tiny", **kwargs)
+
+
+@register_model("nat_small", url=_NAT_CKPT + "nat_small.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["nat_small"])
+def nat_small(**kwargs) -> NAT:
+    """NAT-Small; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("nat_small", **kwargs)
+
+
+@register_model("nat_base", url=_NAT_CKPT + "nat_base.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["nat_base"])
+def nat_base(**kwargs) -> NAT:
+    """NAT-Base; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("nat_base", **kwargs)
+
+
+@register_model("dinat_mini", url=_DINAT_CKPT + "dinat_mini_in1k_224.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["dinat_mini"])
+def dinat_mini(**kwargs) -> NAT:
+    """DiNAT-Mini; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("dinat_mini", **kwargs)
+
+
+@register_model("dinat_tiny", url=_DINAT_CKPT + "dinat_tiny_in1k_224.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["dinat_tiny"])
+def dinat_tiny(**kwargs) -> NAT:
+    """DiNAT-Tiny; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("dinat_tiny", **kwargs)
+
+
+@register_model("dinat_small", url=_DINAT_CKPT + "dinat_small_in1k_224.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["dinat_small"])
+def dinat_small(**kwargs) -> NAT:
+    """DiNAT-Small; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("dinat_small", **kwargs)
+
+
+@register_model("dinat_base", url=_DINAT_CKPT + "dinat_base_in1k_224.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["dinat_base"])
+def dinat_base(**kwargs) -> NAT:
+    """DiNAT-Base; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("dinat_base", **kwargs)
+
+
+@register_model("dinat_large", url=_DINAT_CKPT + "dinat_large_in22k_in1k_224.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["dinat_large"])
+def dinat_large(**kwargs) -> NAT:
+    """DiNAT-Large (ImageNet-22k pre-trained, 1k fine-tuned checkpoint); ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("dinat_large", **kwargs)
