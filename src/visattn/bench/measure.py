@@ -74,7 +74,7 @@ def _warm(fn: Callable[[], object], device: str | torch.device, budget_s: float,
 
 def time_interleaved(fns: Sequence[Callable[[], object]], device: str | torch.device, budget_s: float = 2.0,
                      max_reps: int = 50, first_call_s: Optional[Sequence[Optional[float]]] = None,
-                     rounds: int = 4) -> list[Timing | Exception]:
+                     rounds: int = 4, on_round: Optional[Callable[[int], None]] = None) -> list[Timing | Exception]:
     """Timings of several implementations taken *together*: each gets as many calls as fit its own
     ``budget_s`` (see :func:`time_call`), spread over ``rounds`` rounds that visit every
     implementation in turn (each turn of two or more calls starts with an untimed one). On a shared machine whose load changes over seconds, each one's
@@ -82,6 +82,7 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: str | torch.de
     after another, a busy spell during one implementation's turn skews the ratio).
 
     Returns a :class:`Timing` per function, or the exception it raised (it is then called no more).
+    ``on_round(r)`` is called after each round ``r`` (progress reporting).
     """
     firsts = list(first_call_s) if first_call_s is not None else [None] * len(fns)
     results: list[Timing | Exception] = []
@@ -114,6 +115,8 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: str | torch.de
                     timing.times.append(time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001
                 results[i] = e
+        if on_round is not None:
+            on_round(r)
     return results
 
 
