@@ -1,6 +1,6 @@
 """A second, independent oracle for the "beyond NATTEN" features: plain Python loops over queries
-and neighbourhood slots in float64, written from the rules in ``shared/DESIGN.md`` section 2 and the
-variable-resolution rule, without ``visattn.spec`` (so a bug there cannot hide in both).
+and neighbourhood slots in float64, written from the window rules of the README's "Semantics" section
+and its variable-resolution rule, without ``visattn.spec`` (so a bug there cannot hide in both).
 
 Also: a helper that runs a call on a named backend, or, where the backend refuses the call, checks
 that automatic selection routes it to one that serves it.

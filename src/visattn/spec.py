@@ -1,7 +1,7 @@
 """The window rules of generalized neighborhood attention, in one place.
 
 Every backend derives its neighbourhoods from this module (or is tested against the oracle that
-does). The rules follow NATTEN 0.21 exactly; see ``shared/DESIGN.md`` section 2 and the README.
+does). The rules follow NATTEN 0.21 exactly; the README's "Semantics" section states them as a table.
 
 Along one axis of length ``L`` with kernel ``k``, stride ``s``, dilation ``d`` and causal flag ``c``,
 a query at coordinate ``x`` belongs to dilation group ``g = x % d`` at group position ``p = x // d``;

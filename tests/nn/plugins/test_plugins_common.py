@@ -16,7 +16,7 @@ PLUGINS = list_attn("channels_first")
 SHAPE_PRESERVING = [n for n in PLUGINS if attn_info(n).get("output", "same") == "same"]
 
 
-def test_every_family_of_the_issue_is_registered():
+def test_every_plugin_family_is_registered():
     expected = {"se", "eca", "cbam", "ulsam", "ela", "triplet", "polarized", "polarized_seq", "lka", "coord",
                 "split_attn", "simpool", "span", "gc"}
     assert expected <= set(PLUGINS)
