@@ -61,12 +61,11 @@ class ProgressBar:
         if rich is not None:
             console = rich.console.Console(stderr=True)
             if console.is_terminal:
-                columns = rich.progress
-                self._progress = columns.Progress(
-                    columns.TextColumn("{task.description}", markup=False), columns.BarColumn(),
-                    columns.MofNCompleteColumn(), columns.TextColumn("{task.fields[postfix]}", markup=False),
-                    columns.TimeElapsedColumn(), columns.TextColumn("<"), columns.TimeRemainingColumn(),
-                    console=console, transient=self.transient)
+                rp = rich.progress
+                self._progress = rp.Progress(
+                    rp.TextColumn("{task.description}", markup=False), rp.BarColumn(), rp.MofNCompleteColumn(),
+                    rp.TextColumn("{task.fields[postfix]}", markup=False), rp.TimeElapsedColumn(),
+                    rp.TextColumn("<"), rp.TimeRemainingColumn(), console=console, transient=self.transient)
                 self._progress.start()
                 self._task = self._progress.add_task(self.description, total=self.total, postfix="")
         return self
@@ -89,16 +88,12 @@ class ProgressBar:
         if self._progress is not None:
             self._progress.update(self._task, description=description)
 
-    def advance(self, steps: int = 1, *, description: Optional[str] = None, **fields) -> None:
-        """Mark ``steps`` more steps done; optionally a new description and new ``fields`` values."""
+    def advance(self, steps: int = 1, **fields) -> None:
+        """Mark ``steps`` more steps done; ``fields`` are new values for the ``fields`` format."""
         if self._progress is None:
             return
-        update: dict = dict(advance=steps)
-        if description is not None:
-            update["description"] = description
-        if fields:
-            update["postfix"] = self.fields.format(**fields)
-        self._progress.update(self._task, **update)
+        postfix = {"postfix": self.fields.format(**fields)} if fields else {}
+        self._progress.update(self._task, advance=steps, **postfix)
 
 
 def render_table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: Collection[int] = ()) -> str:
