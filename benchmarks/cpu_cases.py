@@ -1,165 +1,132 @@
-"""Time the fused CPU backends (``cpu_c`` in C, ``cpu`` in numba) against the portable ``torch``
-backend (and, optionally, compiled FlexAttention and NATTEN) on the cases of issue 3, plus memory,
-model-level and compile-cost checks.
+"""Time the fused CPU backends against the portable ``torch`` backend on five NA cases, forward and
+forward + backward, plus optional peers (compiled FlexAttention, NATTEN), memory, model-level and
+compile-cost checks.
 
 Usage: ``python benchmarks/cpu_cases.py [--flex] [--natten] [--compile] [--memory] [--model] [--all]
-[--threads N] [--backends cpu_c cpu]``
+[--threads N] [--budget S] [--backends NAME ...]``
 
-Every ratio is measured in the same run (the machine may be shared: medians of repeated runs).
-Effective GFLOP/s use :func:`visattn.spec.na_flops` (backward counted as 2x forward).
+The fused backends are every registered backend except ``reference`` (the oracle) and ``torch``
+(the baseline) that can run on this CPU, unless ``--backends`` names some. Each case is one
+:func:`visattn.bench.run_bench` run: every implementation is checked against the float64 oracle,
+then all are timed together in alternating rounds (the machine may be shared: compare ratios within
+a run). GFLOP/s use :func:`visattn.spec.na_flops` (backward counted as 2x forward).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
-import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import replace
 
 import torch
 
 from visattn import NeighborhoodAttention2D, neighborhood_attention
-from visattn.spec import make_spec, na_flops, neighbor_table
+from visattn.backends import list_backends, select_backend, why_not
+from visattn.bench import BenchProblem, BenchResult, Peer, run_bench
+from visattn.bench.measure import (machine_info, matmul_peak_gflops, peak_extra_bytes, peak_rss_extra_bytes,
+                                   time_interleaved)
+from visattn.bench.peers import FlexAttention, Natten, VisattnBackend
+from visattn.console import render_table
+
+#: name -> problem; the first is ``visattn bench``'s default (NAT-Tiny's first stage)
+CASES: dict[str, BenchProblem] = {
+    "2-D 56x56 h4 d32 k7 (default)": BenchProblem(shape=(56, 56), heads=4, head_dim=32, kernel_size=7),
+    "1-D L4096 h4 d64 k63": BenchProblem(shape=(4096,), heads=4, head_dim=64, kernel_size=63),
+    "2-D 56x56 k7 dilation 4": BenchProblem(shape=(56, 56), heads=4, head_dim=32, kernel_size=7, dilation=4),
+    "3-D 16x32x32 h4 d32 k5": BenchProblem(shape=(16, 32, 32), heads=4, head_dim=32, kernel_size=5),
+    "2-D 56x56 k7 causal": BenchProblem(shape=(56, 56), heads=4, head_dim=32, kernel_size=7, is_causal=True),
+}
+BASELINE = "torch"
 
 
-@dataclass
-class Bench:
-    name: str
-    spatial: tuple
-    heads: int
-    dim: int
-    kernel: tuple
-    dilation: tuple = ()
-    causal: tuple = ()
-
-    def kwargs(self) -> dict:
-        r = len(self.spatial)
-        return dict(kernel_size=self.kernel, dilation=self.dilation or (1,) * r, is_causal=self.causal or (False,) * r)
-
-    def flops(self) -> int:
-        kw = self.kwargs()
-        return na_flops(make_spec("bench", self.spatial, kw["kernel_size"], 1, kw["dilation"], kw["is_causal"]),
-                        1, self.heads, self.dim)
+def fused_backends(requested: list[str] | None) -> list[str]:
+    """The backends to time: ``requested``, or every registered one but the oracle and the baseline;
+    those that cannot run a CPU problem here are dropped with the reason."""
+    names = requested or [b for b in list_backends() if b not in ("reference", BASELINE)]
+    probe = next(iter(CASES.values())).backend_problem()
+    usable = []
+    for name in names:
+        reason = why_not(name, probe)
+        if reason is None:
+            usable.append(name)
+        else:
+            print(f"skipping {name}: {reason}")
+    return usable
 
 
-CASES = [
-    Bench("2-D 56x56 h4 d32 k7 (default)", (56, 56), 4, 32, (7, 7)),
-    Bench("1-D L4096 h4 d64 k63", (4096,), 4, 64, (63,)),
-    Bench("2-D 56x56 k7 dilation 4", (56, 56), 4, 32, (7, 7), (4, 4)),
-    Bench("3-D 16x32x32 h4 d32 k5", (16, 32, 32), 4, 32, (5, 5, 5)),
-    Bench("2-D 56x56 k7 causal", (56, 56), 4, 32, (7, 7), (), (True, True)),
-]
+def run_case(problem: BenchProblem, backends: list[str], extra: list[Peer], budget: float, peak: float) -> BenchResult:
+    peers = [VisattnBackend(BASELINE), *(VisattnBackend(b) for b in backends), *extra]
+    return run_bench(problem, peers, budget_s=budget, peak_gflops=peak, measure_memory=False)
 
 
-def timeit(fn: Callable[[], object], min_runs: int = 5, budget_s: float = 2.0) -> float:
-    """Median seconds of ``fn`` after one warm-up, at least ``min_runs`` runs or ``budget_s``."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
-            break
-    return statistics.median(times)
+def case_table(results: dict[str, tuple[BenchResult, BenchResult]], backends: list[str]) -> str:
+    """One line per (case, fused backend): forward and forward+backward ms, GFLOP/s, speed-up over torch."""
+    def cells(result: BenchResult, name: str) -> list[str]:
+        rows = {r.name: r for r in result.rows}
+        row, base = rows[f"visattn {name}"], rows[f"visattn {BASELINE}"]
+        if not row.timed:
+            return ["-", "-", "-", f"{row.status}: {row.reason}"]
+        speedup = f"{base.median_ms / row.median_ms:.1f}x" if base.timed else "-"
+        wrong = "" if row.correct is not False else "WRONG vs oracle"
+        return [f"{row.median_ms:.2f}", f"{row.gflops:.1f}", speedup, wrong]
+
+    lines = []
+    for case, (fwd, both) in results.items():
+        for name in backends:
+            f, b = cells(fwd, name), cells(both, name)
+            lines.append([case, name, *f[:3], *b[:3], "; ".join(n for n in (f[3], b[3]) if n)])
+    columns = ("case", "backend", "fwd ms", "GFLOP/s", f"x {BASELINE}", "f+b ms", "GFLOP/s", f"x {BASELINE}", "notes")
+    return render_table(columns, lines, right={2, 3, 4, 5, 6, 7})
 
 
-def matmul_peak() -> float:
-    """Measured fp32 GEMM GFLOP/s on this machine (1024^3, torch's threads)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return 2 * 1024 ** 3 / timeit(lambda: a @ b, 10, 1.0) / 1e9
-
-
-def inputs(c: Bench, grad: bool):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(1, *c.spatial, c.heads, c.dim, generator=g).requires_grad_(grad) for _ in range(3)]
-
-
-def run_na(c: Bench, backend: str, backward: bool) -> float:
-    q, k, v = inputs(c, backward)
-    grad_out = torch.randn_like(q)
-
-    def step():
-        out = neighborhood_attention(q, k, v, **c.kwargs(), backend=backend)
-        if backward:
-            # autograd.grad with a ready gradient: no .sum() backward copy, no accumulation into
-            # .grad, so only the operator's own work is timed.
-            torch.autograd.grad(out, (q, k, v), grad_out)
-
-    return timeit(step)
-
-
-def flex_forward(c: Bench) -> Optional[float]:
-    """Compiled FlexAttention with a NATTEN-style mask built from the same neighbour table."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
-    kw = c.kwargs()
-    spec = make_spec("flex", c.spatial, kw["kernel_size"], 1, kw["dilation"], kw["is_causal"])
-    index, valid, _ = neighbor_table(spec)
-    n = spec.num_tokens
-    allowed = torch.zeros(n, n, dtype=torch.bool)
-    allowed[torch.arange(n)[:, None].expand_as(index)[valid], index[valid]] = True
-
-    def mask_mod(b, h, qi, ki):
-        return allowed[qi, ki]
-
-    block = create_block_mask(mask_mod, None, None, n, n, device="cpu")
-    fn = torch.compile(flex_attention)
-    q, k, v = (t.reshape(1, n, c.heads, c.dim).transpose(1, 2).contiguous() for t in inputs(c, False))
-    return timeit(lambda: fn(q, k, v, block_mask=block))
-
-
-def natten_forward(c: Bench) -> Optional[float]:
-    try:
-        import natten
-    except ImportError:
-        return None
-    q, k, v = inputs(c, False)
-    fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(c.spatial)]
-    kw = c.kwargs()
-    return timeit(lambda: fn(q, k, v, kernel_size=kw["kernel_size"], dilation=kw["dilation"],
-                             is_causal=kw["is_causal"]), min_runs=3, budget_s=1.0)
-
-
-def peak_extra_mb(fn: Callable[[], object]) -> float:
-    """Peak resident memory above the level before ``fn`` (Linux: resets the high-water mark)."""
-    def status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS:")
-    fn()
-    return (status("VmHWM:") - before) / 2 ** 20
+def peers_line(result: BenchResult, backends: list[str]) -> str:
+    """How the fused backends compare with the outside peers of a run (FlexAttention, NATTEN)."""
+    rows = {r.name: r for r in result.rows}
+    out = []
+    for peer in (r for r in result.rows if r.kind == "peer"):
+        if not peer.timed:
+            out.append(f"{peer.name}: {peer.status} ({peer.reason})")
+            continue
+        faster = ", ".join(f"{b} is {peer.median_ms / rows[f'visattn {b}'].median_ms:.1f}x faster"
+                           for b in backends if rows[f"visattn {b}"].timed)
+        out.append(f"{peer.name}: {peer.median_ms:.2f} ms" + (f", {faster}" if faster else ""))
+    return "\n".join(out)
 
 
 def memory_check(backend: str) -> None:
-    c = Bench("2-D 256x256 h4 d32 k7", (256, 256), 4, 32, (7, 7))
-    q, k, v = inputs(c, True)
-    neighborhood_attention(q, k, v, **c.kwargs(), backend=backend).sum().backward()  # warm
-    q.grad = k.grad = v.grad = None
-    out_mb = 4 * q.numel() * q.element_size() / 2 ** 20
-    fwd = peak_extra_mb(lambda: neighborhood_attention(q, k, v, **c.kwargs(), backend=backend))
-    grad_out = torch.randn(q.shape)
+    """Peak extra memory of one call at 256x256: torch's allocations (what the tensors cost) and the
+    process's resident memory (which also sees a kernel's native scratch)."""
+    problem = BenchProblem(shape=(256, 256), heads=4, head_dim=32, kernel_size=7)
+    q, k, v, grad_out = (t.requires_grad_(i < 3) for i, t in enumerate(problem.inputs()))
+    kw = problem.na_kwargs()
 
-    def fwd_bwd():
-        neighborhood_attention(q, k, v, **c.kwargs(), backend=backend).backward(grad_out)
+    def forward():
+        with torch.no_grad():
+            return neighborhood_attention(q, k, v, **kw, backend=backend)
 
-    both = peak_extra_mb(fwd_bwd)
-    print(f"\nmemory, {backend}, {c.name}: Q+K+V+O = {out_mb:.0f} MiB; peak extra (incl. the outputs/grads it "
-          f"returns): forward {fwd:.0f} MiB, forward+backward {both:.0f} MiB (grads alone: {3 * out_mb / 4:.0f} MiB)")
+    def forward_backward():
+        # gradients returned, not accumulated: a call's memory never nets out an earlier call's
+        out = neighborhood_attention(q, k, v, **kw, backend=backend)
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+
+    forward_backward()  # warm-up: compilation, thread pools, allocator growth
+    qkvo_mb = 4 * q.numel() * q.element_size() / 2**20
+
+    def mb(nbytes):
+        return "?" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
+
+    print(f"\nmemory, {backend}, 2-D 256x256 h4 d32 k7: Q+K+V+O = {qkvo_mb:.0f} MiB; peak extra, torch allocations "
+          f"(incl. the outputs/grads returned): forward {mb(peak_extra_bytes(forward, 'cpu'))}, forward+backward "
+          f"{mb(peak_extra_bytes(forward_backward, 'cpu'))} (grads alone: {3 * qkvo_mb / 4:.0f} MiB); process "
+          f"resident memory: forward {mb(peak_rss_extra_bytes(forward))}, forward+backward "
+          f"{mb(peak_rss_extra_bytes(forward_backward))}")
 
 
-def model_check() -> None:
+def model_check(budget: float) -> None:
     """NeighborhoodAttention2D (k=7) vs Swin-style window attention with SDPA on 7x7 windows."""
     torch.manual_seed(0)
     dim, heads, size, win = 128, 4, 56, 7
@@ -175,22 +142,20 @@ def model_check() -> None:
         return proj(o.reshape(B, H, W, C))
 
     x = torch.randn(1, size, size, dim)
-    from visattn.backends import Problem, select_backend
-
-    chosen = select_backend(Problem(spec=make_spec("na2d", (size, size), win), batch=1, heads=heads, heads_kv=heads,
-                                    dim=dim // heads, dim_v=dim // heads, dtype=x.dtype, device=x.device,
-                                    scale=1.0)).name
+    chosen = select_backend(BenchProblem(shape=(size, size), heads=heads, head_dim=dim // heads,
+                                         kernel_size=win).backend_problem()).name
     with torch.no_grad():
-        t_na, t_swin = timeit(lambda: na(x)), timeit(lambda: swin(x))
-        t_na = min(t_na, timeit(lambda: na(x)))
+        timings = time_interleaved([lambda: na(x), lambda: swin(x)], "cpu", budget)
+    for t in timings:
+        if isinstance(t, Exception):
+            raise t
+    t_na, t_swin = (t.median for t in timings)
     print(f"\nmodel, 56x56x128 (4 heads), forward: NeighborhoodAttention2D k7 ({chosen}) {t_na * 1e3:.2f} ms, "
           f"Swin 7x7 windows + SDPA {t_swin * 1e3:.2f} ms, ratio {t_na / t_swin:.2f}x (target <= 1.3x)")
 
 
 def compile_cost(backend: str) -> None:
     """First call in a fresh process with an empty kernel cache vs a filled one."""
-    import tempfile
-
     code = textwrap.dedent(f"""
         import time, torch
         t0 = time.perf_counter()
@@ -202,7 +167,7 @@ def compile_cost(backend: str) -> None:
         print(f"{{t1 - t0:.2f}} {{time.perf_counter() - t1:.4f}}")
     """)
     with tempfile.TemporaryDirectory() as d:
-        env = {**os.environ, "NUMBA_CACHE_DIR": d, "VISATTN_CACHE_DIR": d}
+        env = {**os.environ, "VISATTN_CACHE_DIR": d}  # where compiled CPU kernels are cached
         for label in ("cold cache", "warm cache"):
             r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             first, second = r.stdout.split() if r.returncode == 0 else ("?", "?")
@@ -215,48 +180,40 @@ def main() -> None:
     for flag in ("flex", "natten", "compile", "memory", "model", "all"):
         ap.add_argument(f"--{flag}", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (the kernels follow them)")
-    ap.add_argument("--backends", nargs="+", default=["cpu_c", "cpu"], help="fused backends to time")
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per implementation and case")
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help="fused backends to time (default: every registered one but reference and torch)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from visattn.backends import why_not
-
-    fused = [b for b in args.backends if why_not(b) is None]
-    for b in set(args.backends) - set(fused):
-        print(f"skipping {b}: {why_not(b)}")
-    peak = matmul_peak()
-    print(f"torch threads {torch.get_num_threads()}, fp32 matmul peak {peak:.0f} GFLOP/s (measured now)")
-    print(f"{'case':<32}{'backend':>8}{'fwd':>10}{'GF/s':>7}{'torch fwd':>11}{'x':>6}{'f+b':>10}{'GF/s':>7}"
-          f"{'torch f+b':>11}{'x':>6}")
-    default_fwd = {}
-    for c in CASES:
-        f = c.flops()
-        tf, tb = run_na(c, "torch", False), run_na(c, "torch", True)
-        for b in fused:
-            cf, cb = run_na(c, b, False), run_na(c, b, True)
-            print(f"{c.name:<32}{b:>8}{cf * 1e3:>8.2f}ms{f / cf / 1e9:>7.1f}{tf * 1e3:>9.2f}ms{tf / cf:>6.1f}"
-                  f"{cb * 1e3:>8.2f}ms{3 * f / cb / 1e9:>7.1f}{tb * 1e3:>9.2f}ms{tb / cb:>6.1f}")
-            if c is CASES[0]:
-                default_fwd[b] = cf
-
-    def ours(t: float) -> str:
-        return ", ".join(f"{b} is {t / x:.1f}x faster" for b, x in default_fwd.items())
-
+    backends = fused_backends(args.backends)
+    peak = matmul_peak_gflops(torch.float32, "cpu")
+    m = machine_info("cpu")
+    print(f"{m['cpu']}, {m['threads']} torch threads, torch {m['torch']}; fp32 matmul peak {peak:.0f} GFLOP/s "
+          f"(measured now)")
+    extra: list[Peer] = []
     if args.flex or args.all:
-        t = flex_forward(CASES[0])
-        print("\ncompiled FlexAttention, default case: " + ("unavailable" if t is None else
-              f"{t * 1e3:.2f} ms, " + ours(t)))
+        extra.append(FlexAttention(compiled=True))
     if args.natten or args.all:
-        t = natten_forward(CASES[0])
-        print("NATTEN, default case: " + ("not installed" if t is None else
-              f"{t * 1e3:.1f} ms, " + ours(t)))
-    for b in fused:
+        extra.append(Natten())
+    results, default = {}, None
+    for i, (name, problem) in enumerate(CASES.items()):
+        # The outside peers run the default case's forward only (none has a CPU backward).
+        fwd = run_case(problem, backends, extra if i == 0 else [], args.budget, peak)
+        both = run_case(replace(problem, backward=True), backends, [], args.budget, peak)
+        results[name] = (fwd, both)
+        default = default or fwd
+    print()
+    print(case_table(results, backends))
+    if extra:
+        print("\ndefault case, forward: " + peers_line(default, backends))
+    for b in backends:
         if args.memory or args.all:
             memory_check(b)
         if args.compile or args.all:
             compile_cost(b)
     if args.model or args.all:
-        model_check()
+        model_check(args.budget)
 
 
 if __name__ == "__main__":

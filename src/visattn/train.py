@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -21,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .console import ProgressBar
 from .models import NAT, create_model, dinat_dilations
 
 __all__ = ["DistInfo", "TrainConfig", "build_demo_model", "digits_dataset", "init_distributed", "train"]
@@ -159,26 +159,6 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-class _Progress:
-    """A one-line progress bar on stderr (no dependency); silent when disabled."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled, self.start = total, label, enabled and total > 0, time.perf_counter()
-
-    def update(self, done: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        filled = int(width * done / self.total)
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(done, 1) * (self.total - done)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                         f"loss {loss:.3f}  {elapsed:.0f}s<{eta:.0f}s")
-        if done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DistInfo, batch: int) -> tuple[float, float]:
     """(mean loss, accuracy) over the whole validation set; each rank takes a strided shard."""
     model.eval()
@@ -236,22 +216,24 @@ def train(cfg: TrainConfig) -> dict:
         net.train()
         t0 = time.perf_counter()
         perm = torch.randperm(len(x_tr), generator=gen)
-        bar = _Progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", cfg.progress and info.is_main)
         running = 0.0
-        for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            idx = idx[info.rank * local_batch:(info.rank + 1) * local_batch]
-            xb = _augment(x_tr[idx], gen, cfg.max_shift) if cfg.max_shift else x_tr[idx]
-            xb, yb = xb.to(info.device), y_tr[idx].to(info.device)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, warmup, cfg.lr)
-            loss = F.cross_entropy(net(xb), yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            running += loss.item()
-            bar.update(i + 1, running / (i + 1))
+        # Drawn on rank 0's terminal only (rich); the epoch line below is the record in logs.
+        with ProgressBar(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", enabled=cfg.progress and info.is_main,
+                         fields="loss {loss:.3f}") as bar:
+            for i in range(steps_per_epoch):
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                idx = idx[info.rank * local_batch:(info.rank + 1) * local_batch]
+                xb = _augment(x_tr[idx], gen, cfg.max_shift) if cfg.max_shift else x_tr[idx]
+                xb, yb = xb.to(info.device), y_tr[idx].to(info.device)
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step, total, warmup, cfg.lr)
+                loss = F.cross_entropy(net(xb), yb, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                running += loss.item()
+                bar.advance(loss=running / (i + 1))
         val_loss, val_acc = _evaluate(model, x_val, y_val, info, 256)
         record = dict(epoch=epoch, train_loss=running / max(steps_per_epoch, 1), val_loss=val_loss, val_acc=val_acc,
                       seconds=time.perf_counter() - t0)

@@ -5,7 +5,7 @@
   :mod:`.report` renders the result as a table, JSON or a plot.
 * :func:`run_zoo` times every registered attention module (``visattn.nn.list_attn()``).
 
-Heavy or optional imports (natten, matplotlib, the profiler) happen only when used.
+Heavy or optional imports (natten, matplotlib, rich, the profiler) happen only when used.
 """
 
 from .peers import Built, Peer, default_peers

@@ -6,7 +6,10 @@
   it (inputs excluded, outputs and temporaries included). On CUDA from the caching allocator's
   statistics; on CPU from ``torch.profiler``'s allocation events (torch's CPU allocator keeps no
   statistics and ``tracemalloc`` does not see it). Memory that a kernel allocates outside torch
-  (e.g. a numba kernel's own scratch arrays) is not seen on CPU.
+  (e.g. a C kernel's own scratch buffers) is not seen on CPU;
+* :func:`peak_rss_extra_bytes`: the process's resident-memory high-water mark during one call above
+  its level before (Linux): it sees every allocation, native scratch included, but also whatever
+  else the process does meanwhile and pages the allocator keeps from earlier calls.
 * :func:`matmul_peak_gflops`: this machine's measured GEMM throughput, the ceiling to compare against.
 """
 
@@ -24,8 +27,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["Timing", "machine_info", "matmul_peak_gflops", "peak_extra_bytes", "synchronize", "time_call",
-           "time_interleaved"]
+__all__ = ["Timing", "machine_info", "matmul_peak_gflops", "peak_extra_bytes", "peak_rss_extra_bytes", "synchronize",
+           "time_call", "time_interleaved"]
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -74,7 +77,7 @@ def _warm(fn: Callable[[], object], device: str | torch.device, budget_s: float,
 
 def time_interleaved(fns: Sequence[Callable[[], object]], device: str | torch.device, budget_s: float = 2.0,
                      max_reps: int = 50, first_call_s: Optional[Sequence[Optional[float]]] = None,
-                     rounds: int = 4) -> list[Timing | Exception]:
+                     rounds: int = 4, on_round: Optional[Callable[[int], None]] = None) -> list[Timing | Exception]:
     """Timings of several implementations taken *together*: each gets as many calls as fit its own
     ``budget_s`` (see :func:`time_call`), spread over ``rounds`` rounds that visit every
     implementation in turn (each turn of two or more calls starts with an untimed one). On a shared machine whose load changes over seconds, each one's
@@ -82,6 +85,7 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: str | torch.de
     after another, a busy spell during one implementation's turn skews the ratio).
 
     Returns a :class:`Timing` per function, or the exception it raised (it is then called no more).
+    ``on_round(r)`` is called after each round ``r`` (progress reporting).
     """
     firsts = list(first_call_s) if first_call_s is not None else [None] * len(fns)
     results: list[Timing | Exception] = []
@@ -114,6 +118,8 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: str | torch.de
                     timing.times.append(time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001
                 results[i] = e
+        if on_round is not None:
+            on_round(r)
     return results
 
 
@@ -174,6 +180,23 @@ def peak_extra_bytes(fn: Callable[[], object], device: str | torch.device) -> Op
     except (AttributeError, RuntimeError):  # a torch without these profiler internals
         return None
     return max(itertools.accumulate((b for _, b in deltas), initial=0))
+
+
+def peak_rss_extra_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Peak resident memory of this process during one ``fn()`` above the level before it; ``None``
+    where it cannot be measured (not Linux, or no permission to reset the high-water mark)."""
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024  # kB
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak, to the current resident size (Linux >= 4.0)
+        before = status("VmRSS:")
+    except (OSError, StopIteration):
+        return None
+    fn()
+    return status("VmHWM:") - before
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

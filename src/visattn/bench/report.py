@@ -8,6 +8,7 @@ import textwrap
 from dataclasses import asdict
 from typing import Optional
 
+from ..console import render_table
 from .problem import GRAD_TOLERANCE, TOLERANCE
 from .runner import BenchResult, Row
 
@@ -74,17 +75,6 @@ def format_cells(result: BenchResult) -> list[list[str]]:
     return cells
 
 
-def _render(header: tuple[str, ...], cells: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
-    widths[-1] = len(header[-1])  # the last column is free text: do not pad every line to the longest note
-
-    def line(values):
-        parts = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))]
-        return "  ".join(parts).rstrip()
-
-    return [line(header), line(["-" * w for w in widths])] + [line(c) for c in cells]
-
-
 def format_table(result: BenchResult) -> str:
     """The human report: header (problem, machine, peak), the table, a speed-up summary, footnotes."""
     p, m = result.problem, result.machine
@@ -100,7 +90,7 @@ def format_table(result: BenchResult) -> str:
                       else f"skipped ({result.oracle_skipped})"),
         "",
     ]
-    lines += _render(COLUMNS, format_cells(result), right={2, 3, 4, 6})
+    lines.append(render_table(COLUMNS, format_cells(result), right={2, 3, 4, 6}))
     best = result.best_visattn()
     if best is not None:
         others = [f"{name} {x:.2f}x" for name, x in best.speedup_vs.items()
@@ -241,7 +231,7 @@ def format_zoo_table(rows: list, machine: dict) -> str:
                       num(r.peak_fwd_bwd_mb, ".1f"), notes])
     lines = [f"machine: {machine.get('gpu', machine['cpu'])}, {machine['threads']} torch threads, "
              f"torch {machine['torch']}", ""]
-    lines += _render(ZOO_COLUMNS, cells, right={3, 4, 5, 6, 7, 8})
+    lines.append(render_table(ZOO_COLUMNS, cells, right={3, 4, 5, 6, 7, 8}))
     lines += ["", textwrap.fill("* " + zoo_flops_note(), 110, subsequent_indent="  "),
               textwrap.fill("* ms: median over a time budget after warm-up, in eval mode (dropout off, norms on "
                             "running statistics, so batch 1 works everywhere); forward under no_grad, "

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..console import ProgressBar
 from .measure import machine_info, matmul_peak_gflops, peak_extra_bytes, time_interleaved
 from .peers import Peer, default_peers
 from .problem import BenchProblem, Oracle, compare
 
 __all__ = ["Row", "BenchResult", "run_bench"]
 
+#: receives the progress lines of a run (by default they go to stderr, so ``--json`` on stdout stays parseable)
 Progress = Callable[[str], None]
-
-
-def stderr_progress(message: str) -> None:
-    """Progress lines go to stderr so that ``--json`` output on stdout stays parseable."""
-    print(message, file=sys.stderr, flush=True)
+#: rounds of :func:`~.measure.time_interleaved`, one progress step each
+TIMING_ROUNDS = 4
 
 
 @dataclass
@@ -79,22 +77,37 @@ def _is_oom(e: BaseException) -> bool:
 
 def run_bench(problem: BenchProblem, peers: Optional[Sequence[Peer]] = None, *, budget_s: float = 2.0,
               max_bytes: float = 4 * 2**30, measure_memory: bool = True, peak_gflops: Optional[float] = None,
-              progress: Progress = stderr_progress) -> BenchResult:
+              progress: Optional[Progress] = None) -> BenchResult:
     """Check, time and measure every peer on ``problem``; never raises for a peer that cannot run it.
 
     ``budget_s`` bounds the timed calls of one implementation (a slow one still gets one call);
     ``max_bytes`` is the memory an implementation may be estimated to need before it is refused
     rather than risking the machine; ``peak_gflops`` skips the matmul measurement when given.
+    Progress lines go to ``progress`` when given, else to stderr under a progress bar
+    (:class:`~visattn.console.ProgressBar`: drawn on a terminal, plain lines otherwise).
     """
     peers = list(default_peers() if peers is None else peers)
+    # Steps: the matmul peak, the oracle, one check per implementation, the timing rounds, memory.
+    steps = int(peak_gflops is None) + 1 + len(peers) + TIMING_ROUNDS + int(measure_memory)
+    with ProgressBar(steps, "visattn bench", log=progress, transient=True) as bar:
+        return _run(problem, peers, budget_s, max_bytes, measure_memory, peak_gflops, bar)
+
+
+def _run(problem: BenchProblem, peers: list[Peer], budget_s: float, max_bytes: float, measure_memory: bool,
+         peak_gflops: Optional[float], bar: ProgressBar) -> BenchResult:
+    """:func:`run_bench`'s work, reporting lines and steps to ``bar``."""
     device = problem.device
     if peak_gflops is None:
-        peak_gflops = _matmul_peak(problem, progress)
+        bar.describe("matmul peak")
+        peak_gflops = _matmul_peak(problem, bar)
+        bar.advance()
     q, k, v, dout = problem.inputs()
-    progress("computing the float64 oracle (reference backend)...")
+    bar.describe("oracle")
+    bar("computing the float64 oracle (reference backend)...")
     oracle = Oracle.compute(problem, q, k, v, dout, max_bytes)
     if oracle.skipped:
-        progress(f"  oracle skipped: {oracle.skipped}; correctness is not checked")
+        bar(f"  oracle skipped: {oracle.skipped}; correctness is not checked")
+    bar.advance()
 
     if problem.backward:
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
@@ -114,19 +127,25 @@ def run_bench(problem: BenchProblem, peers: Optional[Sequence[Peer]] = None, *, 
     rows, ready = [], []  # ready: (row, its call, first call's seconds, progress tag)
     for i, peer in enumerate(peers, 1):
         tag = f"[{i}/{len(peers)}] {peer.name}"
-        row, call, first = _check_one(peer, problem, oracle, run, max_bytes, tag, progress)
+        bar.describe(tag)
+        row, call, first = _check_one(peer, problem, oracle, run, max_bytes, tag, bar)
         rows.append(row)
         if call is not None:
             ready.append((row, call, first, tag))
+        bar.advance()
     if ready:
-        progress(f"timing {len(ready)} implementations together, in alternating rounds "
-                 f"(up to {budget_s:g} s each)...")
+        bar(f"timing {len(ready)} implementations together, in alternating rounds "
+            f"(up to {budget_s:g} s each)...")
+    bar.describe("timing")
     timings = time_interleaved([call for _, call, _, _ in ready], device, budget_s,
-                               first_call_s=[first for _, _, first, _ in ready])
+                               first_call_s=[first for _, _, first, _ in ready], rounds=TIMING_ROUNDS,
+                               on_round=lambda r: bar.advance())
+    if measure_memory:
+        bar.describe("memory")
     for (row, call, first, tag), timing in zip(ready, timings):
         if isinstance(timing, Exception):
             status = "refused" if isinstance(timing, (NotImplementedError, ValueError)) else "failed"
-            progress(f"{tag}: {status} while timed ({error_text(timing)})")
+            bar(f"{tag}: {status} while timed ({error_text(timing)})")
             _set(row, status, "out of memory" if _is_oom(timing) else error_text(timing))
             continue
         row.times_s = timing.times
@@ -137,9 +156,10 @@ def run_bench(problem: BenchProblem, peers: Optional[Sequence[Peer]] = None, *, 
             nbytes = peak_extra_bytes(call, device)
             row.peak_extra_mb = None if nbytes is None else nbytes / 2**20
         verdict = {True: "correct", False: "WRONG", None: "unchecked"}[row.correct] if row.checked else "not NA"
-        progress(f"{tag}: {row.median_ms:.2f} ms median of {len(timing.times)}, {verdict}")
+        bar(f"{tag}: {row.median_ms:.2f} ms median of {len(timing.times)}, {verdict}")
         row.gflops = problem.flops / (row.median_ms / 1e3) / 1e9
         row.pct_peak = 100 * row.gflops / peak_gflops
+    bar.advance(int(measure_memory))
     for row in rows:
         row.speedup_vs = {o.name: o.median_ms / row.median_ms for o in rows
                           if o is not row and o.timed and row.timed}

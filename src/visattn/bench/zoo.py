@@ -19,9 +19,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..console import ProgressBar
 from .measure import peak_extra_bytes, time_call
 from .problem import default_shape
-from .runner import Progress, error_text, stderr_progress
+from .runner import Progress, error_text
 
 __all__ = ["ZooRow", "run_zoo", "zoo_setup", "MIXER_DIM", "MIXER_HEADS", "PLUGIN_CHANNELS", "PLUGIN_HEADS"]
 
@@ -89,25 +90,30 @@ def _count_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def run_zoo(names: Optional[Sequence[str]] = None, *, device: str = "cpu", budget_s: float = 1.0,
-            measure_memory: bool = True, progress: Progress = stderr_progress,
+            measure_memory: bool = True, progress: Optional[Progress] = None,
             create: Optional[Callable[..., torch.nn.Module]] = None) -> list[ZooRow]:
     """Measure every registered module (or ``names``): params, forward FLOPs, forward and
-    forward+backward median ms, peak extra memory of each. ``budget_s`` bounds each timing."""
+    forward+backward median ms, peak extra memory of each. ``budget_s`` bounds each timing.
+    Progress lines go to ``progress`` when given, else to stderr under a progress bar (one step
+    per module)."""
     from ..nn import attn_info, create_attn, list_attn
 
     create = create or create_attn
     names = list(list_attn() if names is None else names)
     rows = []
-    for i, name in enumerate(names, 1):
-        tag = f"[{i}/{len(names)}] {name}"
-        info = attn_info(name)
-        row = ZooRow(name, info["layout"], paper=info.get("paper", ""))
-        rows.append(row)
-        try:
-            _measure(row, info, create, device, budget_s, measure_memory, tag, progress)
-        except Exception as e:  # report and go on: one broken module must not hide the others
-            row.status, row.reason = "failed", error_text(e)
-            progress(f"{tag}: failed ({row.reason})")
+    with ProgressBar(len(names), "visattn bench --zoo", log=progress, transient=True) as bar:
+        for i, name in enumerate(names, 1):
+            tag = f"[{i}/{len(names)}] {name}"
+            bar.describe(tag)
+            info = attn_info(name)
+            row = ZooRow(name, info["layout"], paper=info.get("paper", ""))
+            rows.append(row)
+            try:
+                _measure(row, info, create, device, budget_s, measure_memory, tag, bar)
+            except Exception as e:  # report and go on: one broken module must not hide the others
+                row.status, row.reason = "failed", error_text(e)
+                bar(f"{tag}: failed ({row.reason})")
+            bar.advance()
     return rows
 
 

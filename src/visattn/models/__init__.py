@@ -2,12 +2,15 @@
 
 ``create_model("dinat_tiny", num_classes=10)``, ``list_models("nat_*")``; official checkpoints
 load through :func:`load_official_checkpoint`; timm users call :func:`register_timm`.
+
+Each family file registers its variants with ``@register_model`` (see :mod:`.registry`); importing
+it here is what puts them in the registry, so a new family is one file plus one import line.
 """
 
 import sys
 
 from .convert import convert_official_state_dict, load_official_checkpoint
-from .nat import NAT, NAT_CONFIGS, NATConfig, dinat_dilations
+from .nat import NAT, NAT_CONFIGS, NATConfig, dinat_dilations  # importing a family registers its variants
 from .registry import create_model, list_models, model_info, register_model
 from .timm_hook import register_timm
 

@@ -4,7 +4,8 @@
 Transformer" (Hassani & Shi, 2022). DiNAT *is* NAT with a per-layer dilation: every other layer of a
 stage uses dilated NA whose dilation is chosen so the window spans the whole feature map at the
 training resolution (``feature_size // kernel_size``: 8, 4, 2, 1 at 224). So :class:`NAT` takes an
-optional ``dilations`` list per stage and the variants below are just configs.
+optional ``dilations`` list per stage, and the variants are configs (:data:`NAT_CONFIGS`), each
+registered by a one-line builder at the end of this file.
 
 Layout (module names differ from the official code on purpose; :mod:`visattn.models.convert` maps
 official checkpoints):
@@ -28,10 +29,12 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..nn import NeighborhoodAttention2D
+from ..nn.layers import ConvDownsample, ConvStem, DropPath, GlobalAttention2D, LayerScale, Mlp
+from .convert import load_official_checkpoint
+from .registry import register_model
 
 __all__ = ["NAT", "NAT_CONFIGS", "NATConfig", "dinat_dilations"]
 
@@ -112,82 +115,8 @@ def dinat_dilations(depths: Sequence[int], kernel_size: int, img_size: Sequence[
 
 
 # --------------------------------------------------------------------------------------------------
-# Layers
+# Blocks
 # --------------------------------------------------------------------------------------------------
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch of whole samples with probability ``p``.
-
-    ``x [B, ...] -> [B, ...]``; survivors are scaled by ``1 / (1 - p)`` so the expectation is kept.
-    """
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"DropPath: p={p} must be in [0, 1).")
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class LayerScale(nn.Module):
-    """Per-channel learnable scale of a residual branch (CaiT); ``[..., C] -> [..., C]``."""
-
-    def __init__(self, dim: int, init: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    """Two-layer GELU MLP: ``[..., C] -> [..., C]`` through ``hidden`` channels."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
-class GlobalAttention2D(nn.Module):
-    """Dense self-attention over all ``H*W`` tokens (SDPA): NAT's attention with the window removed.
-
-    ``x [B, H, W, C] -> [B, H, W, C]``. Same ``qkv``/``proj`` parameters as
-    :class:`~visattn.nn.NeighborhoodAttention2D` minus the relative-position table (which has no
-    meaning without a window); used as the dense baseline (``attn_type="global"``), cost
-    ``O((HW)^2)``.
-    """
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"GlobalAttention2D: dim={dim} is not divisible by num_heads={num_heads}.")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, H, W, C)))
-
 
 class NATBlock(nn.Module):
     """One NAT/DiNAT layer (pre-norm transformer block with neighborhood attention).
@@ -218,31 +147,6 @@ class NATBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
-
-
-class ConvStem(nn.Module):
-    """Overlapping tokenizer: two 3x3 stride-2 convs + LayerNorm, ``[B, C_in, H, W] -> [B, H/4, W/4, C]``."""
-
-    def __init__(self, in_chans: int, dim: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv2(self.conv1(x)).permute(0, 2, 3, 1))
-
-
-class ConvDownsample(nn.Module):
-    """Overlapping downsampler: 3x3 stride-2 conv (no bias) + LayerNorm, ``[B, H, W, C] -> [B, H/2, W/2, 2C]``."""
-
-    def __init__(self, dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(dim, out_dim, 3, stride=2, padding=1, bias=False)
-        self.norm = nn.LayerNorm(out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
 class NATStage(nn.Module):
@@ -415,7 +319,7 @@ _ARCH_FIELDS = ("depths", "num_heads", "embed_dim", "mlp_ratio", "drop_path_rate
 
 
 def build_nat(name: str, *, img_size: Sequence[int] | int = 224, **kwargs) -> NAT:
-    """Build the registered variant ``name``; ``kwargs`` override its config or go to :class:`NAT`.
+    """Build the variant ``name`` of :data:`NAT_CONFIGS`; ``kwargs`` override its config or go to :class:`NAT`.
 
     For DiNAT variants, ``img_size`` picks the dilations (:func:`dinat_dilations`); pass
     ``dilations=...`` to set them by hand.
@@ -427,3 +331,75 @@ def build_nat(name: str, *, img_size: Sequence[int] | int = 224, **kwargs) -> NA
         kwargs["dilations"] = dinat_dilations(cfg.depths, cfg.kernel_size, img_size)
     return NAT(depths=cfg.depths, num_heads=cfg.num_heads, embed_dim=cfg.embed_dim, mlp_ratio=cfg.mlp_ratio,
                kernel_size=cfg.kernel_size, layer_scale=cfg.layer_scale, drop_path_rate=cfg.drop_path_rate, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered variants: ``create_model(name, **kwargs)`` calls the builder below (kwargs as in build_nat)
+# --------------------------------------------------------------------------------------------------
+
+# Official ImageNet-1k checkpoints (SHI-Labs), mapped onto our layout by convert.py for pretrained=True.
+_NAT_CKPT = "https://shi-labs.com/projects/nat/checkpoints/CLS/"
+_DINAT_CKPT = "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/"
+
+
+@register_model("nat_mini", url=_NAT_CKPT + "nat_mini.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["nat_mini"])
+def nat_mini(**kwargs) -> NAT:
+    """NAT-Mini; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("nat_mini", **kwargs)
+
+
+@register_model("nat_tiny", url=_NAT_CKPT + "nat_tiny.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["nat_tiny"])
+def nat_tiny(**kwargs) -> NAT:
+    """NAT-Tiny; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("nat_tiny", **kwargs)
+
+
+@register_model("nat_small", url=_NAT_CKPT + "nat_small.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["nat_small"])
+def nat_small(**kwargs) -> NAT:
+    """NAT-Small; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("nat_small", **kwargs)
+
+
+@register_model("nat_base", url=_NAT_CKPT + "nat_base.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["nat_base"])
+def nat_base(**kwargs) -> NAT:
+    """NAT-Base; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("nat_base", **kwargs)
+
+
+@register_model("dinat_mini", url=_DINAT_CKPT + "dinat_mini_in1k_224.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["dinat_mini"])
+def dinat_mini(**kwargs) -> NAT:
+    """DiNAT-Mini; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("dinat_mini", **kwargs)
+
+
+@register_model("dinat_tiny", url=_DINAT_CKPT + "dinat_tiny_in1k_224.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["dinat_tiny"])
+def dinat_tiny(**kwargs) -> NAT:
+    """DiNAT-Tiny; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("dinat_tiny", **kwargs)
+
+
+@register_model("dinat_small", url=_DINAT_CKPT + "dinat_small_in1k_224.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["dinat_small"])
+def dinat_small(**kwargs) -> NAT:
+    """DiNAT-Small; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("dinat_small", **kwargs)
+
+
+@register_model("dinat_base", url=_DINAT_CKPT + "dinat_base_in1k_224.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["dinat_base"])
+def dinat_base(**kwargs) -> NAT:
+    """DiNAT-Base; ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("dinat_base", **kwargs)
+
+
+@register_model("dinat_large", url=_DINAT_CKPT + "dinat_large_in22k_in1k_224.pth",
+                load_checkpoint=load_official_checkpoint, config=NAT_CONFIGS["dinat_large"])
+def dinat_large(**kwargs) -> NAT:
+    """DiNAT-Large (ImageNet-22k pre-trained, 1k fine-tuned checkpoint); ``kwargs`` as in :func:`build_nat`."""
+    return build_nat("dinat_large", **kwargs)

@@ -1,48 +1,61 @@
-"""Model registry: ``create_model(name, pretrained=False, **kw)``, ``list_models()``, and a timm hook.
+"""Model registry: ``create_model(name, pretrained=False, **kw)``, ``list_models()``, ``model_info()``.
 
-Every NAT/DiNAT variant of :data:`visattn.models.nat.NAT_CONFIGS` is registered by name. Keyword
-arguments override the variant's config (``depths``, ``embed_dim``, ...) or go to
-:class:`~visattn.models.nat.NAT` (``num_classes``, ``in_chans``, ``features_only``, ``out_indices``,
-``attn_type``, ``backend``, ...); DiNAT variants also take ``img_size`` to pick their dilations.
+A model family registers each of its variants in its own file with the :func:`register_model`
+decorator on a builder function, and :mod:`visattn.models` imports the family files; this file
+imports none of them, so the dependency runs one way (families -> registry)::
 
-timm: :func:`visattn.models.timm_hook.register_timm` adds the same names to timm's registry.
+    @register_model("nat_tiny", url="https://.../nat_tiny.pth", load_checkpoint=load_official_checkpoint,
+                    config=NAT_CONFIGS["nat_tiny"])
+    def nat_tiny(**kwargs) -> NAT:
+        return build_nat("nat_tiny", **kwargs)
+
+Keyword arguments of :func:`create_model` go to the builder (for NAT/DiNAT: config overrides such
+as ``depths``, :class:`~visattn.models.nat.NAT` arguments such as ``num_classes``, and DiNAT's
+``img_size``). timm: :func:`visattn.models.timm_hook.register_timm` adds the same names to timm.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Optional
+import os
+from typing import Any, Callable, Mapping, Optional, TypeVar, Union
 
 from torch import nn
 
-from .convert import load_official_checkpoint
-from .nat import NAT_CONFIGS, build_nat
-
 __all__ = ["create_model", "list_models", "model_info", "register_model"]
+
+Builder = Callable[..., nn.Module]
+#: ``load_checkpoint(model, checkpoint, strict=...)``: ``checkpoint`` is a path or a state dict
+CheckpointLoader = Callable[..., Any]
+B = TypeVar("B", bound=Builder)
 
 _MODELS: dict[str, dict] = {}
 
-# Official ImageNet checkpoints (SHI-Labs), loaded through convert.py by ``pretrained=True``.
-_URLS = {
-    "nat_mini": "https://shi-labs.com/projects/nat/checkpoints/CLS/nat_mini.pth",
-    "nat_tiny": "https://shi-labs.com/projects/nat/checkpoints/CLS/nat_tiny.pth",
-    "nat_small": "https://shi-labs.com/projects/nat/checkpoints/CLS/nat_small.pth",
-    "nat_base": "https://shi-labs.com/projects/nat/checkpoints/CLS/nat_base.pth",
-    "dinat_mini": "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_mini_in1k_224.pth",
-    "dinat_tiny": "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_tiny_in1k_224.pth",
-    "dinat_small": "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_small_in1k_224.pth",
-    "dinat_base": "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_base_in1k_224.pth",
-    "dinat_large": "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_large_in22k_in1k_224.pth",
-}
 
+def register_model(name: str, builder: Optional[B] = None, *, url: Optional[str] = None,
+                   load_checkpoint: Optional[CheckpointLoader] = None, **info) -> Union[B, Callable[[B], B]]:
+    """Register ``builder(**kwargs) -> nn.Module`` as ``name`` (lower-case, unique).
 
-def register_model(name: str, builder: Callable[..., nn.Module], *, url: Optional[str] = None, **info) -> None:
-    """Register ``builder(**kwargs) -> nn.Module`` as ``name`` (lower-case); ``info`` goes to :func:`model_info`."""
+    Used as a decorator, ``@register_model(name, url=..., **info)`` on the builder (which it
+    returns unchanged); ``register_model(name, builder, ...)`` registers directly. ``url`` is the
+    checkpoint ``pretrained=True`` downloads and ``load_checkpoint(model, checkpoint, strict=...)``
+    loads it (or a local ``checkpoint_path``) into the built model, mapping key names as the
+    family's checkpoints need; ``info`` (e.g. the variant's ``config``) goes to :func:`model_info`.
+    Registering another builder under a taken name raises ``ValueError``.
+    """
     if name != name.lower():
         raise ValueError(f"register_model: names are lower-case, got {name!r}.")
-    if name in _MODELS and _MODELS[name]["builder"] is not builder:
-        raise ValueError(f"register_model: {name!r} is already registered.")
-    _MODELS[name] = dict(builder=builder, url=url, **info)
+    if url is not None and load_checkpoint is None:
+        raise ValueError(f"register_model: {name!r} has a checkpoint url but no load_checkpoint to load it with.")
+
+    def deco(fn: B) -> B:
+        if name in _MODELS and _MODELS[name]["builder"] is not fn:
+            raise ValueError(f"register_model: {name!r} is already registered (by "
+                             f"{_MODELS[name]['builder'].__module__}.{_MODELS[name]['builder'].__qualname__}).")
+        _MODELS[name] = dict(builder=fn, url=url, load_checkpoint=load_checkpoint, **info)
+        return fn
+
+    return deco if builder is None else deco(builder)
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -51,23 +64,29 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def model_info(name: str) -> dict:
-    """Registration record of ``name``: ``builder``, checkpoint ``url``, and the variant's config."""
+    """Registration record of ``name``: ``builder``, checkpoint ``url`` and ``load_checkpoint``, and
+    the family's extra facts (NAT/DiNAT: the variant's ``config``)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}.")
     return dict(_MODELS[name])
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[str] = None, **kwargs) -> nn.Module:
+def create_model(name: str, pretrained: bool = False,
+                 checkpoint_path: Optional[Union[str, os.PathLike, Mapping]] = None, **kwargs) -> nn.Module:
     """Build the registered model ``name``.
 
-    ``pretrained=True`` downloads the official ImageNet checkpoint (cached by ``torch.hub``) and
-    loads it through :func:`~visattn.models.convert.load_official_checkpoint`;
-    ``checkpoint_path`` loads a local official checkpoint instead. A head of another size
-    (``num_classes != 1000``) or ``features_only`` loads non-strictly and keeps its fresh layers.
+    ``pretrained=True`` downloads the variant's checkpoint (cached by ``torch.hub``) and loads it
+    with its ``load_checkpoint`` (NAT/DiNAT: the official ImageNet weights through
+    :func:`~visattn.models.convert.load_official_checkpoint`); ``checkpoint_path`` loads a local
+    checkpoint the same way instead. A head of another size (``num_classes != 1000``) or
+    ``features_only`` loads non-strictly and keeps its fresh layers.
     """
     record = model_info(name.lower())
     model = record["builder"](**kwargs)
     if pretrained or checkpoint_path is not None:
+        if record["load_checkpoint"] is None:
+            raise ValueError(f"create_model: {name!r} registers no checkpoint loader (load_checkpoint); use "
+                             f"pretrained=False and no checkpoint_path.")
         if checkpoint_path is None:
             if record["url"] is None:
                 raise ValueError(f"create_model: {name!r} has no pretrained checkpoint; use pretrained=False.")
@@ -77,18 +96,5 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: Optional[
         else:
             checkpoint = checkpoint_path
         strict = not kwargs.get("features_only", False) and kwargs.get("num_classes", 1000) == 1000
-        load_official_checkpoint(model, checkpoint, strict=strict)
+        record["load_checkpoint"](model, checkpoint, strict=strict)
     return model
-
-
-def _builder(variant: str) -> Callable[..., nn.Module]:
-    def build(**kwargs) -> nn.Module:
-        return build_nat(variant, **kwargs)
-
-    build.__name__ = variant
-    build.__doc__ = f"{variant}: {NAT_CONFIGS[variant].paper}."
-    return build
-
-
-for _name, _cfg in NAT_CONFIGS.items():
-    register_model(_name, _builder(_name), url=_URLS.get(_name), config=_cfg)

@@ -1,31 +1,22 @@
 """One registry for every attention module: ``create_attn(name, channels_or_dim, **kw)``.
 
-A module file registers its classes with :func:`register_attn`; the list of module files that hold
-registered classes is ``_MODULE_FILES`` below (the one place to add a new family).
+A module file registers its classes with the :func:`register_attn` decorator; its folder's
+``__init__`` (:mod:`visattn.nn.mixers`, :mod:`visattn.nn.plugins`) imports the file, and
+:mod:`visattn.nn` imports the folders. Importing any part of :mod:`visattn.nn`, this file
+included, runs that package first, so the registry is complete before it is read. This file
+imports no module file itself: the dependency runs one way, from the modules to the registry.
+A new family is one file in its folder plus one import line in the folder's ``__init__``.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 from torch import nn
 
 __all__ = ["register_attn", "create_attn", "list_attn", "attn_info"]
 
-# Files (relative to visattn.nn) whose import registers modules; imported on first registry use.
-_MODULE_FILES: tuple[str, ...] = (
-    "neighborhood",
-    # token mixers of the attention zoo (channels-last), one file per family
-    "window", "halo", "maxvit", "cswin", "criss_cross", "biformer", "davit", "convit", "volo",
-    "linear_attention", "focal", "hornet",
-    # CNN plug-ins (channels-first)
-    "se", "eca", "cbam", "ulsam", "ela", "triplet", "polarized", "lka", "coord", "split_attn",
-    "simpool", "span", "gc",
-)
-
 _REGISTRY: dict[str, dict] = {}
-_loaded = False
 
 
 def register_attn(name: str, *, layout: str, paper: str = "", **info) -> Callable[[type], type]:
@@ -49,23 +40,13 @@ def register_attn(name: str, *, layout: str, paper: str = "", **info) -> Callabl
     return deco
 
 
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        for mod in _MODULE_FILES:
-            importlib.import_module(f"{__package__}.{mod}")
-        _loaded = True
-
-
 def list_attn(layout: str | None = None) -> list[str]:
     """Sorted registered names, optionally only one ``layout``."""
-    _load()
     return sorted(n for n, i in _REGISTRY.items() if layout is None or i["layout"] == layout)
 
 
 def attn_info(name: str) -> dict:
     """Registration record of ``name``: class, layout, paper and extra facts."""
-    _load()
     if name not in _REGISTRY:
         raise ValueError(f"unknown attention {name!r}; choose one of: {', '.join(list_attn())}.")
     return dict(_REGISTRY[name])
