@@ -310,17 +310,24 @@ na3d = _ranked(3)
 
 
 def na_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
-          dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False) -> torch.Tensor:
+          dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, *, periodic: BoolOrTuple = False) -> torch.Tensor:
     """Apply neighbourhood weights to values: ``out[q] = sum_j attn[q, j] * value[neighbour_j(q)]``.
 
     ``attn [B, *S, H, K]`` in neighbourhood-slot order (as returned with ``return_attn=True``, extra
-    tokens removed), ``value [B, *S, H_kv, D_v]``; returns ``[B, *S, H, D_v]``. Used after editing
-    weights (attention dropout, pruning). Gathers ``O(tokens * K * H * D_v)`` memory: a
-    convenience path, not a fast one.
+    tokens removed), ``value [B, *S_k, H_kv, D_v]`` (``S_k``: the key grid, ``S`` unless cross-grid);
+    returns ``[B, *S, H, D_v]``. Used after editing weights (attention dropout, pruning). Gathers
+    ``O(tokens * K * H * D_v)`` memory: a convenience path, not a fast one.
     """
     fn = "na_av"
+    for name, t in (("attn", attn), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}.")
     rank = value.dim() - 3
-    spec = make_spec(fn, tuple(value.shape[1: rank + 1]), kernel_size, stride, dilation, is_causal)
+    if rank not in (1, 2, 3) or attn.dim() != value.dim():
+        raise ValueError(f"{fn}: value {tuple(value.shape)} must be [B, *spatial, H_kv, D_v] with 1-3 spatial axes "
+                         f"and attn {tuple(attn.shape)} [B, *spatial, H, K] with as many.")
+    spec = make_spec(fn, tuple(attn.shape[1: rank + 1]), kernel_size, stride, dilation, is_causal,
+                     key_spatial=tuple(value.shape[1: rank + 1]), periodic=periodic)
     B, H, Hkv, Dv = value.shape[0], attn.shape[-2], value.shape[-2], value.shape[-1]
     want = (B, *spec.spatial, H, spec.window_size)
     if tuple(attn.shape) != want:
@@ -330,4 +337,4 @@ def na_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple, stri
     index, valid, _ = (t.to(value.device) for t in neighbor_table(spec))
     vf = value.reshape(B, -1, Hkv, Dv).repeat_interleave(H // Hkv, dim=2)[:, index]  # [B, N, K, H, Dv]
     w = attn.reshape(B, -1, H, spec.window_size) * valid[None, :, None, :]
-    return torch.einsum("bnhk,bnkhd->bnhd", w.to(vf.dtype), vf).reshape(*value.shape[:-2], H, Dv)
+    return torch.einsum("bnhk,bnkhd->bnhd", w.to(vf.dtype), vf).reshape(B, *spec.spatial, H, Dv)

@@ -13,7 +13,14 @@ registry is complete as soon as ``visattn.nn`` (or anything inside it) is import
 
 from . import plugins  # noqa: F401  (registers the plug-ins: the registry is how they are reached)
 from .layers import ConvDownsample, ConvStem, DropPath, GlobalAttention2D, LayerScale, Mlp
-from .mixers import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
+from .mixers import (
+    NeighborhoodAttention1D,
+    NeighborhoodAttention2D,
+    NeighborhoodAttention3D,
+    NeighborhoodCrossAttention1D,
+    NeighborhoodCrossAttention2D,
+    NeighborhoodCrossAttention3D,
+)
 from .registry import attn_info, create_attn, list_attn, register_attn
 
 __all__ = [
@@ -26,6 +33,9 @@ __all__ = [
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
+    "NeighborhoodCrossAttention1D",
+    "NeighborhoodCrossAttention2D",
+    "NeighborhoodCrossAttention3D",
     "attn_info",
     "create_attn",
     "list_attn",

@@ -10,6 +10,7 @@ the ``visattn`` operator, hence on every backend.
 from .biformer import BiLevelRoutingAttention
 from .convit import GatedPositionalSelfAttention
 from .criss_cross import CrissCrossAttention
+from .cross import NeighborhoodCrossAttention1D, NeighborhoodCrossAttention2D, NeighborhoodCrossAttention3D
 from .cswin import CSWinAttention
 from .davit import ChannelGroupAttention
 from .focal import FocalModulation
@@ -38,6 +39,9 @@ __all__ = [
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
+    "NeighborhoodCrossAttention1D",
+    "NeighborhoodCrossAttention2D",
+    "NeighborhoodCrossAttention3D",
     "OutlookAttention",
     "ShiftedWindowAttention",
     "WindowAttention",

@@ -39,6 +39,7 @@ class _NeighborhoodAttentionNd(QKVMixer):
         attn_drop: float = 0.0,
         rel_pos_bias: bool = False,
         backend: Optional[str] = None,
+        periodic: BoolOrTuple = False,
     ) -> None:
         super().__init__(embed_dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
         name = type(self).__name__
@@ -46,6 +47,7 @@ class _NeighborhoodAttentionNd(QKVMixer):
         self.stride = _as_tuple(name, "stride", stride, self.rank, int)
         self.dilation = _as_tuple(name, "dilation", dilation, self.rank, int)
         self.is_causal = _as_tuple(name, "is_causal", is_causal, self.rank, bool)
+        self.periodic = _as_tuple(name, "periodic", periodic, self.rank, bool)
         self.backend = backend
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.zeros(num_heads, *(2 * k - 1 for k in self.kernel_size)))
@@ -59,7 +61,8 @@ class _NeighborhoodAttentionNd(QKVMixer):
         return self.dim
 
     def _na_args(self) -> dict:
-        return dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation, is_causal=self.is_causal)
+        return dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation, is_causal=self.is_causal,
+                    periodic=self.periodic)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, *S, C]`` -> ``[B, *S, C]``."""
@@ -75,7 +78,7 @@ class _NeighborhoodAttentionNd(QKVMixer):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, dilation={self.dilation}, is_causal={self.is_causal}, "
-                f"rel_pos_bias={self.rpb is not None}")
+                f"rel_pos_bias={self.rpb is not None}" + (f", periodic={self.periodic}" if any(self.periodic) else ""))
 
 
 @register_attn("na1d", layout="channels_last", paper="Neighborhood Attention Transformer (2023)", complexity="O(N k)")
