@@ -142,3 +142,14 @@ def test_a_forced_fused_backend_under_jvp_says_what_serves_it() -> None:
     q = _rand(1, 6, 2, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"backend='cpu' cannot be differentiated by torch.func transforms"):
         torch.func.jvp(lambda x: na1d(x, x, x, 3, backend="cpu"), (q,), (q,))
+
+
+def test_tables_built_under_a_transform_outlive_it() -> None:
+    """Window tables and tile plans are cached per geometry; one first built inside ``grad``/``vmap``
+    must still serve plain calls afterwards (a tensor made under a transform dies with it)."""
+    x = _rand(2, 1, 13, 11, 2, 8, dtype=torch.float32)
+    torch.func.vmap(torch.func.grad(lambda t: na2d(t, t, t, 5, dilation=(2, 1)).sum()))(x)
+    for backend in [b for b in list_backends() if why_not(b) is None]:
+        out = na2d(x[0], x[0], x[0], 5, dilation=(2, 1), backend=backend)
+        torch.testing.assert_close(out, na2d(x[0], x[0], x[0], 5, dilation=(2, 1), backend="reference"),
+                                   atol=1e-5, rtol=1e-5)

@@ -38,6 +38,7 @@ Beyond NATTEN, two generalizations of an axis (both reduce to the rules above on
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -51,6 +52,7 @@ BoolOrTuple = Union[bool, Sequence[bool]]
 __all__ = [
     "AxisWindows",
     "key_center",
+    "plain_tensors",
     "NASpec",
     "axis_windows",
     "fit_axis",
@@ -270,6 +272,34 @@ class AxisWindows:
         return virtual if self.key_source is None else self.key_source[virtual]
 
 
+@contextlib.contextmanager
+def plain_tensors():
+    """Build tensors that depend on the spec alone (window tables, tile plans), to be cached and
+    reused by any later call: outside ``torch.func`` transforms (a tensor made under ``grad`` or
+    ``vmap`` is a wrapper that dies with the transform) and outside the TorchScript tracer (ONNX
+    export must hold them as constants, not record the Python that made them)."""
+    tracing = torch._C._get_tracing_state()
+    if tracing is not None:
+        torch._C._set_tracing_state(None)
+    try:
+        with torch._C._DisableFuncTorch():
+            yield
+    finally:
+        if tracing is not None:
+            torch._C._set_tracing_state(tracing)
+
+
+def _cached(fn):
+    """``lru_cache`` of a table builder whose tensors are built as :func:`plain_tensors`."""
+    @lru_cache(maxsize=256)
+    def cached(*args):
+        with plain_tensors():
+            return fn(*args)
+
+    cached.__wrapped__ = fn
+    return cached
+
+
 def _static(*values) -> bool:
     """Plain ints (cacheable), as opposed to symbolic sizes seen while exporting with dynamic shapes."""
     return not any(isinstance(v, torch.SymInt) for v in values)
@@ -319,7 +349,7 @@ def _axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: 
     return AxisWindows(length, kernel, dilation, g, p, base, lo, hi, key_length, source)
 
 
-_axis_windows_cached = lru_cache(maxsize=256)(_axis_windows)
+_axis_windows_cached = _cached(_axis_windows)
 
 
 def spec_windows(spec: NASpec) -> list[AxisWindows]:
@@ -357,7 +387,7 @@ def _neighbor_table(spec: NASpec) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return index, valid, rel
 
 
-_neighbor_table_cached = lru_cache(maxsize=64)(_neighbor_table)
+_neighbor_table_cached = _cached(_neighbor_table)
 
 
 def na_flops(spec: NASpec, batch: int, heads: int, dim: int, dim_v: int | None = None) -> int:

@@ -13,7 +13,6 @@ The per-axis masks, neighbourhood slots and relative positions all come from
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..spec import AxisWindows, NASpec
+from ..spec import AxisWindows, NASpec, plain_tensors
 from .base import Backend, Extras, Problem, Result, lse_dtype
 
 
@@ -150,7 +149,7 @@ class TilePlan:
         """
         got = self._features.get(name)
         if got is None:
-            with _untraced():
+            with plain_tensors():
                 got = self._feature(name)
         return got
 
@@ -209,24 +208,9 @@ def get_plan(spec: NASpec, device: torch.device, dtype: torch.dtype) -> TilePlan
     if plan is None:
         if len(_DEVICE_PLANS) > 64:
             _DEVICE_PLANS.clear()
-        with _untraced():
+        with plain_tensors():
             plan = _DEVICE_PLANS[key] = _plan(spec, tiles).to(device, dtype)
     return plan
-
-
-@contextlib.contextmanager
-def _untraced():
-    """Build index tensors outside the TorchScript tracer (ONNX export): they depend on the spec
-    alone, so the trace should hold them as constants, not record the Python that made them."""
-    state = torch._C._get_tracing_state()
-    if state is None:
-        yield
-        return
-    torch._C._set_tracing_state(None)
-    try:
-        yield
-    finally:
-        torch._C._set_tracing_state(state)
 
 
 def _flat(parts: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:

@@ -12,12 +12,13 @@ from functools import lru_cache
 
 import torch
 
-from ...spec import NASpec, axis_windows
+from ...spec import NASpec, axis_windows, plain_tensors
 
 __all__ = ["axis_tables", "colour_chunks", "tables"]
 
 
 @lru_cache(maxsize=256)
+@plain_tensors()
 def axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool,
                 requested: int) -> tuple[torch.Tensor, ...]:
     """Per-axis tables in group-major order, int64 ``[L]`` each: ``(pos, lo, hi, rof, qlo, qhi)``.
@@ -43,6 +44,7 @@ def axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bo
 
 
 @lru_cache(maxsize=64)
+@plain_tensors()
 def tables(spec: NASpec) -> list[torch.Tensor]:
     """Rank-3 padded tables ``[pos, lo, hi, rof, qlo, qhi]``, each int64 ``[3, Lmax]`` (the leading
     virtual axes of a rank-1 or rank-2 problem have length 1: all zeros)."""
@@ -59,6 +61,7 @@ def tables(spec: NASpec) -> list[torch.Tensor]:
 
 
 @lru_cache(maxsize=64)
+@plain_tensors()
 def colour_chunks(spec: NASpec) -> tuple[int, int, int]:
     """How to split the keys so that a key-centric backward can also scatter dQ without races.
 

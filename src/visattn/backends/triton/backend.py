@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ...spec import NASpec, axis_windows
+from ...spec import NASpec, axis_windows, plain_tensors
 from ..base import Backend, Extras, Grads, Problem, Result, refuse_general_geometry, refuse_unfused_features
 
 _MAX_HEAD_DIM = 256
@@ -46,6 +46,7 @@ def _triton_missing() -> Optional[str]:
 
 
 @lru_cache(maxsize=256)
+@plain_tensors()
 def _axis_table(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> torch.Tensor:
     """``[4, L]`` int32 per axis: ``lo, hi`` (each query's window, group positions) and ``qmin,
     qmax`` (the group positions of the queries that see each key; ``qmin > qmax`` if none).
