@@ -116,8 +116,11 @@ def test_rank_generic_equals_ranked() -> None:
                                neighborhood_attention(q, k, v, 3, dilation=(1, 2, 1)))
 
 
-def test_backend_refusal_is_explained() -> None:
+def test_backend_refusal_is_explained(monkeypatch) -> None:
+    from visattn import backends
     from visattn.backends import Backend, Result, register_backend
+
+    monkeypatch.setattr(backends, "_INSTANCES", dict(backends._INSTANCES))  # the registration ends with the test
 
     class Picky(Backend):
         name = "picky-test"

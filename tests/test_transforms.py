@@ -149,7 +149,7 @@ def test_tables_built_under_a_transform_outlive_it() -> None:
     must still serve plain calls afterwards (a tensor made under a transform dies with it)."""
     x = _rand(2, 1, 13, 11, 2, 8, dtype=torch.float32)
     torch.func.vmap(torch.func.grad(lambda t: na2d(t, t, t, 5, dilation=(2, 1)).sum()))(x)
-    for backend in [b for b in list_backends() if why_not(b) is None]:
+    for backend in [b for b in ("torch", "cpu") if why_not(b) is None]:
         out = na2d(x[0], x[0], x[0], 5, dilation=(2, 1), backend=backend)
         torch.testing.assert_close(out, na2d(x[0], x[0], x[0], 5, dilation=(2, 1), backend="reference"),
                                    atol=1e-5, rtol=1e-5)
