@@ -30,7 +30,7 @@ from .backends import Extras, Problem, Result, run_backward, run_forward, select
 from .backends.base import lse_dtype
 from .spec import BoolOrTuple, IntOrTuple, make_spec, na_flops
 
-__all__ = ["forward_impl", "na_backward", "na_backward_op_flops", "na_forward", "na_forward_op_flops",
+__all__ = ["na_backward", "na_backward_op_flops", "na_forward", "na_forward_op_flops",
            "na_op_flop_formula", "register_na_flop_formula"]
 
 _EMPTY = (0,)  # placeholder for an absent optional output (custom ops cannot return None)
@@ -45,7 +45,7 @@ def _setup(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, str
     return select_backend(p, backend or None, fn), p, extras
 
 
-def forward_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: Optional[torch.Tensor],
+def _forward_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: Optional[torch.Tensor],
                  attn_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                  kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
                  is_causal: Sequence[bool], scale: float, backend: str, return_attn: bool,
@@ -65,7 +65,7 @@ def na_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Neighbourhood attention: ``out [B, *S, H, D_v]``, ``lse [B, *S, H]``, ``attn [B, *S, H, K]``
     (``attn`` is an empty tensor unless ``return_attn``). ``periodic``: ``None`` for none."""
-    res = forward_impl(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
+    res = _forward_impl(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
                        is_causal, scale, backend, return_attn, periodic)
     # Contiguous so that the real strides match the fake ones the compiler planned with.
     attn = res.attn.contiguous() if res.attn is not None else query.new_empty(_EMPTY)
