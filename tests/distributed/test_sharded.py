@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-import cases
-import harness
+import dist_cases
+import dist_harness
 
 SWEEPS = {
     2: [
@@ -56,7 +56,7 @@ def _no_errors(results: list) -> None:
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_sweep_matches_single_process(world: int) -> None:
-    _no_errors(harness.run(world, cases.sweep, SWEEPS[world]))
+    _no_errors(dist_harness.run(world, dist_cases.sweep, SWEEPS[world]))
 
 
 def test_dtensor_inputs_on_1d_and_2d_meshes() -> None:
@@ -70,18 +70,18 @@ def test_dtensor_inputs_on_1d_and_2d_meshes() -> None:
         dict(shape=(9, 7), kernel=5, batch=2, mesh=(2, 2), placements=(0, 1)),
         dict(shape=(9, 7), kernel=5, mesh=(2, 2), placements=(None, 1)),
     ]
-    _no_errors(harness.run(4, cases.dtensor_sweep, mesh_cases))
+    _no_errors(dist_harness.run(4, dist_cases.dtensor_sweep, mesh_cases))
 
 
 @pytest.mark.parametrize("world, rank3", [(2, False), (3, True)])
 def test_module_matches_single_process_layer(world: int, rank3: bool) -> None:
     """The sharded layer loads the single-process layer's state dict; outputs match, and the ranks'
     parameter gradients sum to the single-process ones (qkv, proj, rpb alike)."""
-    _no_errors(harness.run(world, cases.module_check, rank3))
+    _no_errors(dist_harness.run(world, dist_cases.module_check, rank3))
 
 
 def test_bad_calls_raise_on_every_rank_and_leave_the_group_usable() -> None:
-    results = harness.run(3, cases.bad_calls)
+    results = dist_harness.run(3, dist_cases.bad_calls)
     for rank, found in enumerate(results):
         size, kernel, local, shape, after = found
         assert size.startswith("ValueError") and "tensor_split" in size and "[4, 2, 4]" in size
@@ -96,13 +96,13 @@ def test_bad_calls_raise_on_every_rank_and_leave_the_group_usable() -> None:
 
 def test_uninitialized_process_group_is_a_clear_error() -> None:
     assert not dist.is_initialized()
-    message = cases.not_initialized()
+    message = dist_cases.not_initialized()
     assert message.startswith("RuntimeError") and "init_process_group" in message
 
 
 @pytest.mark.parametrize("world, dilation", [(2, 1), (3, 2)])
 def test_counted_bytes_match_the_plan(world: int, dilation: int) -> None:
     """Forward sends what the plan says each rank's peers need; backward returns what each rank received."""
-    for r, found in enumerate(harness.run(world, cases.traffic, (16, 8), 5, dilation)):
+    for r, found in enumerate(dist_harness.run(world, dist_cases.traffic, (16, 8), 5, dilation)):
         assert found["counted"]["forward"] == found["predicted_sent"] > 0, (r, found)
         assert found["counted"]["backward"] == found["predicted_received"] > 0, (r, found)

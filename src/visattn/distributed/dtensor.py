@@ -15,10 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..backends import Extras
-from ..functional import Output
-
-__all__ = ["dtensor_attention", "is_dtensor", "local_layout", "map_local"]
+__all__ = ["is_dtensor", "local_arg", "local_layout", "map_local", "wrap"]
 
 
 def is_dtensor(t: object) -> bool:
@@ -52,7 +49,8 @@ def local_layout(fn: str, t, spatial_rank: int) -> tuple[tuple[int, ...], tuple,
     return tuple(axes), tuple(groups), mesh, placements
 
 
-def _wrap(local: torch.Tensor, mesh, placements: tuple, shape: tuple) -> "object":
+def wrap(local: torch.Tensor, mesh, placements: tuple, shape: tuple) -> "object":
+    """A DTensor of global ``shape`` from this rank's ``local`` shard (no communication)."""
     from torch.distributed.tensor import DTensor
 
     stride = torch.empty(shape, device="meta").stride()
@@ -67,47 +65,14 @@ def map_local(fn: str, x, spatial_rank: int, body: Callable[[torch.Tensor, tuple
     """
     axes, groups, mesh, placements = local_layout(fn, x, spatial_rank)
     out = body(x.to_local(), axes, groups)
-    return _wrap(out, mesh, placements, tuple(x.shape[:-1]) + (out.shape[-1],))
+    return wrap(out, mesh, placements, tuple(x.shape[:-1]) + (out.shape[-1],))
 
 
-def _local(fn: str, name: str, t, mesh, placements: Optional[tuple]) -> Optional[torch.Tensor]:
-    """A plain tensor for an argument: itself, or a DTensor's local shard when laid out as required."""
+def local_arg(fn: str, name: str, t, mesh, placements: tuple) -> Optional[torch.Tensor]:
+    """A plain tensor for an argument: itself, or a DTensor's local shard when laid out as ``placements``."""
     if t is None or not is_dtensor(t):
         return t
-    if t.device_mesh != mesh or (placements is not None and tuple(t.placements) != placements):
-        want = "the query's placements " + str(placements) if placements is not None else "Replicate() everywhere"
+    if t.device_mesh != mesh or tuple(t.placements) != tuple(placements):
         raise ValueError(f"{fn}: {name} is a DTensor with placements {tuple(t.placements)} on {t.device_mesh}; "
-                         f"expected {want} on the query's mesh.")
+                         f"expected {tuple(placements)} on the query's mesh {mesh}.")
     return t.to_local()
-
-
-def dtensor_attention(fn: str, query, key, value, requested: tuple, scale: Optional[float], additional_keys,
-                      additional_values, extras: Extras, *, backend: Optional[str], return_lse: bool,
-                      return_attn: bool, spatial_rank: Optional[int]) -> Output:
-    """The sharded call on DTensor ``query``/``key``/``value`` (same mesh and placements); DTensor results."""
-    from torch.distributed.tensor import Replicate
-
-    from .functional import sharded_attention
-
-    if not all(is_dtensor(t) for t in (query, key, value)):
-        raise TypeError(f"{fn}: query, key and value must all be DTensors or all plain tensors; got "
-                        f"{', '.join(type(t).__name__ for t in (query, key, value))}.")
-    r = query.dim() - 3
-    axes, groups, mesh, placements = local_layout(fn, query, r)
-    for name, t in (("key", key), ("value", value)):
-        if t.device_mesh != mesh or tuple(t.placements) != placements:
-            raise ValueError(f"{fn}: {name} has placements {tuple(t.placements)} on {t.device_mesh} but query has "
-                             f"{placements} on {mesh}; lay them out alike.")
-    replicated = (Replicate(),) * mesh.ndim
-    result = sharded_attention(
-        fn, query.to_local(), key.to_local(), value.to_local(), requested, scale,
-        _local(fn, "additional_keys", additional_keys, mesh, replicated),
-        _local(fn, "additional_values", additional_values, mesh, replicated),
-        Extras(rpb=_local(fn, "rpb", extras.rpb, mesh, replicated),
-               attn_bias=_local(fn, "attn_bias", extras.attn_bias, mesh, placements),
-               key_padding_mask=_local(fn, "key_padding_mask", extras.key_padding_mask, mesh, placements)),
-        axes=axes, groups=groups, split="chunk", backend=backend, return_lse=return_lse, return_attn=return_attn,
-        spatial_rank=spatial_rank)
-    outs = result if isinstance(result, tuple) else (result,)
-    wrapped = tuple(_wrap(t, mesh, placements, tuple(query.shape[:-2]) + tuple(t.shape[r + 1:])) for t in outs)
-    return wrapped if isinstance(result, tuple) else wrapped[0]

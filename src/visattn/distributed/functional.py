@@ -33,6 +33,7 @@ from ..backends import Extras
 from ..functional import Output, _check_additional, _check_extras, _check_scale, _check_tensors
 from ..spec import BoolOrTuple, IntOrTuple, _as_tuple, make_spec
 from .consensus import Fingerprint, agree, dtype_code, scale_bits
+from .dtensor import is_dtensor, local_arg, local_layout, wrap
 from .exchange import halo_exchange
 from .plan import AxisPlan, plan_axis
 
@@ -70,17 +71,27 @@ def _sharding(fn: str, shard_axis: Union[int, Sequence[int]], group: Groups) -> 
     return axes, groups
 
 
+#: The per-axis arguments, in the order of ``requested`` tuples.
+_AXIS_ARGS = (("kernel_size", int), ("stride", int), ("dilation", int), ("is_causal", bool), ("periodic", bool))
+
+
 def _check_local(fn: str, rank: Optional[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 requested: tuple, axes: Sequence[int], scale, ak, av, extras: Extras, flags: dict) -> int:
-    """The checks each rank can do alone (the single-process operator's, on the shard). Returns the rank."""
+                 requested: tuple, axes: Sequence[int], scale, ak, av, extras: Extras, flags: dict
+                 ) -> tuple[int, tuple[tuple, ...]]:
+    """The checks each rank can do alone (the single-process operator's, on the shard).
+
+    Returns the number of spatial axes and the per-axis arguments (:data:`_AXIS_ARGS`) as tuples.
+    """
     r = _check_tensors(fn, rank, q, k, v)
     if k.shape[1: r + 1] != q.shape[1: r + 1]:
         raise ValueError(f"{fn}: key has spatial shape {tuple(k.shape[1: r + 1])} but query has "
                          f"{tuple(q.shape[1: r + 1])}; sharded attention needs keys on the queries' grid (shards "
                          f"of one global grid, cut alike).")
-    kernel, stride, dilation, causal, periodic = (_as_tuple(fn, n, a, r, t) for n, a, t in zip(
-        ("kernel_size", "stride", "dilation", "is_causal", "periodic"), requested, (int, int, int, bool, bool)))
-    make_spec(fn, tuple(q.shape[1: r + 1]), kernel, stride, dilation, causal, periodic=periodic)
+    per_axis = tuple(_as_tuple(fn, name, a, r, kind) for (name, kind), a in zip(_AXIS_ARGS, requested))
+    kernel, stride, dilation, causal, periodic = per_axis
+    # the shard's own spatial shape is what rpb and key_padding_mask must fit; attn_bias's last dim (the
+    # window size) depends on the global lengths and is checked once they are known
+    spec = make_spec(fn, tuple(q.shape[1: r + 1]), kernel, stride, dilation, causal, periodic=periodic)
     for a in axes:
         if not 0 <= a < r:
             raise ValueError(f"{fn}: shard_axis={tuple(axes)} names axis {a}, but the input has {r} spatial axes "
@@ -93,9 +104,6 @@ def _check_local(fn: str, rank: Optional[int], q: torch.Tensor, k: torch.Tensor,
         if not isinstance(value, bool):
             raise TypeError(f"{fn}: {name}={value!r} must be True or False.")
     _check_additional(fn, q, k, v, ak, av)
-    # The shard's own spatial shape is what rpb and key_padding_mask must fit; attn_bias's last dim (the
-    # window size) depends on the global lengths and is checked once they are known.
-    spec = make_spec(fn, tuple(q.shape[1: r + 1]), kernel, stride, dilation, causal)
     _check_extras(fn, q, spec, q.shape[-2], Extras(rpb=extras.rpb, key_padding_mask=extras.key_padding_mask))
     b = extras.attn_bias
     if b is not None:
@@ -106,13 +114,13 @@ def _check_local(fn: str, rank: Optional[int], q: torch.Tensor, k: torch.Tensor,
         if b.device != q.device or not b.is_floating_point():
             raise ValueError(f"{fn}: attn_bias is {b.dtype} on {b.device}; it must be a floating-point tensor on the "
                              f"query's device ({q.device}).")
-    return r
+    return r, per_axis
 
 
-def _fingerprint(r: int, q, k, v, requested: tuple, axes: Sequence[int], scale, ak, extras: Extras,
+def _fingerprint(r: int, q, k, v, per_axis: tuple[tuple, ...], axes: Sequence[int], scale, ak, extras: Extras,
                  flags: dict) -> Fingerprint:
-    kernel, stride, dilation, causal, periodic = (_as_tuple("", n, a, r, t) for n, a, t in zip(
-        ("kernel_size", "stride", "dilation", "is_causal", "periodic"), requested, (int, int, int, bool, bool)))
+    """What must be equal on every rank (see :mod:`.consensus`): shapes, dtype, arguments, which inputs need grad."""
+    kernel, stride, dilation, causal, periodic = per_axis
     return {
         "number of spatial axes": (r,),
         "batch size": (q.shape[0],),
@@ -168,20 +176,19 @@ def sharded_attention(fn: str, query: torch.Tensor, key: torch.Tensor, value: to
     Shapes and returns as :func:`neighborhood_attention`; raises on every rank of the groups or on none.
     """
     flags = {"return_lse": return_lse, "return_attn": return_attn}
-    error, fingerprint, r = None, {}, 0
+    error, fingerprint = None, {}
     try:
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"{fn}: backend={backend!r} must be None (automatic) or a backend name such as 'torch'.")
-        r = _check_local(fn, spatial_rank, query, key, value, requested, axes, scale, additional_keys, additional_values,
-                         extras, flags)
-        fingerprint = _fingerprint(r, query, key, value, requested, axes, scale, additional_keys, extras, flags)
+        r, per_axis = _check_local(fn, spatial_rank, query, key, value, requested, axes, scale, additional_keys,
+                                   additional_values, extras, flags)
+        fingerprint = _fingerprint(r, query, key, value, per_axis, axes, scale, additional_keys, extras, flags)
     except (TypeError, ValueError) as e:
         error = e
     local = [query.shape[1 + a] if error is None else 0 for a in axes]
-    sizes = agree(fn, axes, groups, fingerprint, local, error, split)
+    sizes = agree(fn, axes, groups, fingerprint, local, error, split)  # raises on every rank if any failed
 
-    kernel, stride, dilation, causal, periodic = (_as_tuple(fn, n, a, r, t) for n, a, t in zip(
-        ("kernel_size", "stride", "dilation", "is_causal", "periodic"), requested, (int, int, int, bool, bool)))
+    kernel, stride, dilation, causal, periodic = per_axis
     spatial = list(query.shape[1: r + 1])
     for a, s in zip(axes, sizes):
         spatial[a] = sum(s)
@@ -220,6 +227,40 @@ def sharded_attention(fn: str, query: torch.Tensor, key: torch.Tensor, value: to
     if isinstance(result, tuple):
         return tuple(_crop(t, plans, ranks, axes) for t in result)
     return _crop(result, plans, ranks, axes)
+
+
+def _dtensor_attention(fn: str, query, key, value, requested: tuple, scale: Optional[float], additional_keys,
+                       additional_values, extras: Extras, *, backend: Optional[str], return_lse: bool,
+                       return_attn: bool, spatial_rank: Optional[int]) -> Output:
+    """The sharded call on DTensor ``query``/``key``/``value`` (one mesh, one layout); DTensor results.
+
+    ``attn_bias``/``key_padding_mask`` may be DTensors laid out as the query, ``rpb`` and the extra
+    tokens DTensors replicated on the mesh, or plain tensors (this rank's shard, resp. the full tensor).
+    """
+    from torch.distributed.tensor import Replicate
+
+    if not all(is_dtensor(t) for t in (query, key, value)):
+        raise TypeError(f"{fn}: query, key and value must all be DTensors or all plain tensors; got "
+                        f"{', '.join(type(t).__name__ for t in (query, key, value))}.")
+    r = query.dim() - 3
+    axes, groups, mesh, placements = local_layout(fn, query, r)
+    for name, t in (("key", key), ("value", value)):
+        if t.device_mesh != mesh or tuple(t.placements) != placements:
+            raise ValueError(f"{fn}: {name} has placements {tuple(t.placements)} on {t.device_mesh} but query has "
+                             f"{placements} on {mesh}; lay them out alike.")
+    replicated = (Replicate(),) * mesh.ndim
+    result = sharded_attention(
+        fn, query.to_local(), key.to_local(), value.to_local(), requested, scale,
+        local_arg(fn, "additional_keys", additional_keys, mesh, replicated),
+        local_arg(fn, "additional_values", additional_values, mesh, replicated),
+        Extras(rpb=local_arg(fn, "rpb", extras.rpb, mesh, replicated),
+               attn_bias=local_arg(fn, "attn_bias", extras.attn_bias, mesh, placements),
+               key_padding_mask=local_arg(fn, "key_padding_mask", extras.key_padding_mask, mesh, placements)),
+        axes=axes, groups=groups, split="chunk", backend=backend, return_lse=return_lse, return_attn=return_attn,
+        spatial_rank=spatial_rank)
+    outs = result if isinstance(result, tuple) else (result,)
+    wrapped = tuple(wrap(t, mesh, placements, tuple(query.shape[:-2]) + tuple(t.shape[r + 1:])) for t in outs)
+    return wrapped if isinstance(result, tuple) else wrapped[0]
 
 
 def neighborhood_attention(
@@ -273,13 +314,9 @@ def neighborhood_attention(
     fn = f"visattn.distributed.{_fn}"
     requested = (kernel_size, stride, dilation, is_causal, periodic)
     extras = Extras(rpb=rpb, attn_bias=attn_bias, key_padding_mask=key_padding_mask)
-    from .dtensor import is_dtensor
-
     if any(is_dtensor(t) for t in (query, key, value)):
-        from .dtensor import dtensor_attention
-
-        return dtensor_attention(fn, query, key, value, requested, scale, additional_keys, additional_values, extras,
-                                 backend=backend, return_lse=return_lse, return_attn=return_attn, spatial_rank=_rank)
+        return _dtensor_attention(fn, query, key, value, requested, scale, additional_keys, additional_values, extras,
+                                  backend=backend, return_lse=return_lse, return_attn=return_attn, spatial_rank=_rank)
     axes, groups = _sharding(fn, shard_axis, group)
     return sharded_attention(fn, query, key, value, requested, scale, additional_keys, additional_values, extras,
                              axes=axes, groups=groups, split="tensor_split", backend=backend, return_lse=return_lse,

@@ -208,7 +208,14 @@ def module_check(rank: int, world: int, rank3: bool) -> dict:
         g = p.grad.clone()
         dist.all_reduce(g)
         errors += _compare(f"grad {name}", g, q.grad, "module", rank)
-    return {"errors": errors, "checked": 1}
+    # the same layer on a DTensor input (torch.chunk shards) gives a DTensor output
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = sharded(distribute_tensor(x, mesh, [Shard(1)]))
+    errors += _compare("DTensor output", out.full_tensor(), single(x).detach(), "module", rank)
+    return {"errors": errors, "checked": 2}
 
 
 def _bad_call(rank: int, world: int, what: str) -> str:

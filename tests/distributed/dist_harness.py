@@ -25,7 +25,7 @@ def _context():
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor", "visattn",
-                                        "visattn.distributed", "cases"])
+                                        "visattn.distributed", "dist_cases"])
     return _CONTEXT
 
 
