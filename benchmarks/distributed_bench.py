@@ -5,8 +5,10 @@ Usage: ``python benchmarks/distributed_bench.py [--ranks 1 2 4] [--reps 5] [--by
 [--bandwidth 1.25 12.5 25 450] [--json out.json]``
 
 1. **Bytes** (from the exchange plan, :mod:`visattn.distributed.cost`): what the busiest rank sends per
-   forward and per backward for 2-D 256x256 and 3-D 32x64x64 (k7, 4 heads of 32, float32, sharded
-   along the first spatial axis), against an all-gather of K/V and against head sharding (all-to-all).
+   forward and per backward for 2-D 256x256 (sharded along its rows) and 3-D 32x64x64 (along its
+   frames, and along its rows) with k7, 4 heads of 32, float32, against an all-gather of K/V and against head sharding (all-to-all);
+   and how many queries a rank computes per query it owns (its slab over its shard: the zero-padded
+   halo queries are computed and discarded).
 2. **Time and peak memory per rank** for each ``--ranks`` count: gloo processes on this machine,
    spawned here (the cores are split between them: ``torch.set_num_threads(cores // ranks)``). Each
    rank times forward, and forward + backward alternating with the single-process operator on its
@@ -41,8 +43,10 @@ from visattn.bench.measure import machine_info, peak_extra_bytes
 from visattn.distributed.cost import allgather_bytes, halo_bytes, halo_plan, head_sharding_bytes
 
 HEADS, DIM, KERNEL, ITEMSIZE = 4, 32, 7, 4
-SHAPES = {"2-D 256x256": (256, 256), "3-D 32x64x64": (32, 64, 64)}
-AXIS = 0
+#: name -> (global spatial shape, sharded spatial axis); timed and modelled
+PROBLEMS = {"2-D 256x256, rows": ((256, 256), 0), "3-D 32x64x64, frames": ((32, 64, 64), 0)}
+#: the bytes table also shows the volume sharded along its longer rows
+BYTES_PROBLEMS = {**PROBLEMS, "3-D 32x64x64, rows": ((32, 64, 64), 1)}
 MiB = 2**20
 
 
@@ -57,17 +61,18 @@ def _sizes(shape: tuple) -> dict:
 
 def bytes_rows(worlds: list[int]) -> list[dict]:
     rows = []
-    for name, shape in SHAPES.items():
+    for name, (shape, axis) in BYTES_PROBLEMS.items():
         a = _args(shape)
         for w in worlds:
-            if w > shape[AXIS]:
+            if w > shape[axis]:
                 continue
-            halo = halo_bytes(shape, a["kernel"], a["stride"], a["dilation"], a["causal"], AXIS, w, **_sizes(shape))
-            gather = allgather_bytes(shape, AXIS, w, **_sizes(shape))
-            heads = head_sharding_bytes(shape, AXIS, w, heads=HEADS, **_sizes(shape))
-            plan = halo_plan(shape, a["kernel"], a["stride"], a["dilation"], a["causal"], AXIS, w)
+            halo = halo_bytes(shape, a["kernel"], a["stride"], a["dilation"], a["causal"], axis, w, **_sizes(shape))
+            gather = allgather_bytes(shape, axis, w, **_sizes(shape))
+            heads = head_sharding_bytes(shape, axis, w, heads=HEADS, **_sizes(shape))
+            plan = halo_plan(shape, a["kernel"], a["stride"], a["dilation"], a["causal"], axis, w)
             rows.append(dict(problem=name, ranks=w, shard=max(s.stop - s.start for s in plan.shards),
                              halo_rows=max(plan.received(r) for r in range(w)),
+                             computed=max(s.slab_length / (s.stop - s.start) for s in plan.shards if s.stop > s.start),
                              halo=(halo.forward, halo.backward), allgather=(gather.forward, gather.backward),
                              heads=(heads.forward, heads.backward), heads_feasible=HEADS % w == 0))
     return rows
@@ -87,18 +92,18 @@ def _rank_main(rank: int, world: int, port: int, threads: int, reps: int, result
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     out = {}
-    for name, shape in SHAPES.items():
+    for name, (shape, axis) in PROBLEMS.items():
         g = torch.Generator().manual_seed(0)
         full = [torch.randn(1, *shape, HEADS, DIM, generator=g) for _ in range(3)]
-        q, k, v = (torch.tensor_split(t, world, dim=1 + AXIS)[rank].clone().requires_grad_() for t in full)
+        q, k, v = (torch.tensor_split(t, world, dim=1 + axis)[rank].clone().requires_grad_() for t in full)
         del full
 
         def forward():
             with torch.no_grad():
-                return vd.neighborhood_attention(q, k, v, KERNEL, shard_axis=AXIS)
+                return vd.neighborhood_attention(q, k, v, KERNEL, shard_axis=axis)
 
         def forward_backward():
-            o = vd.neighborhood_attention(q, k, v, KERNEL, shard_axis=AXIS)
+            o = vd.neighborhood_attention(q, k, v, KERNEL, shard_axis=axis)
             o.backward(torch.ones_like(o))
             q.grad = k.grad = v.grad = None
 
@@ -123,7 +128,7 @@ def _rank_main(rank: int, world: int, port: int, threads: int, reps: int, result
         with vd.count_traffic() as traffic:
             forward_backward()
         a = _args(shape)
-        predicted = halo_bytes(shape, a["kernel"], a["stride"], a["dilation"], a["causal"], AXIS, world,
+        predicted = halo_bytes(shape, a["kernel"], a["stride"], a["dilation"], a["causal"], axis, world,
                                rank=rank, **_sizes(shape))
         (fw,) = timed(forward)
         fb, local = timed(forward_backward, single)
@@ -155,17 +160,17 @@ def run_ranks(world: int, reps: int) -> list[dict]:
 # The model
 # ---------------------------------------------------------------------------------------------------
 
-def model_row(shape: tuple, seconds_per_token: float, bandwidth: float, worlds: list[int]) -> dict:
-    """Exchange time over compute time per rank at each rank count (sharding axis ``AXIS``), and the
+def model_row(shape: tuple, axis: int, seconds_per_token: float, bandwidth: float, worlds: list[int]) -> dict:
+    """Exchange time over compute time per rank at each rank count (sharding ``axis``), and the
     per-token compute time below which the exchange would take longer than the compute."""
     a, tokens = _args(shape), math.prod(shape)
     ratio, break_even = {}, {}
     for w in worlds:
-        if w > shape[AXIS]:
+        if w > shape[axis]:
             continue
-        comm = halo_bytes(shape, a["kernel"], a["stride"], a["dilation"], a["causal"], AXIS, w,
+        comm = halo_bytes(shape, a["kernel"], a["stride"], a["dilation"], a["causal"], axis, w,
                           **_sizes(shape)).total / bandwidth
-        rank_tokens = -(-shape[AXIS] // w) * (tokens // shape[AXIS])
+        rank_tokens = -(-shape[axis] // w) * (tokens // shape[axis])
         ratio[w] = comm / (rank_tokens * seconds_per_token)
         break_even[w] = comm / rank_tokens
     return dict(ratio=ratio, break_even=break_even)
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args(argv)
     report: dict = {"machine": machine_info("cpu"), "cores": os.cpu_count(), "load": os.getloadavg(),
-                    "problem": f"B=1, {HEADS} heads of {DIM}, k{KERNEL}, float32, sharded along spatial axis {AXIS}"}
+                    "problem": f"B=1, {HEADS} heads of {DIM}, k{KERNEL}, float32"}
     print(f"# {report['problem']}; machine: {report['machine']['cpu']}, {report['cores']} cores, "
           f"load {report['load'][0]:.1f}\n")
 
@@ -199,9 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     report["bytes"] = rows
     print("## Bytes sent per rank (MiB, busiest rank), forward / backward\n")
     print(_markdown(
-        ["problem", "ranks", "shard rows", "halo rows", "halo exchange", "all-gather K/V", "head sharding",
-         "all-gather / halo", "heads / halo"],
-        [[r["problem"], str(r["ranks"]), str(r["shard"]), str(r["halo_rows"]),
+        ["problem", "ranks", "shard rows", "halo rows", "queries computed / own", "halo exchange", "all-gather K/V",
+         "head sharding", "all-gather / halo", "heads / halo"],
+        [[r["problem"], str(r["ranks"]), str(r["shard"]), str(r["halo_rows"]), f"{r['computed']:.2f}",
           f"{_mib(r['halo'][0])} / {_mib(r['halo'][1])}", f"{_mib(r['allgather'][0])} / {_mib(r['allgather'][1])}",
           f"{_mib(r['heads'][0])} / {_mib(r['heads'][1])}" + ("" if r["heads_feasible"] else " *"),
           f"{sum(r['allgather']) / sum(r['halo']):.1f}x", f"{sum(r['heads']) / sum(r['halo']):.1f}x"] for r in rows]))
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n## Time and peak memory per rank (median of {args.reps}; load before {report['load'][0]:.1f}, after "
           f"{report['load_after'][0]:.1f}; counted bytes = plan on every rank)\n")
     table = []
-    for name in SHAPES:
+    for name in PROBLEMS:
         for world, res in runs.items():
             fw = max(m[name]["forward_s"] for m in res)
             fb = max(m[name]["forward_backward_s"] for m in res)
@@ -248,17 +253,21 @@ def main(argv: list[str] | None = None) -> None:
               "ranks).\n")
         model = []
         worlds = [w for w in args.worlds if w > 1]
-        for name, shape in SHAPES.items():
+        for name, (shape, axis) in PROBLEMS.items():
             m = runs[1][0][name]
             per_token = m["forward_backward_s"] / m["tokens"]
             for bw in args.bandwidth:
-                row = model_row(shape, per_token, bw * 1e9, worlds)
+                row = model_row(shape, axis, per_token, bw * 1e9, worlds)
                 report.setdefault("model", {}).setdefault(name, {})[bw] = dict(row, seconds_per_token=per_token)
-                model.append([name, f"{per_token * 1e6:.2f}", f"{bw:g}"]
-                             + [f"{row['ratio'][w]:.2g}" if w in row["ratio"] else "" for w in worlds]
-                             + [f"{row['break_even'][w] * 1e9:.2g}" if w in row["break_even"] else "" for w in worlds])
-        print(_markdown(["problem", "measured µs/token", "link GB/s"] + [f"ratio at {w}" for w in worlds]
-                        + [f"break-even ns/token at {w}" for w in worlds], model))
+                ws = sorted(row["ratio"])
+                over = [w for w in ws if row["ratio"][w] > 1]
+                model.append([name, f"{per_token * 1e6:.1f}", f"{bw:g}", f"{row['ratio'][ws[0]]:.2g}",
+                              f"{row['ratio'][ws[-1]]:.2g}", str(over[0]) if over else f"none up to {ws[-1]}",
+                              f"{row['break_even'][ws[0]] * 1e9:.2g}", f"{row['break_even'][ws[-1]] * 1e9:.2g}"])
+        w0, w1 = min(worlds), max(worlds)
+        print(_markdown(["problem", "measured µs/token", "link GB/s", f"comm/compute at {w0} ranks",
+                         f"at {w1} ranks", "ranks where comm > compute", f"break-even ns/token at {w0} ranks",
+                         f"at {w1} ranks"], model))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

@@ -7,7 +7,6 @@ list means every output and gradient matched). One process group runs many cases
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -254,14 +253,16 @@ def not_initialized() -> str:
 
 
 def traffic(rank: int, world: int, shape: tuple, kernel: int, dilation: int) -> dict:
-    """Bytes this rank sends in one forward and backward, counted, next to the plan's prediction."""
+    """Bytes this rank sends in one forward and backward, counted, next to the cost model's prediction."""
+    from visattn.distributed.cost import halo_bytes
+
     B, H, D = 1, 2, 4
     x = torch.randn(B, *shape, H, D, dtype=torch.float64)
     q = torch.tensor_split(x, world, dim=1)[rank].clone().requires_grad_()
     with vd.count_traffic() as stats:
         out = vd.neighborhood_attention(q, q, q, kernel, dilation=dilation)
         out.sum().backward()
-    plan = vd.plan_axis(tuple(t.shape[1] for t in torch.tensor_split(x, world, dim=1)), kernel, 1, dilation, False)
-    per_row = B * math.prod(shape[1:]) * H * (D + D) * 8  # key + value, float64
-    return {"counted": dict(stats), "predicted_sent": plan.sent(rank) * per_row,
-            "predicted_received": plan.received(rank) * per_row}
+    r = len(shape)
+    predicted = halo_bytes(shape, (kernel,) * r, (1,) * r, (dilation,) * r, (False,) * r, 0, world, batch=B,
+                           heads_kv=H, dim=D, dim_v=D, itemsize=8, rank=rank)
+    return {"counted": dict(stats), "predicted_sent": predicted.forward, "predicted_received": predicted.backward}

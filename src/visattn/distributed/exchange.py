@@ -72,46 +72,54 @@ def _row_numel(shapes: Sequence[torch.Size], dim: int) -> int:
     return sum(torch.Size(s[:dim] + s[dim + 1:]).numel() for s in shapes)
 
 
-def _nonempty(index_of, world: int, rank: int) -> dict[int, torch.Tensor]:
+def _peers(index_of, world: int, rank: int) -> dict[int, torch.Tensor]:
+    """``{peer: index_of(peer)}`` for the other ranks with a non-empty index (only they exchange)."""
     return {p: i for p in range(world) if p != rank and (i := index_of(p)).numel()}
+
+
+def _trade(tensors: Sequence[torch.Tensor], dim: int, send: dict[int, torch.Tensor], receive: dict[int, int],
+           group: Optional[dist.ProcessGroup], direction: str) -> dict[int, list[torch.Tensor]]:
+    """Send peer ``p`` the rows ``send[p]`` (indices along ``dim``) of every tensor, packed in one message;
+    receive ``receive[p]`` rows of each from peer ``p``. Returns the received pieces, per peer and tensor."""
+    shapes = [t.shape for t in tensors]
+    device = tensors[0].device
+    sends = {p: _pack(tensors, dim, i.to(device)) for p, i in send.items()}
+    recvs = {p: tensors[0].new_empty(_row_numel(shapes, dim) * n) for p, n in receive.items()}
+    _p2p(group, sends, recvs, direction)
+    return {p: _unpack(recvs[p], shapes, dim, n) for p, n in receive.items()}
 
 
 def _assemble(tensors: Sequence[torch.Tensor], plan: AxisPlan, rank: int, group: Optional[dist.ProcessGroup],
               dim: int) -> list[torch.Tensor]:
     """Slabs of ``tensors`` (all sharded alike on ``dim``, one dtype): own shard plus the received halo."""
     shard = plan.shards[rank]
-    device = tensors[0].device
-    send_idx = _nonempty(lambda p: plan.send_index(rank, p), plan.world, rank)
-    recv_idx = _nonempty(lambda p: plan.recv_index(rank, p), plan.world, rank)
-    shapes = [t.shape for t in tensors]
-    sends = {p: _pack(tensors, dim, (i - shard.start).to(device)) for p, i in send_idx.items()}
-    recvs = {p: tensors[0].new_empty(_row_numel(shapes, dim) * i.numel()) for p, i in recv_idx.items()}
-    _p2p(group, sends, recvs, "forward")
+    send = _peers(lambda p: plan.send_index(rank, p), plan.world, rank)
+    recv = _peers(lambda p: plan.recv_index(rank, p), plan.world, rank)
+    pieces = _trade(tensors, dim, {p: i - shard.start for p, i in send.items()},
+                    {p: i.numel() for p, i in recv.items()}, group, "forward")
     slabs = []
     for t in tensors:
         slab = t.new_zeros(t.shape[:dim] + (shard.slab_length,) + t.shape[dim + 1:])
         slab.narrow(dim, shard.pad_before, shard.stop - shard.start).copy_(t)
         slabs.append(slab)
-    for p, i in recv_idx.items():
-        for slab, piece in zip(slabs, _unpack(recvs[p], shapes, dim, i.numel())):
-            slab.index_copy_(dim, (i - shard.slab_start).to(device), piece)
+    for p, i in recv.items():
+        for slab, piece in zip(slabs, pieces[p]):
+            slab.index_copy_(dim, (i - shard.slab_start).to(slab.device), piece)
     return slabs
 
 
-def _return_grads(grads: Sequence[torch.Tensor], shapes: Sequence[torch.Size], plan: AxisPlan, rank: int,
-                  group: Optional[dist.ProcessGroup], dim: int) -> list[torch.Tensor]:
+def _return_grads(grads: Sequence[torch.Tensor], plan: AxisPlan, rank: int, group: Optional[dist.ProcessGroup],
+                  dim: int) -> list[torch.Tensor]:
     """Gradients of the shards from gradients of the slabs: the halo's part goes back to its owners."""
     shard = plan.shards[rank]
-    device = grads[0].device
-    send_idx = _nonempty(lambda p: plan.recv_index(rank, p), plan.world, rank)  # reversed messages
-    recv_idx = _nonempty(lambda p: plan.send_index(rank, p), plan.world, rank)
-    sends = {p: _pack(grads, dim, (i - shard.slab_start).to(device)) for p, i in send_idx.items()}
-    recvs = {p: grads[0].new_empty(_row_numel(shapes, dim) * i.numel()) for p, i in recv_idx.items()}
-    _p2p(group, sends, recvs, "backward")
+    send = _peers(lambda p: plan.recv_index(rank, p), plan.world, rank)  # the forward's messages, reversed
+    recv = _peers(lambda p: plan.send_index(rank, p), plan.world, rank)
+    pieces = _trade(grads, dim, {p: i - shard.slab_start for p, i in send.items()},
+                    {p: i.numel() for p, i in recv.items()}, group, "backward")
     out = [g.narrow(dim, shard.pad_before, shard.stop - shard.start).clone() for g in grads]
-    for p, i in recv_idx.items():
-        for o, piece in zip(out, _unpack(recvs[p], shapes, dim, i.numel())):
-            o.index_add_(dim, (i - shard.start).to(device), piece)
+    for p, i in recv.items():
+        for o, piece in zip(out, pieces[p]):
+            o.index_add_(dim, (i - shard.start).to(o.device), piece)
     return out
 
 
@@ -133,7 +141,7 @@ class _HaloExchange(torch.autograd.Function):
         length = plan.shards[rank].slab_length
         g = [grads[i] if grads[i] is not None else  # a slab that got no gradient
              ref.new_zeros(ctx.shapes[i][:dim] + (length,) + ctx.shapes[i][dim + 1:]) for i in wanted]
-        back = _return_grads(g, [ctx.shapes[i] for i in wanted], plan, rank, group, dim) if wanted else []
+        back = _return_grads(g, plan, rank, group, dim) if wanted else []
         result: list[Optional[torch.Tensor]] = [None] * len(ctx.shapes)
         for i, gi in zip(wanted, back):
             result[i] = gi

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import functional as single
 from ..backends import Extras
-from ..functional import Output, _check_additional, _check_extras, _check_scale, _check_tensors
+from ..functional import Output, _check_additional, _check_extras, _check_scale, _check_tensors, _ranked
 from ..spec import BoolOrTuple, IntOrTuple, _as_tuple, make_spec
 from .consensus import Fingerprint, agree, dtype_code, scale_bits
 from .dtensor import is_dtensor, local_arg, local_layout, wrap
@@ -323,21 +323,6 @@ def neighborhood_attention(
                              return_attn=return_attn, spatial_rank=_rank)
 
 
-def _ranked(rank: int):
-    def fn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
-           stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
-           scale: Optional[float] = None, additional_keys: Optional[torch.Tensor] = None,
-           additional_values: Optional[torch.Tensor] = None, **kwargs) -> Output:
-        return neighborhood_attention(query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                                      additional_keys, additional_values, _fn=f"na{rank}d", _rank=rank, **kwargs)
-
-    fn.__name__ = fn.__qualname__ = f"na{rank}d"
-    fn.__doc__ = (f"{rank}-D sharded neighborhood attention: local shards ``[B, "
-                  f"{', '.join('S%d' % i for i in range(rank))}, H, D]``.\n\nSame arguments and returns as "
-                  f":func:`neighborhood_attention`, with exactly {rank} spatial axes.")
-    return fn
-
-
-na1d = _ranked(1)
-na2d = _ranked(2)
-na3d = _ranked(3)
+na1d = _ranked(1, neighborhood_attention, "sharded neighborhood attention (local shards)")
+na2d = _ranked(2, neighborhood_attention, "sharded neighborhood attention (local shards)")
+na3d = _ranked(3, neighborhood_attention, "sharded neighborhood attention (local shards)")
