@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import random
+
 import torch
 import torch.distributed as dist
 
@@ -140,6 +142,39 @@ def run_case(case: dict, coords, groups, seed: int) -> list[str]:
             want = _shard(want, axes, grid, coords)
         errors += _compare(f"grad {k}", got, want, case, rank)
     return errors
+
+
+def random_cases(seed: int, count: int, grid: bool) -> list[dict]:
+    """Random sweep cases: ranks 1-3, shapes down to a token per rank, per-axis kernel, stride, dilation,
+    causal, GQA, and each feature at random; with ``grid``, some cases shard two axes on a 2x2 grid."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        r = rng.randint(1, 3)
+        kernel = tuple(rng.randint(1, 6) for _ in range(r))
+        heads = rng.choice([1, 2, 4])
+        case = dict(shape=tuple(rng.randint(1, 12 if r < 3 else 7) for _ in range(r)), kernel=kernel,
+                    stride=tuple(rng.randint(1, k) for k in kernel), dilation=tuple(rng.randint(1, 3) for _ in range(r)),
+                    causal=tuple(rng.random() < 0.3 for _ in range(r)), heads=heads,
+                    kv_heads=rng.choice([h for h in (1, 2, 4) if heads % h == 0]), dim=rng.choice([2, 4]),
+                    dim_v=rng.choice([2, 3]), batch=rng.choice([1, 1, 2]))
+        for name, p in (("rpb", 0.3), ("attn_bias", 0.2), ("mask", 0.2), ("lse", 0.3), ("attn", 0.2)):
+            if rng.random() < p:
+                case[name] = True
+        if rng.random() < 0.3:
+            case["extra"] = rng.randint(1, 3)
+        if grid and r >= 2 and rng.random() < 0.4:
+            case["axes"], case["grid"] = tuple(sorted(rng.sample(range(r), 2))), (2, 2)
+        else:
+            case["axes"] = (rng.randrange(r),)
+        unsharded = [a for a in range(r) if a not in case["axes"]]
+        if unsharded and rng.random() < 0.2:  # a periodic axis: stride 1, not causal there
+            a = rng.choice(unsharded)
+            case["periodic"] = tuple(i == a for i in range(r))
+            case["stride"] = tuple(1 if i == a else s for i, s in enumerate(case["stride"]))
+            case["causal"] = tuple(False if i == a else c for i, c in enumerate(case["causal"]))
+        cases.append(case)
+    return cases
 
 
 def sweep(rank: int, world: int, cases: list[dict]) -> dict:

@@ -59,6 +59,14 @@ def test_sweep_matches_single_process(world: int) -> None:
     _no_errors(dist_harness.run(world, dist_cases.sweep, SWEEPS[world]))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_random_sweep_matches_single_process(world: int) -> None:
+    """300 random geometries and feature mixes per group size (``-m slow``)."""
+    _no_errors(dist_harness.run(world, dist_cases.sweep, dist_cases.random_cases(world, 300, grid=world == 4),
+                                timeout=900))
+
+
 def test_dtensor_inputs_on_1d_and_2d_meshes() -> None:
     """DTensor in, DTensor with the same placements out; torch.chunk-sized shards (the last rank of a
     2x2 mesh's column gets an empty one: 5 rows in chunks of 3, 2); batch sharding and replication."""

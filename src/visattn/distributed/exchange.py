@@ -157,6 +157,9 @@ def halo_exchange(tensors: Sequence[torch.Tensor], plan: AxisPlan, rank: int, gr
     length ``plan.shards[rank].slab_length``. Differentiable for floating tensors: the backward sends
     the halo's gradient back to its owners. Every rank of ``group`` must call it with the same plan.
     """
+    shard = plan.shards[rank]
+    if shard.slab_length == shard.stop - shard.start and not plan.received(rank) and not plan.sent(rank):
+        return list(tensors)  # nothing to trade, the slab is the shard: one rank, or windows within shards
     if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
         return list(_HaloExchange.apply(plan, rank, group, dim, *tensors))
     return _assemble(tensors, plan, rank, group, dim)
