@@ -10,7 +10,8 @@ single-process result, forward and backward. Not imported by ``import visattn``:
   (plain local shards with ``shard_axis``/``group``, or ``DTensor`` inputs);
 * :class:`NeighborhoodAttention1D` / ``2D`` / ``3D``: the layers, sharded;
 * :func:`plan_axis`: the halo plan of one axis (what each rank sends and receives);
-* :func:`count_traffic`: count the bytes the exchanges send.
+* :func:`count_traffic`: count the bytes the exchanges send; :mod:`.cost` predicts them, and what an
+  all-gather of K/V or head sharding would send.
 """
 
 from .exchange import count_traffic

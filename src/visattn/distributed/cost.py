@@ -24,7 +24,7 @@ from typing import Sequence
 
 from .plan import AxisPlan, plan_axis, split_sizes
 
-__all__ = ["Traffic", "allgather_bytes", "halo_bytes", "head_sharding_bytes"]
+__all__ = ["Traffic", "allgather_bytes", "halo_bytes", "halo_plan", "head_sharding_bytes"]
 
 
 @dataclass(frozen=True)

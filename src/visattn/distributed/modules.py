@@ -16,10 +16,10 @@ from typing import Sequence, Union
 
 import torch
 
+from ..backends import Extras
 from ..nn import mixers
 from .dtensor import is_dtensor, map_local
 from .functional import Groups, _sharding, sharded_attention
-from ..backends import Extras
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
 

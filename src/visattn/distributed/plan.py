@@ -171,7 +171,7 @@ def _shard(glob: AxisWindows, length: int, effective: tuple[int, int, int], call
             slab_stop += 1
         elif slab_start > 0:
             slab_start = max(0, slab_start - align)
-        else:  # the whole axis is the global call itself
+        else:  # unreachable: on the whole axis the local call is the global one
             raise AssertionError(f"plan_axis: no slab reproduces the windows of [{start}, {stop}) of {length}")
     return AxisShard(start, stop, slab_start, slab_stop, needed)
 
