@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import sys
 import traceback
 from typing import Any, Callable
 
@@ -40,6 +41,8 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, timeout: float, a
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # the ranks share the machine's cores
+    if sys.platform.startswith("linux"):  # keep gloo's connections on the loopback interface
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
