@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -290,16 +290,17 @@ def _empty(q: torch.Tensor, dim_v: int, spec: NASpec, return_lse: bool, return_a
     return result[0] if len(result) == 1 else result
 
 
-def _ranked(rank: int):
+def _ranked(rank: int, generic: Callable[..., Output] = neighborhood_attention, what: str = "neighborhood attention"):
+    """``na{rank}d``: ``generic`` (a rank-generic ``neighborhood_attention``) for exactly ``rank`` spatial axes."""
     def fn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
            stride: IntOrTuple = 1, dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False,
            scale: Optional[float] = None, additional_keys: Optional[torch.Tensor] = None,
            additional_values: Optional[torch.Tensor] = None, **kwargs) -> Output:
-        return neighborhood_attention(query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                                      additional_keys, additional_values, _fn=f"na{rank}d", _rank=rank, **kwargs)
+        return generic(query, key, value, kernel_size, stride, dilation, is_causal, scale,
+                       additional_keys, additional_values, _fn=f"na{rank}d", _rank=rank, **kwargs)
 
     fn.__name__ = fn.__qualname__ = f"na{rank}d"
-    fn.__doc__ = (f"{rank}-D neighborhood attention: ``query [B, {', '.join('S%d' % i for i in range(rank))}, H, D]``.\n\n"
+    fn.__doc__ = (f"{rank}-D {what}: ``query [B, {', '.join('S%d' % i for i in range(rank))}, H, D]``.\n\n"
                   f"Same arguments and returns as :func:`neighborhood_attention`, with exactly {rank} spatial axes.")
     return fn
 

@@ -64,12 +64,16 @@ class _NeighborhoodAttentionNd(QKVMixer):
         return dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation, is_causal=self.is_causal,
                     periodic=self.periodic)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, *S, C]`` -> ``[B, *S, C]``."""
+    def _check(self, x: torch.Tensor) -> None:
+        """Raise unless ``x`` is channels-last ``[B, *S, C]`` of this layer's rank and width."""
         if x.dim() != self.rank + 2 or x.shape[-1] != self.dim:
             axes = ", ".join(f"S{i}" for i in range(self.rank))
             raise ValueError(f"{type(self).__name__}: expected a channels-last input [B, {axes}, {self.dim}], "
                              f"got {tuple(x.shape)}. Permute channels-first tensors with x.movedim(1, -1).")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, *S, C]`` -> ``[B, *S, C]``."""
+        self._check(x)
         q, k, v = self._qkv(x)
         out = na_attend(q, k, v, na_args=self._na_args(), scale=self.scale, rpb=self.rpb, attn_drop=self.attn_drop,
                         training=self.training, backend=self.backend)
