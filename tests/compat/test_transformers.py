@@ -9,8 +9,9 @@ transformers 4.54 changed DiNAT's attention so that it no longer hands NATTEN a 
 ``[B, heads, H, W, d]``), whatever NATTEN is installed. For those releases the tests check that the
 stand-in refuses that layout with its error (a real NATTEN would compute attention over the wrong
 axes when the heads outnumber the window), then run the models with that one step restored
-(``_heads_first_forward``, Hugging Face's forward with ``.permute(0, 3, 1, 2, 4)`` as before 4.54). With
-transformers <= 4.53 the models run unmodified (CI runs this file once more with 4.53.3).
+(:func:`visattn.compat.hf_dinat.fix_transformers_dinat`: the attention's forward with
+``.permute(0, 3, 1, 2, 4)`` as before 4.54). With transformers <= 4.53 the models run unmodified (CI
+runs this file once more with 4.53.3).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-import math
 import sys
 import warnings
 
@@ -26,14 +26,21 @@ import pytest
 import torch
 
 from visattn.compat import natten_stand_in, real_natten
-from visattn.compat.hf_dinat import convert_hf_dinat_state_dict, nat_from_hf_dinat, nat_kwargs_from_hf_config
+from visattn.compat.hf_dinat import (
+    LAYOUT_CHANGED_IN,
+    convert_hf_dinat_state_dict,
+    dinat_attention_forward,
+    fix_transformers_dinat,
+    nat_from_hf_dinat,
+    nat_kwargs_from_hf_config,
+)
 
 if importlib.util.find_spec("transformers") is None:
     pytest.skip("transformers is not installed (pip install 'visattn[compat]')", allow_module_level=True)
 
 _VERSION = tuple(int(x) for x in importlib.metadata.version("transformers").split(".")[:2])
 #: transformers releases whose DiNAT passes NATTEN a wrongly laid out tensor (see the module docstring)
-_LAYOUT_BUG = _VERSION >= (4, 54)
+_LAYOUT_BUG = _VERSION >= LAYOUT_CHANGED_IN
 
 SMALL = dict(embed_dim=16, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4], kernel_size=3,
              dilations=[[1], [1, 2], [1], [1]], drop_path_rate=0.0, layer_scale_init_value=0.5)
@@ -59,23 +66,14 @@ def dinat(monkeypatch):
             yield md
 
 
-def _heads_first_forward(self, hidden_states, output_attentions=False):
-    """Hugging Face's DiNAT attention with the query/key/value layout NATTEN takes (``[B, heads, H, W, d]``)."""
-    shape = (*hidden_states.shape[:-1], self.num_attention_heads, self.attention_head_size)
-    q, k, v = (p(hidden_states).view(shape).permute(0, 3, 1, 2, 4) for p in (self.query, self.key, self.value))
-    md = sys.modules[type(self).__module__]
-    scores = md.natten2dqkrpb(q / math.sqrt(self.attention_head_size), k, self.rpb, self.kernel_size, self.dilation)
-    probs = self.dropout(torch.nn.functional.softmax(scores, dim=-1))
-    context = md.natten2dav(probs, v, self.kernel_size, self.dilation).permute(0, 2, 3, 1, 4).contiguous()
-    context = context.view(context.size()[:-2] + (self.all_head_size,))
-    return (context, probs) if output_attentions else (context,)
-
-
 @pytest.fixture
 def runnable(dinat, monkeypatch):
     """``modeling_dinat`` whose DiNAT runs: unmodified up to transformers 4.53, with the layout restored after."""
     if _LAYOUT_BUG:
-        monkeypatch.setattr(dinat.NeighborhoodAttention, "forward", _heads_first_forward)
+        monkeypatch.setattr(dinat.NeighborhoodAttention, "forward", dinat.NeighborhoodAttention.forward)  # restored after
+        assert fix_transformers_dinat() and dinat.NeighborhoodAttention.forward is dinat_attention_forward
+    else:
+        assert not fix_transformers_dinat()
     return dinat
 
 
@@ -138,11 +136,8 @@ def test_dinat_tiny_config_at_224(runnable) -> None:
     hf = runnable.DinatForImageClassification(runnable.DinatConfig(**config)).eval()
     ours = nat_from_hf_dinat(hf).eval()
     x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
+    with torch.no_grad():  # (the backward is exercised on the small configs above)
         torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-5, rtol=1e-5)
-    hf.train()
-    hf(x).logits.sum().backward()
-    assert hf.dinat.encoder.levels[3].layers[0].attention.self.rpb.grad is not None
 
 
 def test_state_dict_mapping_is_complete(dinat) -> None:
@@ -157,3 +152,20 @@ def test_state_dict_mapping_is_complete(dinat) -> None:
         convert_hf_dinat_state_dict({**hf.state_dict(), "extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="'stem', which visattn's NAT does not output"):
         nat_kwargs_from_hf_config(dinat.DinatConfig(**SMALL, out_features=["stem", "stage1"]), features_only=True)
+
+
+def test_an_unmodified_hf_script_runs_under_the_runner(tmp_path) -> None:
+    """``python -m visattn.compat.run --fix-transformers-dinat script.py``: no change to the script."""
+    import subprocess
+
+    script = tmp_path / "classify.py"
+    script.write_text("import torch\nfrom transformers import DinatConfig, DinatForImageClassification\n"
+                      f"config = DinatConfig(**{SMALL!r}, num_labels=3)\n"
+                      "model = DinatForImageClassification(config)\n"
+                      f"print(tuple(model(torch.randn(1, 3, {SIZE}, {SIZE})).logits.shape))\n")
+    args = [sys.executable, "-m", "visattn.compat.run", "--fix-transformers-dinat", str(script)]
+    if real_natten() is not None:
+        args.insert(3, "--replace-natten")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)  # PYTHONPATH etc. inherited
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "(1, 3)"

@@ -27,18 +27,30 @@ Hugging Face key (``dinat.`` prefix in ``DinatForImageClassification``)   visatt
 
 ``DinatModel``'s ``pooler_output`` is ``NAT(num_classes=0)``'s output, ``DinatForImageClassification``'s
 ``logits`` the classifier's, and ``DinatBackbone``'s ``feature_maps`` (stages 1-4) the
-``features_only`` model's outputs. Nothing here imports ``transformers``: it reads a config's
-attributes and a state dict.
+``features_only`` model's outputs. The conversion reads a config's attributes and a state dict; it
+does not import ``transformers``.
+
+**transformers 4.54 and later** changed DiNAT's attention so that it no longer hands NATTEN
+heads-first tensors: 4.54-4.57 unpack the 4-D ``[B, H, W, C]`` input as 3-D and raise, 5.x passes
+``[B, W, H, heads, d]`` where NATTEN (every release) expects ``[B, heads, H, W, d]``. The stand-in
+refuses that layout with an error; a real NATTEN runs it over the wrong axes when there are at least
+``kernel_size * dilation`` heads, and fails otherwise. :func:`fix_transformers_dinat` puts back the
+layout of transformers <= 4.53 (:func:`dinat_attention_forward`) so those releases' DiNAT runs.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Mapping, Optional
 
 import torch
 
-__all__ = ["convert_hf_dinat_state_dict", "nat_from_hf_dinat", "nat_kwargs_from_hf_config"]
+__all__ = ["convert_hf_dinat_state_dict", "dinat_attention_forward", "fix_transformers_dinat", "nat_from_hf_dinat",
+           "nat_kwargs_from_hf_config"]
+
+#: The first transformers release whose DiNAT attention no longer passes NATTEN heads-first tensors.
+LAYOUT_CHANGED_IN = (4, 54)
 
 _LAYER = re.compile(r"^encoder\.levels\.(\d+)\.layers\.(\d+)\.(.+)$")
 _RENAMES = {
@@ -143,3 +155,37 @@ def nat_from_hf_dinat(hf_model: Any) -> torch.nn.Module:
     model = NAT(**kw)
     model.load_state_dict(convert_hf_dinat_state_dict(hf_model.state_dict()))
     return model.train(hf_model.training)
+
+
+def dinat_attention_forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple:
+    """transformers' ``NeighborhoodAttention.forward`` (DiNAT) with queries, keys and values laid out
+    heads-first ``[B, heads, H, W, d]`` for NATTEN's operators, as up to transformers 4.53."""
+    import sys
+
+    md = sys.modules[type(self).__module__]  # the natten operators transformers' module imported
+    shape = (*hidden_states.shape[:-1], self.num_attention_heads, self.attention_head_size)
+    q, k, v = (p(hidden_states).view(shape).permute(0, 3, 1, 2, 4) for p in (self.query, self.key, self.value))
+    scores = md.natten2dqkrpb(q / math.sqrt(self.attention_head_size), k, self.rpb, self.kernel_size, self.dilation)
+    probs = self.dropout(torch.nn.functional.softmax(scores, dim=-1))
+    context = md.natten2dav(probs, v, self.kernel_size, self.dilation).permute(0, 2, 3, 1, 4).contiguous()
+    context = context.view(context.size()[:-2] + (self.all_head_size,))
+    return (context, probs) if output_attentions else (context,)
+
+
+def fix_transformers_dinat() -> bool:
+    """Make the installed transformers' DiNAT pass NATTEN heads-first tensors (module docstring).
+
+    Replaces ``transformers.models.dinat.modeling_dinat.NeighborhoodAttention.forward`` by
+    :func:`dinat_attention_forward` when transformers is 4.54 or later (returns True), and changes
+    nothing for earlier releases, whose DiNAT is right (returns False). Call it after
+    :func:`~visattn.compat.install_natten` (importing the DiNAT module binds the natten operators).
+    """
+    import importlib.metadata
+
+    version = tuple(int(x) for x in re.findall(r"\d+", importlib.metadata.version("transformers"))[:2])
+    if version < LAYOUT_CHANGED_IN:
+        return False
+    from transformers.models.dinat import modeling_dinat
+
+    modeling_dinat.NeighborhoodAttention.forward = dinat_attention_forward
+    return True

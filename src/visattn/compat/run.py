@@ -4,6 +4,7 @@
 
     python -m visattn.compat.run [--natten-version 0.15.1] [--replace-natten] script.py [args ...]
     python -m visattn.compat.run [--natten-version 0.17.5] -m package.module [args ...]
+    python -m visattn.compat.run --fix-transformers-dinat script.py   # transformers >= 4.54's DiNAT layout
     python -m visattn.compat.run --print-pythonpath   # the PYTHONPATH entry that makes `import natten` find it
 
 The program runs as ``__main__`` in this process after :func:`~visattn.compat.install_natten`, with
@@ -11,6 +12,8 @@ The program runs as ``__main__`` in this process after :func:`~visattn.compat.in
 ``multiprocessing``) find the stand-in through ``PYTHONPATH`` and the same version pin. A real NATTEN
 is not replaced unless ``--replace-natten`` is given (the run then stops with the reason). A
 ``torch.hub`` model whose ``hubconf.py`` imports natten loads the same way from a script run here.
+``--fix-transformers-dinat`` also applies :func:`visattn.compat.hf_dinat.fix_transformers_dinat` (in
+this process), without which transformers 4.54 and later cannot run DiNAT with any NATTEN.
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ from .natten._versions import ENV_VAR
 __all__ = ["main"]
 
 
-_USAGE = "usage: python -m visattn.compat.run [--natten-version X.Y.Z] [--replace-natten] (script.py | -m module) [args ...]"
+_USAGE = ("usage: python -m visattn.compat.run [--natten-version X.Y.Z] [--replace-natten] [--fix-transformers-dinat] "
+          "(script.py | -m module) [args ...]")
+
+
+_FLAGS = {"--replace-natten": "replace", "--fix-transformers-dinat": "fix_dinat", "--print-pythonpath": "print_path",
+          "-h": "help", "--help": "help"}
 
 
 def _split(argv: Sequence[str]) -> tuple[dict, Optional[str], Optional[str], list[str]]:
     """``(options, script, module, program args)``: the runner's options end at the script or ``-m``."""
-    opts: dict = {"version": None, "replace": False, "print_path": False, "help": False}
+    opts: dict = {"version": None, "replace": False, "fix_dinat": False, "print_path": False, "help": False}
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -39,8 +47,8 @@ def _split(argv: Sequence[str]) -> tuple[dict, Optional[str], Optional[str], lis
             opts["version"], i = argv[i + 1], i + 2
         elif a.startswith("--natten-version="):
             opts["version"], i = a.split("=", 1)[1], i + 1
-        elif a in ("--replace-natten", "--print-pythonpath", "-h", "--help"):
-            opts[{"--replace-natten": "replace", "--print-pythonpath": "print_path"}.get(a, "help")] = True
+        elif a in _FLAGS:
+            opts[_FLAGS[a]] = True
             i += 1
         elif a == "-m" and i + 1 < len(argv):
             return opts, None, argv[i + 1], list(argv[i + 2:])
@@ -76,6 +84,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.environ[ENV_VAR] = opts["version"]
     if opts["replace"]:
         os.environ[REPLACE_ENV_VAR] = "1"
+    if opts["fix_dinat"]:
+        from .hf_dinat import fix_transformers_dinat
+
+        fix_transformers_dinat()
     if module is not None:
         sys.argv = [module, *rest]
         runpy.run_module(module, run_name="__main__", alter_sys=True)

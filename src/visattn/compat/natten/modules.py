@@ -122,8 +122,8 @@ _warned_dropout = False
 
 class _NattenModule:
     """What NATTEN's modules add to visattn's: reading the constructor by release, zero-padding small
-    inputs (up to 0.15), 0.17's fused switch, and a clear error for a checkpoint whose bias table does
-    not match the module. Mixed into visattn's ``NeighborhoodAttention{1,2,3}D``."""
+    inputs (up to 0.15), 0.17's fused switch, and a warning that explains a checkpoint whose bias table
+    does not match the module. Mixed into visattn's ``NeighborhoodAttention{1,2,3}D``."""
 
     rank: int
     _eras: Optional[list] = None  # a fixed list (the 0.14 alias); None: _ERAS[rank]
@@ -176,8 +176,9 @@ class _NattenModule:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
+        # torch reports the key itself (an error for strict loads); this says why it happens and the fix.
         has = prefix + "rpb" in state_dict
-        if strict and has != (self.rpb is not None):
+        if has != (self.rpb is not None):
             name = type(self).__name__
             if has:
                 fix = ("it was built without one: NATTEN <= 0.15 made one by default (bias=True), 0.17 with "
@@ -185,8 +186,8 @@ class _NattenModule:
                        f"({_versions.ENV_VAR}=0.15.1 or install_natten(version='0.15.1'))")
             else:
                 fix = "the module has one: build it with bias=False (0.15) / rel_pos_bias=False (0.17), or 0.20+ style"
-            error_msgs.append(f"{name} at '{prefix}': the checkpoint {'has' if has else 'has no'} relative positional "
-                              f"bias table '{prefix}rpb' but {fix}.")
+            warnings.warn(f"{name} at '{prefix}': the checkpoint {'has' if has else 'has no'} relative positional bias "
+                          f"table '{prefix}rpb' but {fix}.", UserWarning, stacklevel=2)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
