@@ -46,38 +46,35 @@ def axis_slots(index: int, length: int, kernel: int, dilation: int, causal: bool
             for j in range(kernel)]
 
 
+def _pairs(S, kernel_size, dilation, is_causal):
+    """Every ``(query coordinate, slot, key coordinate, bias index)`` with a key, by NATTEN's rules."""
+    for x in itertools.product(*(range(L) for L in S)):
+        per_axis = [axis_slots(x[a], S[a], kernel_size[a], dilation[a], is_causal[a]) for a in range(len(S))]
+        for slot, combo in enumerate(itertools.product(*per_axis)):
+            if all(c is not None for c in combo):
+                yield x, slot, tuple(c[0] for c in combo), tuple(c[1] for c in combo)
+
+
 def natten_logits(q: torch.Tensor, k: torch.Tensor, kernel_size, dilation, is_causal,
                   rpb: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Heads-first ``q, k [B, H, *S, D]`` -> NATTEN's unfused ``qk`` logits ``[B, H, *S, K]`` (float64, loops)."""
     B, H, *S, _ = q.shape
-    r = len(S)
     out = torch.full((B, H, *S, math.prod(kernel_size)), float("-inf"), dtype=torch.float64)
     q, k = q.double(), k.double()
-    for x in itertools.product(*(range(L) for L in S)):
-        per_axis = [axis_slots(x[a], S[a], kernel_size[a], dilation[a], is_causal[a]) for a in range(r)]
-        for slot, combo in enumerate(itertools.product(*per_axis)):
-            if any(c is None for c in combo):
-                continue
-            coord = tuple(c[0] for c in combo)
-            z = (q[(slice(None), slice(None), *x)] * k[(slice(None), slice(None), *coord)]).sum(-1)
-            if rpb is not None:
-                z = z + rpb[(slice(None), *(c[1] for c in combo))].double()
-            out[(slice(None), slice(None), *x, slot)] = z
+    every = (slice(None), slice(None))
+    for x, slot, coord, bias in _pairs(S, kernel_size, dilation, is_causal):
+        z = (q[every + x] * k[every + coord]).sum(-1)
+        if rpb is not None:
+            z = z + rpb[(slice(None), *bias)].double()
+        out[every + x + (slot,)] = z
     return out
 
 
 def natten_av(attn: torch.Tensor, v: torch.Tensor, kernel_size, dilation, is_causal) -> torch.Tensor:
     """NATTEN's unfused ``av``: heads-first weights ``[B, H, *S, K]`` (empty slots ignored) applied to
     ``v [B, H, *S, D]`` (float64, loops)."""
-    B, H, *S, D = v.shape
-    r = len(S)
-    out = torch.zeros(B, H, *S, D, dtype=torch.float64)
-    for x in itertools.product(*(range(L) for L in S)):
-        per_axis = [axis_slots(x[a], S[a], kernel_size[a], dilation[a], is_causal[a]) for a in range(r)]
-        for slot, combo in enumerate(itertools.product(*per_axis)):
-            if any(c is None for c in combo):
-                continue
-            coord = tuple(c[0] for c in combo)
-            w = attn[(slice(None), slice(None), *x, slot)].double()[..., None]
-            out[(slice(None), slice(None), *x)] += w * v[(slice(None), slice(None), *coord)].double()
+    out = torch.zeros(v.shape, dtype=torch.float64)
+    every = (slice(None), slice(None))
+    for x, slot, coord, _ in _pairs(v.shape[2:-1], kernel_size, dilation, is_causal):
+        out[every + x] += attn[every + x + (slot,)].double()[..., None] * v[every + coord].double()
     return out

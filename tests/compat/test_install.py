@@ -68,6 +68,7 @@ def test_a_real_natten_is_never_shadowed_silently(fake_natten) -> None:
         import natten
 
         assert natten is stand_in and not hasattr(natten, "REAL")
+        assert install_natten("0.15.1") is stand_in and natten.__version__ == "0.15.1"  # again: the choice stands
     finally:
         uninstall_natten()
     import natten
@@ -133,8 +134,15 @@ def test_runner_refuses_over_a_real_natten(tmp_path) -> None:
     assert done.returncode == 2 and "never shadows it silently" in done.stderr
     done = _run("--replace-natten", str(tmp_path / "s.py"), env=env)
     assert done.returncode == 0 and done.stdout.strip() == "visattn.compat.natten"
-    assert _run("--print-pythonpath").stdout.strip() == BOOTSTRAP_DIR
-    assert "unknown option '--bogus'" in _run("--bogus", "s.py").stderr
+
+
+def test_runner_options(capsys) -> None:
+    from visattn.compat.run import main
+
+    assert main(["--print-pythonpath"]) == 0 and capsys.readouterr().out.strip() == BOOTSTRAP_DIR
+    assert main([]) == 2 and "give a script or -m module" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown option '--bogus'"):
+        main(["--bogus", "s.py"])
 
 
 def test_a_bad_version_pin_is_refused() -> None:

@@ -103,16 +103,16 @@ def test_additional_tokens_follow_the_neighbourhood() -> None:
 
 
 def test_gradients_reach_the_bias_table() -> None:
-    q, k, v = (_rand(1, 2, 7, 6, 3, requires_grad=True) for _ in range(3))
-    rpb = _rand(2, 5, 5, requires_grad=True)
-
-    def f(q, k, v, rpb):
-        return F.natten2dav(F.natten2dqkrpb(q, k, rpb, 3, 2).softmax(-1), v, 3, 2)
-
-    assert torch.autograd.gradcheck(f, (q, k, v, rpb))
-    q1, k1, v1 = (_rand(2, 2, 9, 3, requires_grad=True) for _ in range(3))
-    assert torch.autograd.gradcheck(lambda q, k, v: F.na1d_av(F.na1d_qk(q, k, 4, 2, is_causal=True).softmax(-1), v,
-                                                              4, 2, is_causal=True), (q1, k1, v1))
+    q, k, v = (_rand(1, 1, 4, 5, 2, requires_grad=True) for _ in range(3))
+    rpb = _rand(1, 5, 5, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v, rpb: F.natten2dav(F.natten2dqkrpb(q, k, rpb, 3, 1).softmax(-1), v,
+                                                                      3, 1), (q, k, v, rpb))
+    q1, k1, v1 = (_rand(1, 2, 7, 2, requires_grad=True) for _ in range(3))
+    rpb1 = _rand(2, 5, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v, rpb: F.na1d_av(F.na1d_qk(q, k, 3, 2, rpb=rpb).softmax(-1), v, 3, 2),
+                                    (q1, k1, v1, rpb1))
+    assert torch.autograd.gradcheck(lambda q, k, v: F.na1d_av(F.na1d_qk(q, k, 3, 2, is_causal=True).softmax(-1), v,
+                                                              3, 2, is_causal=True), (q1, k1, v1))
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference", "cpu"])
@@ -236,3 +236,37 @@ def test_kernel_and_dilation_that_do_not_fit() -> None:
         F.na2d(q.movedim(1, -2), q.movedim(1, -2), q.movedim(1, -2), 3, 2)
     with pytest.raises(TypeError, match=r"natten2dqkrpb: these arguments match no NATTEN release"):
         F.natten2dqkrpb(q, q, None, 3, 1, 1)
+
+
+def test_017_variants_read_the_017_signature() -> None:
+    """``natten.experimental.na2d`` (0.17) and ``natten.flex.flex_na2d`` (0.17.5) only had 0.17's signature, so
+    their positional fifth argument is the dilation without a pin."""
+    from visattn.compat.natten import experimental, flex
+
+    q = _rand(1, 9, 10, 2, 4)
+    want = visattn.na2d(q, q, q, 3, dilation=2)
+    torch.testing.assert_close(experimental.na2d(q, q, q, 3, 2), want)
+    torch.testing.assert_close(flex.flex_na2d(q, q, q, 3, 2), want)
+    with pytest.raises(TypeError, match="flex_na2d: these arguments match no NATTEN release"):
+        flex.flex_na2d(q, q, q, 3, rpb=_rand(2, 5, 5))  # Flex had no bias
+
+
+def test_fused_ops_match_an_installed_natten() -> None:
+    """The stand-in's 0.20+ calls against NATTEN itself (0.21.7 in CI), with its argument order."""
+    import visattn.compat
+
+    if visattn.compat.real_natten() is None:
+        pytest.skip("NATTEN is not installed (optional oracle)")
+    import importlib
+    import sys
+
+    real = sys.modules.get("natten")
+    if real is None or real.__name__ != "natten":
+        real = importlib.import_module("natten")
+    q, k, v = (_rand(1, 9, 10, 2, 16, dtype=torch.float32) for _ in range(3))
+    with _pinned("0.21.7"):
+        for args in [(3,), (3, 1, 2), (5, (2, 1), (1, 2), (True, False))]:
+            torch.testing.assert_close(F.na2d(q, k, v, *args), real.na2d(q, k, v, *args), atol=2e-5, rtol=2e-4)
+        out, lse = F.na2d(q, k, v, 3, return_lse=True)
+        want, want_lse = real.na2d(q, k, v, 3, return_lse=True)
+        torch.testing.assert_close((out, lse), (want, want_lse), atol=2e-5, rtol=2e-4)

@@ -115,8 +115,15 @@ def install_natten(version: Optional[str] = None, *, replace: bool = False) -> M
     ``replace``: take the name even if a real NATTEN is importable (module docstring).
 
     Raises :class:`NattenInstalledError` if a real NATTEN is importable and ``replace`` is False, and
-    ``ValueError`` for a version outside 0.14.1-0.21.x. Calling it again is harmless.
+    ``ValueError`` for a version outside 0.14.1-0.21.x. Once installed, calling it again only applies
+    ``version``.
     """
+    if getattr(sys.modules.get("natten"), "__name__", None) == _STAND_IN:  # installed already: the choice is made
+        from .natten import _versions
+
+        if version is not None:
+            _versions.pin(version)
+        return sys.modules[_STAND_IN]
     real = real_natten()
     if real is not None and not replace:
         raise NattenInstalledError(

@@ -140,10 +140,10 @@ def resolve(fn: str, eras: Sequence[Era], args: Sequence, kwargs: dict) -> tuple
     if hard:
         ways = "; ".join(f"{era.name} reads {', '.join(f'{k}={_show(c[k])}' for k in sorted(hard))}"
                          for era, c in readings)
+        pins = " or ".join(dict.fromkeys(era.last for era, _ in readings))
         raise TypeError(f"{fn}: this call means different things in different NATTEN releases ({ways}). Pass those "
-                        f"arguments by keyword, or pin the release the code was written for: "
-                        f"{ENV_VAR}=0.17.5 (or install_natten(version=...), or --natten-version in "
-                        f"python -m visattn.compat.run).")
+                        f"arguments by keyword, or pin the release the code was written for: {ENV_VAR}={pins} (or "
+                        f"install_natten(version=...), or --natten-version in python -m visattn.compat.run).")
     key = (fn, tuple(sorted(differ)))
     if key not in _warned:
         _warned.add(key)
