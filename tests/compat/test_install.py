@@ -32,15 +32,23 @@ def fake_natten(tmp_path, monkeypatch):
     return tmp_path
 
 
+#: Where a real NATTEN is installed (CI has 0.21.7), the stand-in is asked to replace it.
+REPLACE = real_natten() is not None
+
+
 @pytest.fixture
-def no_real_natten():
-    if real_natten() is not None:
-        pytest.skip(f"a real NATTEN is installed here ({real_natten()})")
+def quiet():
+    """Silence the notice that the stand-in replaces an installed NATTEN."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
-def test_install_makes_import_natten_find_the_stand_in(no_real_natten) -> None:
-    assert importlib.util.find_spec("natten") is None
-    with natten_stand_in("0.17.5") as module:
+def test_install_makes_import_natten_find_the_stand_in(quiet) -> None:
+    assert (importlib.util.find_spec("natten") is None) is not REPLACE
+    with natten_stand_in("0.17.5", replace=REPLACE) as module:
         assert module is stand_in
         import natten
         import natten.functional
@@ -53,9 +61,12 @@ def test_install_makes_import_natten_find_the_stand_in(no_real_natten) -> None:
         assert NeighborhoodAttention2D is stand_in.NeighborhoodAttention2D
         q = torch.randn(1, 6, 6, 2, 4)
         assert natten.na2d(q, q, q, 3).shape == q.shape  # importing natten.na2d kept natten.na2d callable
-    assert importlib.util.find_spec("natten") is None
-    with pytest.raises(importlib.metadata.PackageNotFoundError):
-        importlib.metadata.version("natten")
+    if not REPLACE:
+        assert importlib.util.find_spec("natten") is None
+        with pytest.raises(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version("natten")
+    else:
+        assert importlib.metadata.version("natten") != "0.17.5"  # the installed package's again
 
 
 def test_a_real_natten_is_never_shadowed_silently(fake_natten) -> None:
@@ -112,15 +123,19 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_runner_runs_an_unmodified_script_and_its_children(tmp_path, no_real_natten) -> None:
+def _replace() -> list[str]:
+    return ["--replace-natten"] if REPLACE else []
+
+
+def test_runner_runs_an_unmodified_script_and_its_children(tmp_path) -> None:
     (tmp_path / "train.py").write_text(SCRIPT)
-    done = _run("--natten-version", "0.15.1", str(tmp_path / "train.py"), "--epochs", "3")
+    done = _run(*_replace(), "--natten-version", "0.15.1", str(tmp_path / "train.py"), "--epochs", "3")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "visattn.compat.natten 0.15.1 ['--epochs', '3'] child: 0.15.1"
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "__init__.py").write_text("")
     (tmp_path / "pkg" / "main.py").write_text("import sys, natten\nprint(natten.__version__, sys.argv[1:])\n")
-    done = _run("-m", "pkg.main", "x", cwd=tmp_path, env={"PYTHONPATH": f"{SRC}{os.pathsep}{tmp_path}"})
+    done = _run(*_replace(), "-m", "pkg.main", "x", cwd=tmp_path, env={"PYTHONPATH": f"{SRC}{os.pathsep}{tmp_path}"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{stand_in._versions.NEWEST} ['x']"
 
@@ -151,7 +166,7 @@ def test_a_bad_version_pin_is_refused() -> None:
         install_natten("0.9", replace=True)
 
 
-def test_torch_hub_model_whose_hubconf_imports_natten(tmp_path, no_real_natten) -> None:
+def test_torch_hub_model_whose_hubconf_imports_natten(tmp_path, quiet) -> None:
     (tmp_path / "hubconf.py").write_text(textwrap.dedent('''
         dependencies = ["torch"]
         from natten import NeighborhoodAttention2D
@@ -159,12 +174,12 @@ def test_torch_hub_model_whose_hubconf_imports_natten(tmp_path, no_real_natten) 
         def tiny_na(**kwargs):
             return NeighborhoodAttention2D(dim=16, num_heads=2, kernel_size=3, rel_pos_bias=True, **kwargs)
     '''))
-    with natten_stand_in():
+    with natten_stand_in(replace=REPLACE):
         model = torch.hub.load(str(tmp_path), "tiny_na", source="local")
     assert isinstance(model, stand_in.NeighborhoodAttention2D) and model(torch.randn(1, 5, 5, 16)).shape == (1, 5, 5, 16)
     script = tmp_path / "use_hub.py"
     script.write_text(f"import torch\nm = torch.hub.load({str(tmp_path)!r}, 'tiny_na', source='local')\n"
                       f"print(type(m).__module__)\n")
-    done = _run(str(script))
+    done = _run(*_replace(), str(script))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "visattn.compat.natten.modules"
