@@ -48,7 +48,8 @@ def test_extra_tokens_come_last(case: Case, backend: str) -> None:
     logits = na_qk(q, k, **kw, scale=0.5, additional_keys=xk, backend=backend)
     K = logits.shape[-1] - case.extra
     G = case.heads // (case.heads_kv or case.heads)
-    torch.testing.assert_close(logits[..., K:], torch.einsum("b...hd,bnhd->b...hn", q, xk.repeat_interleave(G, 2)) * 0.5)
+    extra = torch.einsum("b...hd,bnhd->b...hn", q, xk.repeat_interleave(G, 2)) * 0.5
+    torch.testing.assert_close(logits[..., K:], extra)
     out = na_av(logits.softmax(-1), v, **kw, additional_values=xv, backend=backend)
     want = neighborhood_attention(q, k, v, **kw, scale=0.5, additional_keys=xk, additional_values=xv,
                                   backend="reference")

@@ -176,7 +176,8 @@ def test_torch_hub_model_whose_hubconf_imports_natten(tmp_path, quiet) -> None:
     '''))
     with natten_stand_in(replace=REPLACE):
         model = torch.hub.load(str(tmp_path), "tiny_na", source="local")
-    assert isinstance(model, stand_in.NeighborhoodAttention2D) and model(torch.randn(1, 5, 5, 16)).shape == (1, 5, 5, 16)
+    assert isinstance(model, stand_in.NeighborhoodAttention2D)
+    assert model(torch.randn(1, 5, 5, 16)).shape == (1, 5, 5, 16)
     script = tmp_path / "use_hub.py"
     script.write_text(f"import torch\nm = torch.hub.load({str(tmp_path)!r}, 'tiny_na', source='local')\n"
                       f"print(type(m).__module__)\n")

@@ -70,7 +70,8 @@ def dinat(monkeypatch):
 def runnable(dinat, monkeypatch):
     """``modeling_dinat`` whose DiNAT runs: unmodified up to transformers 4.53, with the layout restored after."""
     if _LAYOUT_BUG:
-        monkeypatch.setattr(dinat.NeighborhoodAttention, "forward", dinat.NeighborhoodAttention.forward)  # restored after
+        # (monkeypatch puts the original forward back after the test)
+        monkeypatch.setattr(dinat.NeighborhoodAttention, "forward", dinat.NeighborhoodAttention.forward)
         assert fix_transformers_dinat() and dinat.NeighborhoodAttention.forward is dinat_attention_forward
     else:
         assert not fix_transformers_dinat()

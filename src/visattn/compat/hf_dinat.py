@@ -7,23 +7,23 @@ convolutional tokenizer and downsamplers), so the converted weights reproduce th
 every window fits its feature map (``kernel_size * dilation <= side``: Hugging Face then zero-pads
 the map, visattn applies its variable-resolution rule instead).
 
-=======================================================================  ===========================================
-Hugging Face key (``dinat.`` prefix in ``DinatForImageClassification``)   visattn key
-=======================================================================  ===========================================
-``embeddings.patch_embeddings.projection.{0,1}.*``                        ``stem.conv{1,2}.*``
-``embeddings.norm.*``                                                     ``stem.norm.*``
-``encoder.levels.{i}.layers.{j}.layernorm_before.*``                      ``stages.{i}.blocks.{j}.norm1.*``
-``...attention.self.{query,key,value}.{weight,bias}``                     ``...attn.qkv.{weight,bias}`` (concatenated)
-``...attention.self.rpb``                                                 ``...attn.rpb``
-``...attention.output.dense.*``                                           ``...attn.proj.*``
-``...layernorm_after.*``                                                  ``...norm2.*``
-``...intermediate.dense.*`` / ``...output.dense.*``                       ``...mlp.fc1.*`` / ``...mlp.fc2.*``
-``...layer_scale_parameters`` ``[2, dim]``                                ``...ls1.gamma`` (row 0), ``...ls2.gamma`` (row 1)
-``encoder.levels.{i}.downsample.reduction.weight``                        ``stages.{i+1}.downsample.conv.weight``
-``encoder.levels.{i}.downsample.norm.*``                                  ``stages.{i+1}.downsample.norm.*``
-``layernorm.*`` / ``classifier.*``                                        ``norm.*`` / ``head.*``
-``hidden_states_norms.stage{i+1}.*`` (``DinatBackbone``)                  ``out_norms.{i}.*`` (``features_only=True``)
-=======================================================================  ===========================================
+=======================================================================  ===============================================
+Hugging Face key (``dinat.`` prefix in ``DinatForImageClassification``)  visattn key
+=======================================================================  ===============================================
+``embeddings.patch_embeddings.projection.{0,1}.*``                       ``stem.conv{1,2}.*``
+``embeddings.norm.*``                                                    ``stem.norm.*``
+``encoder.levels.{i}.layers.{j}.layernorm_before.*``                     ``stages.{i}.blocks.{j}.norm1.*``
+``...attention.self.{query,key,value}.{weight,bias}``                    ``...attn.qkv.{weight,bias}`` (concatenated)
+``...attention.self.rpb``                                                ``...attn.rpb``
+``...attention.output.dense.*``                                          ``...attn.proj.*``
+``...layernorm_after.*``                                                 ``...norm2.*``
+``...intermediate.dense.*`` / ``...output.dense.*``                      ``...mlp.fc1.*`` / ``...mlp.fc2.*``
+``...layer_scale_parameters`` ``[2, dim]``                               ``...ls1.gamma`` / ``...ls2.gamma`` (rows 0, 1)
+``encoder.levels.{i}.downsample.reduction.weight``                       ``stages.{i+1}.downsample.conv.weight``
+``encoder.levels.{i}.downsample.norm.*``                                 ``stages.{i+1}.downsample.norm.*``
+``layernorm.*`` / ``classifier.*``                                       ``norm.*`` / ``head.*``
+``hidden_states_norms.stage{i+1}.*`` (``DinatBackbone``)                 ``out_norms.{i}.*`` (``features_only=True``)
+=======================================================================  ===============================================
 
 ``DinatModel``'s ``pooler_output`` is ``NAT(num_classes=0)``'s output, ``DinatForImageClassification``'s
 ``logits`` the classifier's, and ``DinatBackbone``'s ``feature_maps`` (stages 1-4) the

@@ -137,7 +137,8 @@ def install_natten(version: Optional[str] = None, *, replace: bool = False) -> M
     if version is not None:
         _versions.pin(version)
     if real is not None:
-        warnings.warn(f"install_natten: visattn's NATTEN stand-in replaces NATTEN {real[0]} ({real[1]}) in this process "
+        warnings.warn(f"install_natten: visattn's NATTEN stand-in replaces NATTEN {real[0]} ({real[1]}) in this "
+                      f"process "
                       f"(replace=True); uninstall_natten() gives the name back.", UserWarning, stacklevel=2)
         for name in [n for n in sys.modules if n == "natten" or n.startswith("natten.")]:
             module = sys.modules.pop(name)
