@@ -4,7 +4,7 @@ The functional core (``na1d``, ``na2d``, ``na3d``, ``neighborhood_attention``) f
 API and semantics; backends are chosen automatically (``visattn info`` lists them).
 """
 
-from .functional import merge_attentions, na1d, na2d, na3d, na_av, neighborhood_attention
+from .functional import merge_attentions, na1d, na2d, na3d, na_av, na_qk, neighborhood_attention
 from .nn import (
     NeighborhoodAttention1D,
     NeighborhoodAttention2D,
@@ -48,6 +48,7 @@ __all__ = [
     "na2d",
     "na3d",
     "na_av",
+    "na_qk",
     "na_varlen",
     "neighborhood_attention",
 ]

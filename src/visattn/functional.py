@@ -17,9 +17,10 @@ import torch
 from . import dispatch
 from .backends import Extras
 from .backends.base import lse_dtype, safe_logsumexp
-from .spec import BoolOrTuple, IntOrTuple, NASpec, _as_tuple, make_spec, neighbor_table
+from .spec import BoolOrTuple, IntOrTuple, NASpec, _as_tuple, make_spec
+from .unfused import na_av, na_qk
 
-__all__ = ["na1d", "na2d", "na3d", "na_av", "neighborhood_attention", "merge_attentions"]
+__all__ = ["na1d", "na2d", "na3d", "na_av", "na_qk", "neighborhood_attention", "merge_attentions"]
 
 # NATTEN's performance knobs: accepted so NATTEN call sites run unchanged, and ignored (our backends
 # choose their own tiles). Anything else is an error rather than silently dropped.
@@ -308,34 +309,3 @@ def _ranked(rank: int, generic: Callable[..., Output] = neighborhood_attention, 
 na1d = _ranked(1)
 na2d = _ranked(2)
 na3d = _ranked(3)
-
-
-def na_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
-          dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, *, periodic: BoolOrTuple = False) -> torch.Tensor:
-    """Apply neighbourhood weights to values: ``out[q] = sum_j attn[q, j] * value[neighbour_j(q)]``.
-
-    ``attn [B, *S, H, K]`` in neighbourhood-slot order (as returned with ``return_attn=True``, extra
-    tokens removed), ``value [B, *S_k, H_kv, D_v]`` (``S_k``: the key grid, ``S`` unless cross-grid);
-    returns ``[B, *S, H, D_v]``. Used after editing weights (attention dropout, pruning). Gathers
-    ``O(tokens * K * H * D_v)`` memory: a convenience path, not a fast one.
-    """
-    fn = "na_av"
-    for name, t in (("attn", attn), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}.")
-    rank = value.dim() - 3
-    if rank not in (1, 2, 3) or attn.dim() != value.dim():
-        raise ValueError(f"{fn}: value {tuple(value.shape)} must be [B, *spatial, H_kv, D_v] with 1-3 spatial axes "
-                         f"and attn {tuple(attn.shape)} [B, *spatial, H, K] with as many.")
-    spec = make_spec(fn, tuple(attn.shape[1: rank + 1]), kernel_size, stride, dilation, is_causal,
-                     key_spatial=tuple(value.shape[1: rank + 1]), periodic=periodic)
-    B, H, Hkv, Dv = value.shape[0], attn.shape[-2], value.shape[-2], value.shape[-1]
-    want = (B, *spec.spatial, H, spec.window_size)
-    if tuple(attn.shape) != want:
-        raise ValueError(f"{fn}: attn has shape {tuple(attn.shape)}; expected [B, *spatial, heads, prod(kernel_size)] = {want}.")
-    if H % Hkv:
-        raise ValueError(f"{fn}: attn has {H} heads, value {Hkv}; the value heads must divide them.")
-    index, valid, _ = (t.to(value.device) for t in neighbor_table(spec))
-    vf = value.reshape(B, -1, Hkv, Dv).repeat_interleave(H // Hkv, dim=2)[:, index]  # [B, N, K, H, Dv]
-    w = attn.reshape(B, -1, H, spec.window_size) * valid[None, :, None, :]
-    return torch.einsum("bnhk,bnkhd->bnhd", w.to(vf.dtype), vf).reshape(B, *spec.spatial, H, Dv)
