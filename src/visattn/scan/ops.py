@@ -71,7 +71,7 @@ def _impl(path: str, u: torch.Tensor, dtype: torch.dtype):
     """The module running a scan on ``path`` (``""``: chosen by :func:`select_path`): :mod:`.cpu`, loaded
     first, or :mod:`.chunked` (also where the kernel cannot be loaded after all)."""
     path = select_path("selective_scan", path or None, u.device, dtype)
-    return cpu if path == "cpu" and cpu.load() is None else chunked
+    return cpu if path == "cpu" and cpu.load() is None and u.shape[2] else chunked
 
 
 def _rows(u, delta, A, B, C, D, z, delta_bias) -> tuple[Optional[torch.Tensor], ...]:
