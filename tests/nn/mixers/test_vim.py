@@ -57,3 +57,11 @@ def test_param_count_closed_form():
 def test_bad_input_raises():
     with pytest.raises(ValueError, match=r"token sequence \[B, L, 16\]"):
         BidirectionalMamba(16)(torch.randn(2, 5, 8))
+
+
+def test_causal_depthwise_conv_is_mambas_conv1d():
+    from visattn.nn.mixers.vim import causal_depthwise_conv
+
+    x, w, b = torch.randn(2, 11, 6, dtype=torch.double), torch.randn(6, 1, 4, dtype=torch.double), torch.randn(6, dtype=torch.double)
+    want = F.conv1d(x.transpose(1, 2), w, b, padding=3, groups=6)[..., :11].transpose(1, 2)
+    torch.testing.assert_close(causal_depthwise_conv(x, w, b), want)

@@ -12,7 +12,21 @@ from ...scan.routes import merge_routes, raster, scan_routes
 from ..registry import register_attn
 from .scan_base import RouteScan, dt_rank_for
 
-__all__ = ["BidirectionalMamba"]
+__all__ = ["BidirectionalMamba", "causal_depthwise_conv"]
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mamba's causal depthwise ``Conv1d`` on a channels-last sequence: ``x [B, L, C]``, ``weight [C, 1, k]``;
+    ``y_t = bias + sum_i weight[:, 0, i] * x_{t - k + 1 + i}`` (zeros before the start).
+
+    The same as ``conv1d(x.transpose(1, 2), weight, bias, padding=k - 1, groups=C)[..., :L]``, as ``k``
+    shifted multiply-adds in the sequence's own layout: PyTorch's CPU depthwise ``conv1d`` backward takes
+    seconds on the transposed (non-contiguous) view a channels-last sequence gives it.
+    """
+    k, L = weight.shape[-1], x.shape[1]
+    padded = F.pad(x, (0, 0, k - 1, 0))
+    y = sum(padded[:, i:i + L] * weight[:, 0, i] for i in range(k))
+    return y + bias if bias is not None else y
 
 
 @register_attn("vim", layout="channels_last",
@@ -62,8 +76,8 @@ class BidirectionalMamba(nn.Module):
         routes = (raster(*size), raster(*size).flip())
         xs, zs = scan_routes(self.in_proj(grid), routes).chunk(2, dim=-1)  # [B, L, 2, d_inner] each
         B, L = xs.shape[:2]
-        conv = self.conv1d(xs.reshape(B, L, 2 * self.d_inner).transpose(1, 2))[..., :L]
-        xs = F.silu(conv).transpose(1, 2).reshape(B, L, 2, self.d_inner)
+        conv = causal_depthwise_conv(xs.reshape(B, L, 2 * self.d_inner), self.conv1d.weight, self.conv1d.bias)
+        xs = F.silu(conv).view(B, L, 2, self.d_inner)
         y = merge_routes(self.ssm(xs, z=zs.contiguous()), routes, size)
         if self.divide_out:
             y = y / 2
