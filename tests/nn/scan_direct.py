@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from visattn.scan import selective_scan_reference
 
@@ -21,6 +22,17 @@ def route_scan(ssm, k: int, seq: torch.Tensor, z: Optional[torch.Tensor] = None)
     rows = slice(k * D, (k + 1) * D)
     return selective_scan_reference(seq, dts, -ssm.A_logs[rows].exp(), Bs, Cs, ssm.Ds[rows], z, ssm.dt_projs_bias[k],
                                     delta_softplus=True)
+
+
+def ss2d_prologue(m, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VMamba's SS2D before its scans: ``x, z = in_proj(x)``, ``x = SiLU(conv2d(x))`` as ``[B, D, H, W]``."""
+    xi, z = m.in_proj(x).chunk(2, dim=-1)
+    return F.silu(m.conv2d(xi.permute(0, 3, 1, 2))), z
+
+
+def ss2d_epilogue(m, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """VMamba's SS2D after its merge: ``out_proj(out_norm(y) * SiLU(z))`` for ``y [B, D, H, W]``."""
+    return m.out_proj(m.out_norm(y.permute(0, 2, 3, 1)) * F.silu(z))
 
 
 def receptive(module: torch.nn.Module, x: torch.Tensor, i: int, j: int) -> set[tuple[int, int]]:

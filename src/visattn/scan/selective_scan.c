@@ -1,7 +1,8 @@
 /* The selective scan (Mamba's S6 recurrence) on CPU: forward and backward, float32.
  *
  * Compiled at first use by visattn/backends/cpu/build.py (same flags, cache and OpenMP runtime as the
- * neighborhood-attention kernel) and loaded with ctypes: no Python or PyTorch headers.
+ * neighborhood-attention kernel) and loaded with ctypes: no Python or PyTorch headers. The vector
+ * type and its exp are the package's (vec8.h).
  *
  * For every batch b and channel d (channel d reads B and C of its group g = d / (D / G)):
  *
@@ -32,23 +33,17 @@
  * share in vectors, reduces them once per chunk and writes its own partial slice ([S, batch, G, L, N],
  * summed by the caller); dA, dDskip and dbias get one partial per batch ([batch, N, D], [batch, D]).
  * No two items write the same element, and the partition depends on the shapes only: results do not
- * depend on the thread count.
+ * depend on the thread count. Threads: parallel.h (torch's OpenMP pool, else pthreads).
  */
 #include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v8fu __attribute__((vector_size(32), aligned(4), may_alias));
-typedef int32_t v8i __attribute__((vector_size(32)));
+#include "../backends/cpu/parallel.h"
+#include "../backends/cpu/vec8.h"
 
 #define W 8
-#define MAX_THREADS 256
 
 typedef struct {
     const float *u, *delta, *z;  /* [batch, L, D]; z may be NULL */
@@ -68,11 +63,6 @@ typedef struct {
     int64_t batch, L, D, N, G, chunk, slice;
     int softplus, nthreads;
 } ss_args;
-
-static inline v8f ld(const float *p) { return *(const v8fu *)p; }
-static inline void st(float *p, v8f x) { *(v8fu *)p = x; }
-static inline v8f bc(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
-static inline v8f sel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
 
 /* The first `lanes` floats at p, zeros after them (a block at the end of a group). */
 static inline v8f ldm(const float *p, int lanes) {
@@ -96,28 +86,6 @@ static inline float hsum(v8f x) {
     float s = 0.0f;
     for (int i = 0; i < W; i++) s += x[i];
     return s;
-}
-
-/* exp(x): 2^e * p(r) with |r| <= ln2/2 and a degree-6 Taylor polynomial (relative error < 2e-7);
- * exactly 0 below -87.3 (the edge of the normal range), saturating at exp(88) above 88 (where the
- * recurrence has long left any useful range). e = round(x / ln2) by adding 1.5 * 2^23, which relies
- * on IEEE rounding being kept (build.py never passes -ffast-math). */
-static inline v8f vexp(v8f x) {
-    const v8f magic = bc(12582912.0f);
-    v8i keep = x > bc(-87.3f);
-    x = sel(keep, x, bc(-87.3f));
-    x = sel(x > bc(88.0f), bc(88.0f), x);
-    v8f t = x * bc(1.44269504088896341f) + magic;
-    v8f ef = t - magic;
-    v8f r = x - ef * bc(0.693147180559945309f);
-    v8f p = bc(1.0f / 720) * r + bc(1.0f / 120);
-    p = p * r + bc(1.0f / 24);
-    p = p * r + bc(1.0f / 6);
-    p = p * r + bc(0.5f);
-    p = p * r + bc(1.0f);
-    p = p * r + bc(1.0f);
-    v8i two_e = ((v8i)t - (v8i)magic + 127) << 23;
-    return (v8f)((v8i)(p * (v8f)two_e) & keep);
 }
 
 /* log(w) for w >= 1: w = m 2^k with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m-1)/(m+1),
@@ -337,35 +305,29 @@ static void backward_item(const ss_args *S, bwd_scratch *X, int64_t item) {
 
 typedef struct {
     const ss_args *S;
-    int pass, tid, nt, status;
+    int pass;
     int64_t items;
-} job;
+} ss_job;
 
-static void *run_job(void *arg) {
-    job *J = arg;
+/* Items [items * tid / nt, items * (tid + 1) / nt) of a pass, with this thread's scratch memory. */
+static int ss_work(void *ctx, int tid, int nt) {
+    const ss_job *J = ctx;
     const ss_args *S = J->S;
-    const int64_t begin = J->items * J->tid / J->nt, end = J->items * (J->tid + 1) / J->nt, N = S->N;
-    J->status = 0;
-    if (begin >= end) return NULL;
+    const int64_t begin = J->items * tid / nt, end = J->items * (tid + 1) / nt, N = S->N;
+    if (begin >= end) return 0;
     if (J->pass == 0) {
         v8f *scratch = aligned_alloc(sizeof(v8f), sizeof(v8f) * 2 * N);
-        if (!scratch) {
-            J->status = 1;
-            return NULL;
-        }
+        if (!scratch) return 1;
         for (int64_t item = begin; item < end; item++) forward_item(S, scratch, item);
         free(scratch);
-        return NULL;
+        return 0;
     }
     const int64_t T = S->chunk, sl = S->slice;
     const int64_t sizes[8] = {sl * N, sl * N, sl * 2, (T + 1) * N, T * N, T * N, T * N, N};
     int64_t total = 0;
     for (int i = 0; i < 8; i++) total += sizes[i];
     v8f *mem = aligned_alloc(sizeof(v8f), sizeof(v8f) * total);
-    if (!mem) {
-        J->status = 1;
-        return NULL;
-    }
+    if (!mem) return 1;
     v8f *p = mem;
     bwd_scratch X;
     v8f **fields[8] = {&X.lam, &X.dA, &X.dskip, &X.hs, &X.as, &X.dB, &X.dC, &X.a_n};
@@ -375,43 +337,16 @@ static void *run_job(void *arg) {
     }
     for (int64_t item = begin; item < end; item++) backward_item(S, &X, item);
     free(mem);
-    return NULL;
+    return 0;
 }
 
 /* pass 0: forward (out, and last / states when given); pass 1: backward (du, ddelta, dz, and the
- * partial sums dA, dDskip, dbias, dB, dC).
- * Returns 0, 1 when scratch memory could not be allocated, 2 for arguments the kernel cannot serve.
- * Threads: torch's own OpenMP pool when built with -fopenmp against it (see build.py), else pthreads. */
+ * partial sums dA, dDskip, dbias, dB, dC). Returns 0, 1 when scratch memory could not be allocated,
+ * 2 for arguments the kernel cannot serve. */
 int ss_run(const ss_args *S, int pass) {
     if (S->G < 1 || S->D % S->G || S->N < 1 || S->chunk < 1 || S->slice < 1 || (pass == 1 && !S->states))
         return 2;
     const int64_t nb = blocks_per_group(S);
-    const int64_t items = pass == 0 ? S->batch * S->G * nb : S->batch * S->G * ((nb + S->slice - 1) / S->slice);
-    int nt = S->nthreads < 1 ? 1 : S->nthreads > MAX_THREADS ? MAX_THREADS : S->nthreads;
-    if (nt > items) nt = (int)(items > 0 ? items : 1);
-#ifdef _OPENMP
-    int status = 0;
-#pragma omp parallel num_threads(nt) reduction(| : status)
-    {
-        job J = {S, pass, omp_get_thread_num(), omp_get_num_threads(), 0, items};
-        run_job(&J);
-        status |= J.status;
-    }
-    return status;
-#else
-    job jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 0; t < nt; t++) jobs[t] = (job){S, pass, t, nt, 0, items};
-    for (int t = 1; t < nt; t++) started[t] = pthread_create(&threads[t], NULL, run_job, &jobs[t]) == 0;
-    for (int t = 1; t < nt; t++)
-        if (!started[t]) run_job(&jobs[t]); /* no thread: do its share here */
-    run_job(&jobs[0]);
-    int status = jobs[0].status;
-    for (int t = 1; t < nt; t++) {
-        if (started[t]) pthread_join(threads[t], NULL);
-        status |= jobs[t].status;
-    }
-    return status;
-#endif
+    ss_job J = {S, pass, pass == 0 ? S->batch * S->G * nb : S->batch * S->G * ((nb + S->slice - 1) / S->slice)};
+    return parallel_run(S->nthreads < J.items ? S->nthreads : (int)(J.items > 0 ? J.items : 1), ss_work, &J);
 }

@@ -4,16 +4,14 @@ atrous scan: a token sees its own sub-grid only, the part scanned before it."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from scan_direct import receptive, route_scan
+from scan_direct import receptive, route_scan, ss2d_epilogue, ss2d_prologue
 from visattn.nn.mixers.es2d import ES2D
 
 
 def es2d_direct(m: ES2D, x: torch.Tensor) -> torch.Tensor:
     """EfficientScan's slicing (step 2, even map), one scan per sub-grid, EfficientMerge's assignment."""
-    xi, z = m.in_proj(x).chunk(2, dim=-1)
-    xc = F.silu(m.conv2d(xi.permute(0, 3, 1, 2)))
+    xc, z = ss2d_prologue(m, x)
     B, D, H, W = xc.shape
     parts = [xc[:, :, ::2, ::2], xc.transpose(2, 3)[:, :, ::2, 1::2], xc[:, :, ::2, 1::2],
              xc.transpose(2, 3)[:, :, 1::2, 1::2]]
@@ -24,7 +22,7 @@ def es2d_direct(m: ES2D, x: torch.Tensor) -> torch.Tensor:
     y[:, :, 1::2, ::2] = ys[1].view(B, D, w, h).transpose(2, 3)
     y[:, :, ::2, 1::2] = ys[2].view(B, D, h, w)
     y[:, :, 1::2, 1::2] = ys[3].view(B, D, w, h).transpose(2, 3)
-    return m.out_proj(m.out_norm(y.permute(0, 2, 3, 1)) * F.silu(z))
+    return ss2d_epilogue(m, y, z)
 
 
 def test_matches_efficientvmamba_on_even_maps():

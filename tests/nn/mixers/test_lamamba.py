@@ -4,9 +4,8 @@ residual composition with window attention, and its receptive field."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from scan_direct import receptive, route_scan
+from scan_direct import receptive, route_scan, ss2d_epilogue, ss2d_prologue
 from visattn.nn.mixers.lamamba import ContinuousSS2D, LaMamba
 
 
@@ -22,13 +21,13 @@ def _path(N, start_row, start_col, dir_row, dir_col, vertical):
 
 def continuous_direct(m: ContinuousSS2D, x: torch.Tensor) -> torch.Tensor:
     """cross_scan_continuous / cross_merge_continuous around SS2D's core."""
-    xi, z = m.in_proj(x).chunk(2, dim=-1)
-    xc = F.silu(m.conv2d(xi.permute(0, 3, 1, 2))).flatten(2)
+    xc, z = ss2d_prologue(m, x)
+    seq = xc.flatten(2)
     N = x.shape[1]
     paths = [_path(N, 0, 0, 1, 1, False), _path(N, N - 1, 0, -1, 1, False), _path(N, N - 1, 0, -1, 1, True),
              _path(N, N - 1, N - 1, -1, -1, True)]
-    y = sum(torch.empty_like(xc).index_copy_(-1, p, route_scan(m.ssm, k, xc[..., p])) for k, p in enumerate(paths))
-    return m.out_proj(m.out_norm(y.transpose(1, 2).view(*x.shape[:3], -1)) * F.silu(z))
+    y = sum(torch.empty_like(seq).index_copy_(-1, p, route_scan(m.ssm, k, seq[..., p])) for k, p in enumerate(paths))
+    return ss2d_epilogue(m, y.view(xc.shape), z)
 
 
 def test_continuous_scan_matches_lamambas_paths():

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from scan_direct import receptive, route_scan
+from scan_direct import receptive, route_scan, ss2d_epilogue, ss2d_prologue
 from visattn.nn.mixers.local_scan import LocalScan
 
 
 def local_scan_direct(m: LocalScan, x: torch.Tensor, w: int) -> torch.Tensor:
     """Directions ('h', 'v_flip', 'w<w>', 'w<w>_flip') written as LocalMamba's MultiScan does (w divides the map)."""
-    xi, z = m.in_proj(x).chunk(2, dim=-1)
-    xc = F.silu(m.conv2d(xi.permute(0, 3, 1, 2)))
+    xc, z = ss2d_prologue(m, x)
     B, D, H, W = xc.shape
     local = xc.view(B, D, H // w, w, W // w, w).permute(0, 1, 2, 4, 3, 5).flatten(2)
     seqs = [xc.flatten(2), xc.transpose(2, 3).flatten(2).flip(-1), local, local.flip(-1)]
@@ -24,8 +22,8 @@ def local_scan_direct(m: LocalScan, x: torch.Tensor, w: int) -> torch.Tensor:
         return t.view(B, D, H // w, W // w, w, w).permute(0, 1, 2, 4, 3, 5).reshape(B, D, H * W)
 
     maps = [ys[0], ys[1].flip(-1).view(B, D, W, H).transpose(2, 3).flatten(2), unlocal(ys[2]), unlocal(ys[3].flip(-1))]
-    y = sum(m.attn(t.transpose(1, 2)) for t in maps).view(B, H, W, D)
-    return m.out_proj(m.out_norm(y) * F.silu(z))
+    y = sum(m.attn(t.transpose(1, 2)) for t in maps).transpose(1, 2).reshape(B, D, H, W)
+    return ss2d_epilogue(m, y, z)
 
 
 def test_matches_localmambas_multi_scan():

@@ -4,24 +4,21 @@ global receptive field and its parameter count."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from module_checks import count_params
-from scan_direct import receptive, route_scan
+from scan_direct import receptive, route_scan, ss2d_epilogue, ss2d_prologue
 from visattn.nn.mixers.ss2d import SS2D
 
 
 def ss2d_direct(m: SS2D, x: torch.Tensor) -> torch.Tensor:
     """VMamba's forward_corev0: CrossScan, one scan per direction, CrossMerge, LayerNorm, gate."""
-    xi, z = m.in_proj(x).chunk(2, dim=-1)
-    xc = F.silu(m.conv2d(xi.permute(0, 3, 1, 2)))  # [B, D, H, W]
+    xc, z = ss2d_prologue(m, x)
     B, D, H, W = xc.shape
     row, col = xc.flatten(2), xc.transpose(2, 3).flatten(2)
     ys = [route_scan(m.ssm, k, seq) for k, seq in enumerate([row, col, row.flip(-1), col.flip(-1)])]
     untranspose = lambda t: t.view(B, D, W, H).transpose(2, 3).flatten(2)  # noqa: E731
     y = ys[0] + ys[2].flip(-1) + untranspose(ys[1]) + untranspose(ys[3].flip(-1))
-    y = m.out_norm(y.transpose(1, 2).view(B, H, W, D)) * F.silu(z)
-    return m.out_proj(y)
+    return ss2d_epilogue(m, y.view(B, D, H, W), z)
 
 
 def test_matches_the_direct_cross_scan():

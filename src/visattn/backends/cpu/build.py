@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,16 @@ def _flags() -> list[str]:
     return [*_FLAGS, arch] + (["-DNA_BOUNDS_CHECK"] if os.environ.get(BOUNDS_CHECK_ENV) == "1" else [])
 
 
+def _texts(source: Path) -> list[str]:
+    """The text of ``source`` and of the package headers it includes (``#include "..."``, recursively):
+    what the build's cache key must cover."""
+    text = source.read_text()
+    found = [text]
+    for name in re.findall(r'^\s*#\s*include\s*"([^"]+)"', text, re.M):
+        found += _texts((source.parent / name).resolve())
+    return found
+
+
 def build(cc: str) -> Path:
     """Compile the neighborhood-attention kernel for this CPU (or find it in the cache); returns the
     shared library's path (see :func:`compile_source`)."""
@@ -105,7 +116,7 @@ def compile_source(cc: str, source: Path) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     flags = _flags()
     gomp = torch_openmp()
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(flags), version, _cpu_model(), sys.platform,
+    key = hashlib.sha256("\0".join([*_texts(source), " ".join(flags), version, _cpu_model(), sys.platform,
                                     str(gomp)]).encode()).hexdigest()[:20]
     suffix = ".dll" if sys.platform == "win32" else ".so"
     target = cache_dir() / f"{source.stem}-{key}{suffix}"
