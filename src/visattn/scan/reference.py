@@ -41,9 +41,11 @@ def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tens
     Bd, Cd = per_channel(B.to(dtype), x.shape[1]), per_channel(C.to(dtype), x.shape[1])
     h = x.new_zeros(x.shape[0], x.shape[1], A.shape[1])
     ys = []
-    for t in range(x.shape[2]):
-        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * x[:, :, t])[..., None] * Bd[..., t]
-        ys.append((h * Cd[..., t]).sum(-1))
+    # per-token slices taken once (unbind): indexing token t of the whole tensor at every step would
+    # make autograd's backward materialize a full-size gradient per step, quadratic in L
+    for dt_t, x_t, B_t, C_t in zip(dt.unbind(2), x.unbind(2), Bd.unbind(3), Cd.unbind(3)):
+        h = torch.exp(dt_t[..., None] * A) * h + (dt_t * x_t)[..., None] * B_t
+        ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, -1) if ys else x.new_zeros(x.shape)
     if D is not None:
         y = y + D.to(dtype)[:, None] * x
