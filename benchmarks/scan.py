@@ -24,6 +24,7 @@ O(chunk * N) vectors, is not seen).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import Callable, Optional
@@ -70,7 +71,7 @@ def implementations() -> dict[str, Callable]:
     for backend in ("cpu", "torch"):
         reason = why_not(backend, torch.device("cpu"), torch.float32)
         if reason is None:
-            impls[f"visattn {backend}"] = (lambda b: lambda **a: selective_scan(**a, delta_softplus=True, backend=b))(backend)
+            impls[f"visattn {backend}"] = functools.partial(selective_scan, delta_softplus=True, backend=backend)
         else:
             print(f"skipping visattn {backend}: {reason}", file=sys.stderr)
     impls["sequential"] = lambda **a: selective_scan_reference(**a, delta_softplus=True)

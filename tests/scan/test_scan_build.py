@@ -58,8 +58,8 @@ def test_pthreads_build_without_openmp(tmp_path):
         build.torch_openmp = lambda: None
         torch.set_num_threads(3)
         g = torch.Generator().manual_seed(0)
-        args = [torch.randn(2, 40, 70, generator=g), torch.randn(2, 40, 70, generator=g), -torch.rand(40, 16, generator=g),
-                torch.randn(2, 2, 16, 70, generator=g), torch.randn(2, 2, 16, 70, generator=g)]
+        r = lambda *s: torch.randn(*s, generator=g)
+        args = [r(2, 40, 70), r(2, 40, 70), -torch.rand(40, 16, generator=g), r(2, 2, 16, 70), r(2, 2, 16, 70)]
         leaves = [a.requires_grad_() for a in args]
         out = selective_scan(*leaves, delta_softplus=True, backend="cpu")
         grads = torch.autograd.grad((out * out).sum(), leaves)
@@ -94,7 +94,8 @@ def test_without_a_compiler_the_torch_path_serves(monkeypatch, fresh_kernel):
     reason = why_not("cpu", torch.device("cpu"), torch.float32)
     assert "no C compiler found" in reason and "selective scans use the portable torch path" in reason
     args = _inputs()
-    torch.testing.assert_close(selective_scan(**args), selective_scan(**args, backend="reference"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(selective_scan(**args), selective_scan(**args, backend="reference"), atol=1e-5,
+                               rtol=1e-5)
     with pytest.raises(ValueError, match="backend='cpu' cannot serve this call: no C compiler"):
         selective_scan(**args, backend="cpu")
 
@@ -106,6 +107,7 @@ def test_a_failing_compiler_is_reported_and_routed_around(monkeypatch, tmp_path,
     monkeypatch.setenv("VISATTN_CACHE_DIR", str(tmp_path / "cache"))
     assert why_not("cpu", torch.device("cpu"), torch.float32) is None  # nothing tried yet
     args = _inputs()
-    torch.testing.assert_close(selective_scan(**args), selective_scan(**args, backend="reference"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(selective_scan(**args), selective_scan(**args, backend="reference"), atol=1e-5,
+                               rtol=1e-5)
     reason = why_not("cpu", torch.device("cpu"), torch.float32)
     assert "building the C kernel failed" in reason and "selective_scan.c" in reason

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from visattn import selective_scan
-from visattn.scan import cpu, selective_scan_reference
+from visattn.scan import selective_scan_reference
 from visattn.scan.ops import CHUNK, why_not
 
 CPU_KERNEL = pytest.mark.skipif(why_not("cpu", torch.device("cpu"), torch.float32) is not None,
@@ -126,8 +126,9 @@ def _mamba_reference():
     top, which a CPU-only install (``MAMBA_SKIP_CUDA_BUILD=TRUE``) does not have: an empty stand-in
     lets the import reach the function, which never calls it."""
     sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-    interface = pytest.importorskip("mamba_ssm.ops.selective_scan_interface",
-                                    reason="mamba-ssm is not installed (MAMBA_SKIP_CUDA_BUILD=TRUE pip install mamba-ssm)")
+    interface = pytest.importorskip(
+        "mamba_ssm.ops.selective_scan_interface",
+        reason="mamba-ssm is not installed (MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip install mamba-ssm)")
     return interface.selective_scan_ref
 
 

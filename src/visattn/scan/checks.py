@@ -43,7 +43,8 @@ def check_scan(fn: str, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
             raise TypeError(f"{fn}: {name} is complex ({t.dtype}); only real selective scans are supported. "
                             f"Pass a real {name}.")
         if not t.is_floating_point():
-            raise TypeError(f"{fn}: {name}.dtype={t.dtype}; the scan needs floating-point tensors (e.g. {name}.float()).")
+            raise TypeError(f"{fn}: {name}.dtype={t.dtype}; the scan needs floating-point tensors "
+                            f"(e.g. {name}.float()).")
         if t.device != u.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but u is on {u.device}; move it with {name}.to(u.device).")
     if u.dim() != 3:

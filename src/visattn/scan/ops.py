@@ -9,10 +9,11 @@ FLOP formulas.
 * ``visattn::selective_scan_bwd(dout, dlast?, u, ..., states, ...) -> (du, ddelta, dA, dB, dC, dD, dz,
   ddelta_bias)``: the gradients, by the explicit backward of the path (absent ones are empty tensors).
 
-Paths (``path``; ``""`` chooses at run time, so a compiled graph probes nothing while tracing): ``cpu`` (the C kernel, :mod:`.cpu`; float32, and half inputs computed in float32) and ``torch``
-(the chunked PyTorch scan, :mod:`.chunked`; any device, float64 too). Both do the whole computation
-(bias, softplus, ``D`` skip, ``z`` gate), take the same layouts and the same ``chunk``, so a call the
-kernel cannot serve falls back without changing its saved states.
+Paths (``path``; ``""`` chooses at run time, so a compiled graph probes nothing while tracing):
+``cpu`` (the C kernel, :mod:`.cpu`; float32, and half inputs computed in float32) and ``torch`` (the
+chunked PyTorch scan, :mod:`.chunked`; any device, float64 too). Both do the whole computation (bias,
+softplus, ``D`` skip, ``z`` gate), take the same layouts and the same ``chunk``, so a call the kernel
+cannot serve falls back without changing its saved states.
 
 Layouts: every ``[batch, dim, L]`` output is a transposed view of ``[batch, L, dim]`` memory (the
 channels-last sequence the mixers produce and consume, so they never copy), ``last_state``
@@ -68,10 +69,10 @@ def _swapped(t: torch.Tensor) -> torch.Tensor:
 
 
 def _impl(path: str, u: torch.Tensor, dtype: torch.dtype):
-    """The module running a scan on ``path`` (``""``: chosen by :func:`select_path`): :mod:`.cpu`, loaded
-    first, or :mod:`.chunked` (also where the kernel cannot be loaded after all)."""
+    """The module running a scan on ``path`` (``""``: chosen by :func:`select_path`, which loads the kernel
+    or falls back): :mod:`.cpu` or :mod:`.chunked` (also for an empty sequence)."""
     path = select_path("selective_scan", path or None, u.device, dtype)
-    return cpu if path == "cpu" and cpu.load() is None and u.shape[2] else chunked
+    return cpu if path == "cpu" and u.shape[2] else chunked
 
 
 def _rows(u, delta, A, B, C, D, z, delta_bias) -> tuple[Optional[torch.Tensor], ...]:
@@ -129,11 +130,15 @@ def selective_scan_bwd(dout: torch.Tensor, dlast: Optional[torch.Tensor], u: tor
     if u.shape[2] and states.numel() == 0:
         states = selective_scan_fwd(*inputs, delta_softplus, path, chunk, True)[2]
     dtype = compute_dtype(*inputs)
-    grads = _impl(path, u, dtype).backward(*_rows(*inputs), delta_softplus, states, dout.to(dtype).transpose(1, 2),
-                                 dlast.to(dtype).transpose(1, 2) if dlast is not None else None, chunk)
-    du, ddelta, dA, dB, dC, dD, dz, dbias = grads
-    like = lambda grad, t: grad.to(t.dtype).contiguous() if t is not None else u.new_empty(_EMPTY)  # noqa: E731
-    rows = lambda grad, t: _swapped(grad.transpose(1, 2).to(t.dtype)) if t is not None else u.new_empty(_EMPTY)  # noqa: E731
+    dlast = dlast.to(dtype).transpose(1, 2) if dlast is not None else None
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _impl(path, u, dtype).backward(
+        *_rows(*inputs), delta_softplus, states, dout.to(dtype).transpose(1, 2), dlast, chunk)
+    def like(grad, t):  # a gradient in its input's dtype; an empty tensor for an absent input
+        return grad.to(t.dtype).contiguous() if t is not None else u.new_empty(_EMPTY)
+
+    def rows(grad, t):  # the same for [batch, dim, L] inputs, in the layout of the module docstring
+        return _swapped(grad.transpose(1, 2).to(t.dtype)) if t is not None else u.new_empty(_EMPTY)
+
     return (rows(du, u), rows(ddelta, delta), like(dA, A), like(dB.reshape(B.shape), B), like(dC.reshape(C.shape), C),
             like(dD, D), rows(dz, z), like(dbias, delta_bias))
 
@@ -141,9 +146,13 @@ def selective_scan_bwd(dout: torch.Tensor, dlast: Optional[torch.Tensor], u: tor
 @selective_scan_bwd.register_fake
 def _selective_scan_bwd_fake(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, path, chunk):
     batch, dim, length = u.shape
-    rows = lambda t: t.new_empty(batch, length, dim).transpose(1, 2) if t is not None else u.new_empty(_EMPTY)  # noqa: E731
-    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None \
-        else u.new_empty(_EMPTY)  # noqa: E731
+
+    def rows(t):
+        return t.new_empty(batch, length, dim).transpose(1, 2) if t is not None else u.new_empty(_EMPTY)
+
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else u.new_empty(_EMPTY)
+
     return rows(u), rows(delta), like(A), like(B), like(C), like(D), rows(z), like(delta_bias)
 
 
@@ -189,9 +198,10 @@ selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 # FLOP formulas for torch.utils.flop_counter
 
 def scan_flops(batch: int, dim: int, length: int, state: int, with_D: bool, with_z: bool) -> int:
-    """FLOPs of one selective scan, the convention of Mamba's authors and the vision papers' tables
-    (fvcore counts for ``selective_scan``): ``9 * batch * L * dim * N``, plus ``batch * dim * L`` for the
-    ``D`` skip and again for the ``z`` gate."""
+    """FLOPs of one selective scan as Mamba's authors count them: ``9 * batch * L * dim * N`` (the
+    multiplies and adds per token, channel and state of ``exp(dt A)``, ``dt B u``, the update and
+    ``<C, h>``), plus ``batch * dim * L`` for the ``D`` skip and again for the ``z`` gate. The vision
+    papers' fvcore tables add the same number to their multiply-accumulate counts."""
     return 9 * batch * length * dim * state + (with_D + with_z) * batch * dim * length
 
 

@@ -19,7 +19,8 @@ def ms2d_direct(m: MS2D, x: torch.Tensor) -> torch.Tensor:
     D, h, w = low.shape[1:]
     y = m.out_norm(route_scan(m.ssm, 0, full.flatten(2)).transpose(1, 2)).view(B, H, W, D)
     l = h * w
-    seq = torch.cat([low.flatten(2).flip(-1), low.transpose(2, 3).flatten(2), low.transpose(2, 3).flatten(2).flip(-1)], 2)
+    cols = low.transpose(2, 3).flatten(2)
+    seq = torch.cat([low.flatten(2).flip(-1), cols, cols.flip(-1)], 2)
     out = m.out_norm(route_scan(m.ssm_low, 0, seq).transpose(1, 2)).transpose(1, 2)  # [B, D, 3l]
     y_low = (out[..., :l].flip(-1).view(B, D, h, w) + out[..., l:2 * l].view(B, D, w, h).transpose(2, 3)
              + out[..., 2 * l:].flip(-1).view(B, D, w, h).transpose(2, 3))

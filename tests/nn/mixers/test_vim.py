@@ -62,6 +62,6 @@ def test_bad_input_raises():
 def test_causal_depthwise_conv_is_mambas_conv1d():
     from visattn.nn.mixers.vim import causal_depthwise_conv
 
-    x, w, b = torch.randn(2, 11, 6, dtype=torch.double), torch.randn(6, 1, 4, dtype=torch.double), torch.randn(6, dtype=torch.double)
+    x, w, b = (torch.randn(*s, dtype=torch.double) for s in ((2, 11, 6), (6, 1, 4), (6,)))
     want = F.conv1d(x.transpose(1, 2), w, b, padding=3, groups=6)[..., :11].transpose(1, 2)
     torch.testing.assert_close(causal_depthwise_conv(x, w, b), want)

@@ -34,7 +34,8 @@ class ContinuousSS2D(VisualScanMixer):
                complexity="O(N C N_state + N M^2 C)", backends="visattn selective scan + visattn NA op",
                bench_kwargs=dict(num_heads=3))
 class LaMamba(nn.Module):
-    """LaMamba-Diff's token mixing: global selective scan, then local window attention. ``x [B, H, W, C] -> [B, H, W, C]``.
+    """LaMamba-Diff's token mixing: a global selective scan, then local window attention.
+    ``x [B, H, W, C] -> [B, H, W, C]``.
 
     Fu et al., "LaMamba-Diff: Linear-Time High-Fidelity Diffusion Models Based on Local Attention and
     Mamba" (2024). The block's two token-mixing residual steps, ``x1 = x + SS2D(LN(x))`` with the scan

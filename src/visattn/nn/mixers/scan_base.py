@@ -59,7 +59,8 @@ class RouteScan(nn.Module):
         bound = D ** -0.5  # nn.Linear's default init, which VMamba keeps for x_proj
         self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N, D).uniform_(-bound, bound))
         self.dt_projs_weight = nn.Parameter(torch.empty(K, D, R).uniform_(-R ** -0.5, R ** -0.5))
-        dt = torch.exp(torch.rand(K, D) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+        log_dt = torch.rand(K, D) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=dt_init_floor)
         self.dt_projs_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(K * D, 1))
         self.Ds = nn.Parameter(torch.ones(K * D))
