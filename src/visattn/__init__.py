@@ -1,7 +1,8 @@
 """visattn: fast, exact local attention for vision on every device.
 
 The functional core (``na1d``, ``na2d``, ``na3d``, ``neighborhood_attention``) follows NATTEN 0.21's
-API and semantics; backends are chosen automatically (``visattn info`` lists them).
+API and semantics; backends are chosen automatically (``visattn info`` lists them). ``selective_scan``
+is Mamba's selective scan with ``mamba-ssm``'s signature (:mod:`visattn.scan`).
 """
 
 from .functional import merge_attentions, na1d, na2d, na3d, na_av, na_qk, neighborhood_attention
@@ -16,6 +17,7 @@ from .nn import (
     list_attn,
 )
 from .models import create_model, list_models
+from .scan import selective_scan
 from .varlen import na_varlen
 
 __version__ = "0.1.0"
@@ -51,4 +53,5 @@ __all__ = [
     "na_qk",
     "na_varlen",
     "neighborhood_attention",
+    "selective_scan",
 ]

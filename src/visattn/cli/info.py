@@ -31,4 +31,9 @@ def run(args: argparse.Namespace) -> int:
         status = "usable" if reason is None else f"unavailable: {reason}"
         desc = get_backend(name).description if reason is None else ""
         print(f"  {name:<10} {status}" + (f"  ({desc})" if desc else ""))
+    from ..scan.ops import why_not as scan_why_not
+
+    reason = scan_why_not("cpu", torch.device("cpu"), torch.float32)
+    print("selective scan (visattn.selective_scan): torch path usable; cpu kernel "
+          + ("usable (compiled on the first call it serves)" if reason is None else f"unavailable: {reason}"))
     return 0

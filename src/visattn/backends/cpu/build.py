@@ -10,7 +10,9 @@ Why at first use, on the user's machine, with the system C compiler (``$CC``, el
   version and the CPU model, so the ~1 s compile is paid once per machine.
 
 Nothing here runs on import or when a backend is probed: :func:`library` builds (or loads) the kernel
-the first time a call is actually served by the ``cpu`` backend.
+the first time a call is actually served by the ``cpu`` backend. Other C sources of the package (the
+selective scan) are built the same way, same flags, cache and OpenMP runtime, by :func:`compile_source`
+and loaded once per process by a :class:`Kernel`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -85,8 +88,25 @@ def _flags() -> list[str]:
     return [*_FLAGS, arch] + (["-DNA_BOUNDS_CHECK"] if os.environ.get(BOUNDS_CHECK_ENV) == "1" else [])
 
 
+def _texts(source: Path) -> list[str]:
+    """The text of ``source`` and of the package headers it includes (``#include "..."``, recursively):
+    what the build's cache key must cover."""
+    text = source.read_text()
+    found = [text]
+    for name in re.findall(r'^\s*#\s*include\s*"([^"]+)"', text, re.M):
+        found += _texts((source.parent / name).resolve())
+    return found
+
+
 def build(cc: str) -> Path:
-    """Compile the kernel for this CPU (or find it in the cache); returns the shared library's path.
+    """Compile the neighborhood-attention kernel for this CPU (or find it in the cache); returns the
+    shared library's path (see :func:`compile_source`)."""
+    return compile_source(cc, SOURCE)
+
+
+def compile_source(cc: str, source: Path) -> Path:
+    """Compile the self-contained C file ``source`` for this CPU (or find it in the cache); returns the
+    shared library's path, ``<cache>/<source stem>-<key>.so``.
 
     With PyTorch's own libgomp found, the kernel is compiled with ``-fopenmp`` and linked against
     that very file (its soname matches the copy torch already loaded, so the loader reuses it): the
@@ -96,10 +116,10 @@ def build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     flags = _flags()
     gomp = torch_openmp()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_model(), sys.platform,
+    key = hashlib.sha256("\0".join([*_texts(source), " ".join(flags), version, _cpu_model(), sys.platform,
                                     str(gomp)]).encode()).hexdigest()[:20]
     suffix = ".dll" if sys.platform == "win32" else ".so"
-    target = cache_dir() / f"na_cpu-{key}{suffix}"
+    target = cache_dir() / f"{source.stem}-{key}{suffix}"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -109,10 +129,10 @@ def build(cc: str) -> Path:
     obj = tmp + ".o"
     try:
         if gomp is not None:  # compile with OpenMP, link torch's runtime by path (not the system -lgomp)
-            steps = [[cc, *flags, "-fopenmp", "-c", str(SOURCE), "-o", obj],
+            steps = [[cc, *flags, "-fopenmp", "-c", str(source), "-o", obj],
                      [cc, *flags, obj, str(gomp), f"-Wl,-rpath,{gomp.parent}", "-o", tmp, "-lm"]]
         else:
-            steps = [[cc, *flags, str(SOURCE), "-o", tmp, "-lm"]]
+            steps = [[cc, *flags, str(source), "-o", tmp, "-lm"]]
         for cmd in steps:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
@@ -137,9 +157,35 @@ def status() -> Optional[str]:
         return None
     if _LIB_ERROR is not None:
         return _LIB_ERROR
+    return no_compiler("CPU calls use the torch backend")
+
+
+def no_compiler(fallback: str) -> Optional[str]:
+    """The reason to report when no C compiler exists (``fallback``: what serves the calls instead),
+    or ``None`` when there is one."""
     if compiler() is None:
-        return "no C compiler found (tried $CC or `cc`; install gcc or clang, or set CC); CPU calls use the torch backend"
+        return f"no C compiler found (tried $CC or `cc`; install gcc or clang, or set CC); {fallback}"
     return None
+
+
+def load(source: Path, declare: Callable[[ctypes.CDLL], None], fallback: str) -> tuple[Optional[ctypes.CDLL],
+                                                                                       Optional[str]]:
+    """Compile (or find in the cache) and load ``source``; ``declare`` sets the ctypes signatures of
+    its entry points. Returns ``(library, None)`` or ``(None, why not)``."""
+    cc = compiler()
+    if cc is None:
+        return None, no_compiler(fallback)
+    try:
+        lib = ctypes.CDLL(str(compile_source(cc, source)))
+        declare(lib)
+        return lib, None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"building the C kernel failed: {e}"
+
+
+def _declare_na(lib: ctypes.CDLL) -> None:
+    lib.na_run.argtypes = [ctypes.POINTER(Args), ctypes.c_int]
+    lib.na_run.restype = ctypes.c_int
 
 
 def library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
@@ -147,17 +193,7 @@ def library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     global _LIB, _LIB_ERROR
     with _LOCK:
         if _LIB is None and _LIB_ERROR is None:
-            cc = compiler()
-            if cc is None:
-                _LIB_ERROR = status()
-            else:
-                try:
-                    lib = ctypes.CDLL(str(build(cc)))
-                    lib.na_run.argtypes = [ctypes.POINTER(Args), ctypes.c_int]
-                    lib.na_run.restype = ctypes.c_int
-                    _LIB = lib
-                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                    _LIB_ERROR = f"building the C kernel failed: {e}"
+            _LIB, _LIB_ERROR = load(SOURCE, _declare_na, "CPU calls use the torch backend")
     return _LIB, _LIB_ERROR
 
 
@@ -166,6 +202,39 @@ def forget() -> None:
     global _LIB, _LIB_ERROR
     with _LOCK:
         _LIB, _LIB_ERROR = None, None
+
+
+class Kernel:
+    """Another C source of the package, compiled by :func:`compile_source` and loaded on first use,
+    once per process (thread-safe), like the neighborhood-attention kernel above.
+
+    ``declare`` sets the ctypes signatures of the loaded library; ``fallback`` says what serves the
+    calls when the kernel cannot be built (it ends the reason :meth:`status` gives).
+    """
+
+    def __init__(self, source: Path, declare: Callable[[ctypes.CDLL], None], fallback: str) -> None:
+        self.source, self.declare, self.fallback = source, declare, fallback
+        self.lib: Optional[ctypes.CDLL] = None
+        self.error: Optional[str] = None
+        self._lock = threading.Lock()
+
+    def status(self) -> Optional[str]:
+        """Why the kernel cannot be used, without building anything (see :func:`status`)."""
+        if self.lib is not None:
+            return None
+        return self.error if self.error is not None else no_compiler(self.fallback)
+
+    def library(self) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
+        """The loaded library, or ``(None, why not)``; built once per process."""
+        with self._lock:
+            if self.lib is None and self.error is None:
+                self.lib, self.error = load(self.source, self.declare, self.fallback)
+        return self.lib, self.error
+
+    def forget(self) -> None:
+        """Drop the loaded library and any recorded failure (tests: rebuild under a changed environment)."""
+        with self._lock:
+            self.lib, self.error = None, None
 
 
 def run(args: Args, pass_: int) -> None:
