@@ -13,18 +13,28 @@ it here is what puts them in the registry, so a new family is one file plus one 
 import sys
 
 from .backbone import Backbone, Stage, drop_path_rates
-from .convert import convert_official_state_dict, load_official_checkpoint
-from .nat import NAT, NAT_CONFIGS, NATConfig, dinat_dilations  # importing a family registers its variants
+from .convert import convert_official_state_dict, convert_timm_state_dict, load_official_checkpoint
+# Importing a family registers its variants.
+from .davit import DaViT
+from .focalnet import FocalNet
+from .maxvit import MaxViT
+from .nat import NAT, NAT_CONFIGS, NATConfig, dinat_dilations
+from .swin import Swin
 from .registry import create_model, list_models, model_info, register_model
 from .timm_hook import register_timm
 
 __all__ = [
     "Backbone",
+    "DaViT",
+    "FocalNet",
+    "MaxViT",
     "NAT",
     "NAT_CONFIGS",
     "NATConfig",
     "Stage",
+    "Swin",
     "convert_official_state_dict",
+    "convert_timm_state_dict",
     "create_model",
     "dinat_dilations",
     "drop_path_rates",

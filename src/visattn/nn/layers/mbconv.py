@@ -37,8 +37,8 @@ class MBConv(nn.Module):
 
         x -> BN -> 1x1 (C_in -> E) -> BN, act -> kxk depthwise, stride s -> BN, act -> SE -> 1x1 (E -> C_out)
 
-    plus a shortcut that is the identity, or, when the block strides or changes width, a 2x2
-    average pool (stride 2) and a 1x1 conv. ``E = expand_ratio * C_out``; the SE hidden width is
+    plus a shortcut: a 2x2 average pool when the block strides, a 1x1 conv when it changes width,
+    else the identity. ``E = expand_ratio * C_out``; the SE hidden width is
     ``se_ratio * C_out``. ``tf_padding=True`` pads the strided conv and pool like TensorFlow's
     ``"SAME"`` (MaxViT's and MOAT's checkpoints), else ``k // 2`` on every side and a pool that
     rounds up. ``drop_path`` is stochastic depth on the residual branch.
@@ -55,7 +55,7 @@ class MBConv(nn.Module):
         self.pool = stride == 2
         # TF's "SAME" is k // 2 on every side at stride 1 (odd k); only the strided conv pads unevenly.
         self.uneven_pad = tf_padding and stride > 1
-        self.shortcut = nn.Conv2d(in_dim, out_dim, 1) if (stride == 2 or in_dim != out_dim) else nn.Identity()
+        self.shortcut = nn.Conv2d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
         self.pre_norm = _NormAct(in_dim, norm_eps, None)
         self.conv1 = nn.Conv2d(in_dim, mid, 1, bias=False)
         self.norm1 = _NormAct(mid, norm_eps, act_layer)

@@ -65,19 +65,23 @@ class WindowAttention(QKVMixer):
     lets the padded (bias-only) tokens act as keys; we follow GNA instead: the last window moves
     inward (it overlaps its neighbour) and every query sees exactly ``M`` real tokens per axis.
     A side shorter than ``M`` becomes one window of the whole side (Swin's rule too).
-    ``shift_size`` is 0 here; see :class:`ShiftedWindowAttention`.
+    ``shift_size`` is 0 here; see :class:`ShiftedWindowAttention`. ``rel_pos_bias=False`` drops the
+    bias table (DaViT's spatial window attention has none).
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, shift_size: int = 0, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, rel_pos_bias: bool = True) -> None:
         super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
         if not 0 <= shift_size < window_size:
             raise ValueError(f"{type(self).__name__}: shift_size={shift_size} must be in [0, window_size="
                              f"{window_size}); Swin uses window_size // 2.")
         self.window_size, self.shift_size, self.backend = window_size, shift_size, backend
-        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * window_size - 1, 2 * window_size - 1))
-        nn.init.trunc_normal_(self.rpb, std=0.02)
+        if rel_pos_bias:
+            self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * window_size - 1, 2 * window_size - 1))
+            nn.init.trunc_normal_(self.rpb, std=0.02)
+        else:
+            self.register_parameter("rpb", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W = check_input(self, x, self.dim)
