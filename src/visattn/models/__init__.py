@@ -15,8 +15,10 @@ import sys
 from .backbone import Backbone, Stage, drop_path_rates
 from .convert import convert_official_state_dict, convert_timm_state_dict, load_official_checkpoint
 # Importing a family registers its variants.
+from .convit import ConViT
 from .davit import DaViT
 from .focalnet import FocalNet
+from .halonet import HaloNet
 from .maxvit import MaxViT
 from .nat import NAT, NAT_CONFIGS, NATConfig, dinat_dilations
 from .swin import Swin
@@ -25,8 +27,10 @@ from .timm_hook import register_timm
 
 __all__ = [
     "Backbone",
+    "ConViT",
     "DaViT",
     "FocalNet",
+    "HaloNet",
     "MaxViT",
     "NAT",
     "NAT_CONFIGS",

@@ -184,10 +184,15 @@ class Backbone(nn.Module):
         x = self.head_drop(self.pre_logits(self.head_norm(self.pool(x))))
         return x if pre_logits else self.head(x)
 
+    def feature_maps(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The stage outputs as channels-last maps ``[B, h_i, w_i, C_i]`` (a family whose stages carry
+        extra tokens, such as ConViT's class token, strips them here)."""
+        return outs
+
     def forward(self, x: torch.Tensor):
         if not self.features_only:
             return self.forward_head(self.forward_features(x))
-        outs = self.forward_stages(x)
+        outs = self.feature_maps(self.forward_stages(x))
         norms = getattr(self, "out_norms", None)
         return [(norms[str(i)](outs[i]) if norms is not None else outs[i]).permute(0, 3, 1, 2).contiguous()
                 for i in self.out_indices]

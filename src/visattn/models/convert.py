@@ -47,8 +47,9 @@ __all__ = ["conv1x1_to_linear", "convert_official_state_dict", "convert_timm_sta
            "rename_state_dict", "timm_checkpoint_loader"]
 
 #: ``(pattern, replacement)`` or ``(pattern, replacement, transform)``: ``re.sub`` on the key, and
-#: ``transform(value)`` (a reshape, permutation, ...) on the tensor when given.
-Rule = Union[tuple[str, Union[str, Callable]], tuple[str, Union[str, Callable], Optional[Callable]]]
+#: ``transform(value)`` (a reshape, permutation, ...) on the tensor when given. A ``None``
+#: replacement drops the entry (a tensor that provably has no effect, said where the rule is).
+Rule = Union[tuple[str, Union[str, Callable, None]], tuple[str, Union[str, Callable, None], Optional[Callable]]]
 
 # (pattern on the official key, replacement); tried in order, the first match wins.
 _RULES: tuple[tuple[str, object], ...] = (
@@ -97,7 +98,8 @@ def rename_state_dict(state_dict: Mapping[str, torch.Tensor], rules: Sequence[Ru
         key = key.removeprefix("module.")
         for pattern, repl, transform in compiled:
             if pattern.match(key):
-                out[pattern.sub(repl, key)] = transform(value) if transform is not None else value
+                if repl is not None:
+                    out[pattern.sub(repl, key)] = transform(value) if transform is not None else value
                 break
         else:
             unknown.append(key)

@@ -4,11 +4,13 @@
   :class:`DropPath` (stochastic depth), :class:`LayerScale`, an :class:`Mlp` or :class:`ConvFFN`
   and an optional :class:`ConvPosEnc`;
 * :class:`MBConv`: the inverted-bottleneck conv block with squeeze-excitation (MaxViT, MOAT);
+  :class:`Bottleneck`: ResNet's block, its 3x3 conv optionally a token mixer (HaloNet, BoTNet);
 * :class:`ConvStem`, :class:`PatchEmbed`: stems; :class:`ConvDownsample`, :class:`PatchMerging`:
   downsamplers between stages;
 * :class:`GlobalAttention2D`: dense attention over all tokens, the baseline a local mixer replaces.
 """
 
+from .bottleneck import Bottleneck, ConvNormAct
 from .conv_ffn import ConvFFN
 from .conv_pos_enc import ConvPosEnc
 from .conv_stem import ConvDownsample, ConvStem, PatchEmbed
@@ -20,5 +22,5 @@ from .mixer_block import MixerBlock
 from .mlp import Mlp
 from .patch_merging import PatchMerging
 
-__all__ = ["ConvDownsample", "ConvFFN", "ConvPosEnc", "ConvStem", "DropPath", "GlobalAttention2D", "LayerScale",
+__all__ = ["Bottleneck", "ConvDownsample", "ConvNormAct", "ConvFFN", "ConvPosEnc", "ConvStem", "DropPath", "GlobalAttention2D", "LayerScale",
            "MBConv", "MixerBlock", "Mlp", "PatchEmbed", "PatchMerging"]
