@@ -25,6 +25,7 @@ __all__: list[str] = ["register_timm"]
 # Keywords timm.create_model passes to every entry point; our builders have no use for them.
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _registered: list[str] = []
+_done = False
 
 
 def register_timm() -> list[str]:
@@ -36,7 +37,8 @@ def register_timm() -> list[str]:
     :func:`~visattn.models.convert_timm_state_dict` moves weights between the two. Raises
     ``ImportError`` with the install command when timm cannot be imported.
     """
-    if _registered:
+    global _done
+    if _done:
         return list(_registered)
     try:
         from timm.models import is_model, register_model
@@ -49,6 +51,7 @@ def register_timm() -> list[str]:
         globals()[name] = fn
         register_model(fn)  # appends ``name`` to this module's __all__
         _registered.append(name)
+    _done = True
     return list(_registered)
 
 
