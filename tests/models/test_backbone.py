@@ -23,7 +23,8 @@ def _toy(calls: list | None = None, **kw) -> Backbone:
         if i == 0:
             return Stage([MBConv(8, 8)])
         mixer, mkw = [None, ("swin", dict(num_heads=2, window_size=3)), ("na2d", dict(num_heads=4, kernel_size=3))][i]
-        return Stage([MixerBlock(dims[i], mixer, mkw, mlp_ratio=2.0, drop_path=p) for p in drop_path_rates(0.1, (1, 2, 2))[i]],
+        rates = drop_path_rates(0.1, (1, 2, 2))[i]
+        return Stage([MixerBlock(dims[i], mixer, mkw, mlp_ratio=2.0, drop_path=p) for p in rates],
                      ConvDownsample(dims[i - 1], dims[i]))
 
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "Stage", "drop_path_rates", "init_trunc_normal"]
+__all__ = ["Backbone", "Stage", "drop_path_rates", "init_trunc_normal", "pyramid"]
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -59,6 +59,11 @@ def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
         out.append(flat[start:start + d])
         start += d
     return out
+
+
+def pyramid(num_stages: int, first: int = 4) -> list[int]:
+    """The strides of a 4-stage-style pyramid: ``first``, then doubling per stage (4, 8, 16, 32)."""
+    return [first * 2 ** i for i in range(num_stages)]
 
 
 def init_trunc_normal(m: nn.Module) -> None:
@@ -159,7 +164,7 @@ class Backbone(nn.Module):
                              f"got {tuple(x.shape)}.")
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every built stage's output (channels-last), from the image: ``[B, C_in, H, W] -> [[B, h_i, w_i, C_i], ...]``."""
+        """Every built stage's output, channels-last: ``[B, C_in, H, W] -> [[B, h_i, w_i, C_i], ...]``."""
         self._check_input(x)
         x = self.pos_drop(self.stem(x))
         outs = []
@@ -171,8 +176,8 @@ class Backbone(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map, normalized: ``[B, C_in, H, W] -> [B, h, w, num_features]`` (channels-last)."""
         if self.features_only:
-            raise RuntimeError(f"{type(self).__name__}.forward_features: this model was built with "
-                               f"features_only=True (no final norm); call the model itself to get the multi-scale maps.")
+            raise RuntimeError(f"{type(self).__name__}.forward_features: this model was built with features_only=True "
+                               f"(no final norm); call the model itself to get the multi-scale maps.")
         return self.norm(self.forward_stages(x)[-1])
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +206,7 @@ class Backbone(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a fresh ``Linear(head_features, num_classes)`` (``0``: identity, pooled features)."""
+        """Replace the classifier by a fresh ``Linear(head_features, num_classes)`` (``0``: pooled features)."""
         if self.features_only:
             raise RuntimeError(f"{type(self).__name__}.reset_classifier: a features_only model has no classifier.")
         self.num_classes = num_classes

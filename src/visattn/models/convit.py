@@ -77,7 +77,8 @@ class ViTEmbed(nn.Module):
         pos = self.pos_embed.reshape(1, *self.grid, -1)
         if (h, w) == self.grid:
             return pos
-        return F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(pad_to_multiple(x, self.patch_size)).permute(0, 2, 3, 1)

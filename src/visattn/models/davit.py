@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..nn.layers import ConvDownsample, ConvPosEnc, MixerBlock, PatchEmbed
-from .backbone import Backbone, Stage, drop_path_rates
+from .backbone import Backbone, Stage, drop_path_rates, pyramid
 from .convert import rename_state_dict, timm_checkpoint_loader
 from .registry import register_model
 
@@ -87,7 +87,7 @@ class DaViT(Backbone):
             return Stage(blocks, down)
 
         super().__init__(PatchEmbed(in_chans, dims[0], kernel_size=7, stride=4),
-                         [partial(stage, i) for i in range(len(depths))], dims, [4 * 2 ** i for i in range(len(depths))],
+                         [partial(stage, i) for i in range(len(depths))], dims, pyramid(len(depths)),
                          in_chans=in_chans, num_classes=num_classes, features_only=features_only,
                          out_indices=out_indices, head_norm_layer=nn.LayerNorm)
         self.depths, self.num_heads, self.window_size, self.mixer = tuple(depths), tuple(num_heads), window_size, mixer

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..nn.layers import ConvDownsample, MixerBlock, PatchEmbed
-from .backbone import Backbone, Stage, drop_path_rates
+from .backbone import Backbone, Stage, drop_path_rates, pyramid
 from .convert import conv1x1_to_linear, rename_state_dict, timm_checkpoint_loader
 from .registry import register_model
 
@@ -75,7 +75,7 @@ class FocalNet(Backbone):
                                      drop=drop_rate, drop_path=p) for p in rates[i]], down)
 
         super().__init__(PatchEmbed(in_chans, embed_dim, kernel_size=4, stride=4),
-                         [partial(stage, i) for i in range(len(depths))], dims, [4 * 2 ** i for i in range(len(depths))],
+                         [partial(stage, i) for i in range(len(depths))], dims, pyramid(len(depths)),
                          in_chans=in_chans, num_classes=num_classes, features_only=features_only,
                          out_indices=out_indices, norm_layer=nn.LayerNorm)
         self.depths, self.focal_level = tuple(depths), focal_level

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..nn.layers import Bottleneck, ConvNormAct
-from .backbone import Backbone, Stage, drop_path_rates
+from .backbone import Backbone, Stage, drop_path_rates, pyramid
 from .convert import rename_state_dict, timm_checkpoint_loader
 from .registry import register_model
 
@@ -98,7 +98,7 @@ class HaloNet(Backbone):
             return Stage([block(i, j, kind) for j, kind in enumerate(blocks[i])])
 
         super().__init__(HaloNetStem(in_chans, stem_width), [partial(stage, i) for i in range(len(widths))],
-                         list(widths), [4 * 2 ** i for i in range(len(widths))], in_chans=in_chans,
+                         list(widths), pyramid(len(widths)), in_chans=in_chans,
                          num_classes=num_classes, features_only=features_only, out_indices=out_indices)
         self.mixer = mixer
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..nn.layers import MBConv, MixerBlock
 from ..nn.layers.mbconv import pad_same
-from .backbone import Backbone, Stage, drop_path_rates
+from .backbone import Backbone, Stage, drop_path_rates, pyramid
 from .convert import conv1x1_to_linear, rename_state_dict, timm_checkpoint_loader
 from .registry import register_model
 
@@ -138,7 +138,7 @@ class MaxViT(Backbone):
             return Stage([maxvit_block(i, j, p) for j, p in enumerate(rates[i])])
 
         super().__init__(MaxViTStem(in_chans, stem_width), [partial(stage, i) for i in range(len(depths))], dims,
-                         [4 * 2 ** i for i in range(len(depths))], in_chans=in_chans, num_classes=num_classes,
+                         pyramid(len(depths)), in_chans=in_chans, num_classes=num_classes,
                          features_only=features_only, out_indices=out_indices, head_norm_layer=_layer_norm,
                          head_hidden_size=head_hidden_size)
         self.depths, self.partition_size, self.mixer = tuple(depths), partition, mixer

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from ..nn.layers import ConvDownsample, ConvStem, GlobalAttention2D, MixerBlock
-from .backbone import Backbone, Stage, drop_path_rates
+from .backbone import Backbone, Stage, drop_path_rates, pyramid
 from .convert import load_official_checkpoint
 from .registry import register_model
 
@@ -196,7 +196,7 @@ class NAT(Backbone):
                           for d, p in zip(dilations[i], rates[i])], down)
 
         super().__init__(ConvStem(in_chans, embed_dim), [partial(stage, i) for i in range(len(depths))], dims,
-                         [4 * 2 ** i for i in range(len(depths))], in_chans=in_chans, num_classes=num_classes,
+                         pyramid(len(depths)), in_chans=in_chans, num_classes=num_classes,
                          features_only=features_only, out_indices=out_indices, norm_layer=nn.LayerNorm,
                          out_norm_layer=nn.LayerNorm, pos_drop_rate=drop_rate)
         self.depths, self.num_heads, self.kernel_size, self.dilations = depths, num_heads, kernel_size, dilations

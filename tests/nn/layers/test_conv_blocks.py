@@ -66,7 +66,8 @@ def test_mbconv_equals_the_block_written_out() -> None:
     m.eval()
     x = torch.randn(2, 6, 6, 4)
     xc = x.permute(0, 3, 1, 2)
-    bn = lambda mod, t: F.batch_norm(t, mod.running_mean, mod.running_var, mod.weight, mod.bias, eps=mod.eps)  # noqa: E731
+    bn = lambda mod, t: F.batch_norm(t, mod.running_mean, mod.running_var, mod.weight, mod.bias,  # noqa: E731
+                                     eps=mod.eps)
     h = F.gelu(bn(m.norm1[0], m.conv1(bn(m.pre_norm[0], xc))))
     h = F.gelu(bn(m.norm2[0], F.conv2d(F.pad(h, (0, 1, 0, 1)), m.conv2.weight, stride=2, groups=32)))
     gate = torch.sigmoid(m.se.fc2(F.silu(m.se.fc1(h.mean((2, 3))))))

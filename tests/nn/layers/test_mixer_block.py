@@ -11,7 +11,8 @@ from visattn.nn import create_attn
 from visattn.nn.layers import ConvFFN, ConvPosEnc, GlobalAttention2D, MixerBlock
 
 
-@pytest.mark.parametrize("mixer, kw", [("na2d", dict(num_heads=2, kernel_size=3)), ("swin", dict(num_heads=2, window_size=4)),
+@pytest.mark.parametrize("mixer, kw", [("na2d", dict(num_heads=2, kernel_size=3)),
+                                       ("swin", dict(num_heads=2, window_size=4)),
                                        ("maxvit_grid", dict(num_heads=2, grid_size=2)), ("focalnet", {}),
                                        ("davit_channel", dict(num_heads=2))])
 def test_any_registered_mixer_by_name(mixer, kw) -> None:

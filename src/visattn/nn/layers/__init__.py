@@ -22,5 +22,5 @@ from .mixer_block import MixerBlock
 from .mlp import Mlp
 from .patch_merging import PatchMerging
 
-__all__ = ["Bottleneck", "ConvDownsample", "ConvNormAct", "ConvFFN", "ConvPosEnc", "ConvStem", "DropPath", "GlobalAttention2D", "LayerScale",
-           "MBConv", "MixerBlock", "Mlp", "PatchEmbed", "PatchMerging"]
+__all__ = ["Bottleneck", "ConvDownsample", "ConvFFN", "ConvNormAct", "ConvPosEnc", "ConvStem", "DropPath",
+           "GlobalAttention2D", "LayerScale", "MBConv", "MixerBlock", "Mlp", "PatchEmbed", "PatchMerging"]

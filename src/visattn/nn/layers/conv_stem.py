@@ -60,8 +60,8 @@ class ConvDownsample(nn.Module):
                              f"use an odd kernel (padded by kernel_size // 2) or kernel_size == stride (patchify).")
         self.stride, self.norm_first = stride, norm_first
         self.patchify = kernel_size % 2 == 0
-        self.conv = nn.Conv2d(dim, out_dim, kernel_size, stride=stride, padding=0 if self.patchify else kernel_size // 2,
-                              bias=bias)
+        padding = 0 if self.patchify else kernel_size // 2
+        self.conv = nn.Conv2d(dim, out_dim, kernel_size, stride=stride, padding=padding, bias=bias)
         self.norm = norm_layer(dim if norm_first else out_dim) if norm_layer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -121,5 +121,5 @@ class HaloAttention(QKVMixer):
         return self._out(o)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, block_size={self.block_size}, halo_size={self.halo_size}, "
-                f"border={self.border!r}, stride={self.stride}")
+        return (f"dim={self.dim}, num_heads={self.num_heads}, block_size={self.block_size}, "
+                f"halo_size={self.halo_size}, border={self.border!r}, stride={self.stride}")
