@@ -212,3 +212,9 @@ def test_convert_timm_state_dict_errors() -> None:
         visattn.models.convert_timm_state_dict("nat_tiny", {})
     with pytest.raises(KeyError, match="swin_from_timm: keys not in the timm Swin Transformer layout: bogus"):
         visattn.models.convert_timm_state_dict("swin_tiny", {"bogus": torch.zeros(1)})
+
+
+def test_pretrained_points_to_timms_weights() -> None:
+    with pytest.raises(ValueError, match="'swin_tiny' has no pretrained checkpoint to download.*"
+                                         "'swin_tiny_patch4_window7_224'.*convert_timm_state_dict"):
+        create_model("swin_tiny", pretrained=True)
