@@ -279,7 +279,7 @@ def test_bad_input_error_names_the_layout():
 
 def test_registry_lists_and_builds():
     assert list_models("nat_*") == ["nat_base", "nat_mini", "nat_small", "nat_tiny"]
-    assert visattn.list_models() == sorted(NAT_CONFIGS)
+    assert set(NAT_CONFIGS) <= set(visattn.list_models())
     model = visattn.create_model("dinat_mini", num_classes=3, in_chans=1, img_size=384, depths=(1, 1, 1, 1))
     assert model.depths == (1, 1, 1, 1) and model.dilations == [[1], [1], [1], [1]]
     assert model(torch.randn(1, 1, 32, 32)).shape == (1, 3)

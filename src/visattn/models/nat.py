@@ -26,13 +26,13 @@ Any input size works: the stem and downsamplers round up, and a feature map smal
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Optional, Sequence
 
-import torch
 from torch import nn
 
-from ..nn import NeighborhoodAttention2D
-from ..nn.layers import ConvDownsample, ConvStem, DropPath, GlobalAttention2D, LayerScale, Mlp
+from ..nn.layers import ConvDownsample, ConvStem, GlobalAttention2D, MixerBlock
+from .backbone import Backbone, Stage, drop_path_rates, pyramid
 from .convert import load_official_checkpoint
 from .registry import register_model
 
@@ -115,65 +115,39 @@ def dinat_dilations(depths: Sequence[int], kernel_size: int, img_size: Sequence[
 
 
 # --------------------------------------------------------------------------------------------------
-# Blocks
+# Block and model
 # --------------------------------------------------------------------------------------------------
 
-class NATBlock(nn.Module):
-    """One NAT/DiNAT layer (pre-norm transformer block with neighborhood attention).
+class NATBlock(MixerBlock):
+    """One NAT/DiNAT layer: the pre-norm :class:`~visattn.nn.layers.MixerBlock` with neighborhood attention.
 
-    ``x [B, H, W, C] -> [B, H, W, C]``. ``dilation > 1`` makes it a DiNA layer.
+    ``x [B, H, W, C] -> [B, H, W, C]``. ``dilation > 1`` makes it a DiNA layer; ``attn_type="global"``
+    swaps the mixer for dense attention over all tokens (the same weights minus ``rpb``).
     """
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  layer_scale: Optional[float] = None, attn_type: str = "na", backend: Optional[str] = None) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
         if attn_type == "na":
-            self.attn = NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation=dilation, qkv_bias=qkv_bias,
-                                                attn_drop=attn_drop, proj_drop=drop, rel_pos_bias=True,
-                                                backend=backend)
+            mixer, kw = "na2d", dict(num_heads=num_heads, kernel_size=kernel_size, dilation=dilation,
+                                     qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, rel_pos_bias=True,
+                                     backend=backend)
         elif attn_type == "global":
-            self.attn = GlobalAttention2D(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+            mixer, kw = GlobalAttention2D, dict(num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                                proj_drop=drop)
         else:
             raise ValueError(f"NATBlock: attn_type={attn_type!r}; choose 'na' (neighborhood attention, the paper) "
                              f"or 'global' (dense attention over all tokens, a baseline).")
-        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        super().__init__(dim, mixer, kw, mlp_ratio=mlp_ratio, layer_scale=layer_scale, drop_path=drop_path, drop=drop)
 
 
-class NATStage(nn.Module):
-    """Optional downsampler, then ``len(dilations)`` blocks; ``[B, H, W, C_in] -> [B, H', W', C]``."""
-
-    def __init__(self, in_dim: int, dim: int, num_heads: int, dilations: Sequence[int], drop_paths: Sequence[float],
-                 downsample: bool, **block_kw) -> None:
-        super().__init__()
-        self.downsample = ConvDownsample(in_dim, dim) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*(NATBlock(dim, num_heads, dilation=d, drop_path=p, **block_kw)
-                                      for d, p in zip(dilations, drop_paths)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
-
-
-# --------------------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------------------
-
-class NAT(nn.Module):
-    """NAT / DiNAT backbone and classifier.
+class NAT(Backbone):
+    """NAT / DiNAT backbone and classifier, on the stage builder (:class:`~visattn.models.backbone.Backbone`).
 
     ``forward(x [B, C_in, H, W])`` returns logits ``[B, num_classes]`` (or pooled features
     ``[B, num_features]`` when ``num_classes=0``); with ``features_only=True`` it returns a list of
     channels-first maps ``[B, feature_info[i]["num_chs"], ceil(H/r), ceil(W/r)]`` for the stages in
-    ``out_indices`` (default: every stage), with ``r = 4 * 2**stage``.
+    ``out_indices`` (default: every stage), with ``r = 4 * 2**stage``, through per-output LayerNorms.
 
     Args: ``depths``/``num_heads`` per stage; ``embed_dim`` (doubles each stage); ``mlp_ratio``;
     ``kernel_size`` (7 in the papers); ``dilations`` one list per stage (``None``: NAT, all 1);
@@ -202,7 +176,6 @@ class NAT(nn.Module):
         attn_type: str = "na",
         backend: Optional[str] = None,
     ) -> None:
-        super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
         if len(num_heads) != len(depths):
             raise ValueError(f"NAT: num_heads={num_heads} needs one entry per stage, like depths={depths}.")
@@ -212,105 +185,22 @@ class NAT(nn.Module):
         if [len(d) for d in dilations] != list(depths):
             raise ValueError(f"NAT: dilations={dilations} must hold one list per stage with one entry per block "
                              f"(depths={depths}); see visattn.models.dinat_dilations.")
-        num_stages = len(depths)
-        out_indices = tuple(range(num_stages)) if out_indices is None else tuple(out_indices)
-        bad = [i for i in out_indices if not 0 <= i < num_stages]
-        if bad:
-            raise ValueError(f"NAT: out_indices={tuple(out_indices)} has {bad} outside 0..{num_stages - 1}.")
+        dims = [embed_dim * 2 ** i for i in range(len(depths))]
+        rates = drop_path_rates(drop_path_rate, depths)
+        block_kw = dict(kernel_size=kernel_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                        attn_drop=attn_drop_rate, layer_scale=layer_scale, attn_type=attn_type, backend=backend)
+
+        def stage(i: int) -> Stage:
+            down = ConvDownsample(dims[i - 1], dims[i]) if i > 0 else None
+            return Stage([NATBlock(dims[i], num_heads[i], dilation=d, drop_path=p, **block_kw)
+                          for d, p in zip(dilations[i], rates[i])], down)
+
+        super().__init__(ConvStem(in_chans, embed_dim), [partial(stage, i) for i in range(len(depths))], dims,
+                         pyramid(len(depths)), in_chans=in_chans, num_classes=num_classes,
+                         features_only=features_only, out_indices=out_indices, norm_layer=nn.LayerNorm,
+                         out_norm_layer=nn.LayerNorm, pos_drop_rate=drop_rate)
         self.depths, self.num_heads, self.kernel_size, self.dilations = depths, num_heads, kernel_size, dilations
-        self.embed_dims = [embed_dim * 2 ** i for i in range(num_stages)]
-        self.num_features = self.embed_dims[-1]
-        self.features_only = features_only
-        self.out_indices = tuple(out_indices)
-        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}")
-                             for i, c in enumerate(self.embed_dims)]
-
-        self.stem = ConvStem(in_chans, embed_dim)
-        self.pos_drop = nn.Dropout(drop_rate)
-        total = sum(depths)
-        # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last block).
-        rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
-        self.stages = nn.ModuleList()
-        start = 0
-        # A backbone stops at its deepest requested output: later stages would be dead weight (and
-        # unused parameters, which DistributedDataParallel rejects).
-        for i in range(max(self.out_indices) + 1 if features_only else num_stages):
-            self.stages.append(NATStage(
-                self.embed_dims[max(i - 1, 0)], self.embed_dims[i], num_heads[i], dilations[i],
-                rates[start:start + depths[i]], downsample=i > 0, kernel_size=kernel_size, mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, layer_scale=layer_scale,
-                attn_type=attn_type, backend=backend))
-            start += depths[i]
-        if features_only:
-            self.out_norms = nn.ModuleDict({str(i): nn.LayerNorm(self.embed_dims[i]) for i in self.out_indices})
-            self.num_classes = 0
-        else:
-            self.norm = nn.LayerNorm(self.num_features)
-            self.num_classes = num_classes
-            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # As the official code: truncated-normal linears, unit LayerNorms; convs keep PyTorch's init.
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set[str]:
-        """Parameter-name fragments to exclude from weight decay (the relative-position tables)."""
-        return {"rpb"}
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        in_chans = self.stem.conv1.in_channels
-        if x.dim() != 4 or x.shape[1] != in_chans:
-            raise ValueError(f"{type(self).__name__}: expected images [B, {in_chans}, H, W] (channels-first), "
-                             f"got {tuple(x.shape)}.")
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final feature map, normalized: ``[B, C_in, H, W] -> [B, ceil(H/32), ceil(W/32), num_features]``."""
-        if self.features_only:
-            raise RuntimeError("NAT.forward_features: this model was built with features_only=True (no final "
-                               "norm); call the model itself to get the multi-scale maps.")
-        self._check_input(x)
-        x = self.pos_drop(self.stem(x))
-        for stage in self.stages:
-            x = stage(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool and classify: ``[B, h, w, C] -> [B, num_classes]`` (``[B, C]`` with ``pre_logits``)."""
-        x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor):
-        if not self.features_only:
-            return self.forward_head(self.forward_features(x))
-        self._check_input(x)
-        x = self.pos_drop(self.stem(x))
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                outs.append(self.out_norms[str(i)](x).permute(0, 3, 1, 2).contiguous())
-        return outs
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a fresh ``Linear(num_features, num_classes)`` (``0``: identity, pooled features)."""
-        if self.features_only:
-            raise RuntimeError("NAT.reset_classifier: a features_only model has no classifier.")
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            self._init_weights(self.head)
+        self.embed_dims = dims
 
 
 # NATConfig fields a caller may override (the paper_* fields are facts, not options).

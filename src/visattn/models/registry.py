@@ -89,7 +89,10 @@ def create_model(name: str, pretrained: bool = False,
                              f"pretrained=False and no checkpoint_path.")
         if checkpoint_path is None:
             if record["url"] is None:
-                raise ValueError(f"create_model: {name!r} has no pretrained checkpoint; use pretrained=False.")
+                hint = (f"; load timm's weights with checkpoint_path= (a timm checkpoint of {record['timm_name']!r}) "
+                        f"or visattn.models.convert_timm_state_dict" if record.get("timm_name") else "")
+                raise ValueError(f"create_model: {name!r} has no pretrained checkpoint to download; use "
+                                 f"pretrained=False{hint}.")
             import torch.hub
 
             checkpoint = torch.hub.load_state_dict_from_url(record["url"], map_location="cpu")

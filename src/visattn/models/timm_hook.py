@@ -25,24 +25,33 @@ __all__: list[str] = ["register_timm"]
 # Keywords timm.create_model passes to every entry point; our builders have no use for them.
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _registered: list[str] = []
+_done = False
 
 
 def register_timm() -> list[str]:
-    """Add every :func:`~visattn.models.list_models` name to timm's registry; returns the names.
+    """Add every :func:`~visattn.models.list_models` name that timm does not have to timm's registry;
+    returns the names added.
 
-    Raises ``ImportError`` with the install command when timm cannot be imported.
+    A name timm already has (``focalnet_tiny_srf``, ...) stays timm's own model: visattn's
+    counterpart is reached through :func:`visattn.models.create_model`, and
+    :func:`~visattn.models.convert_timm_state_dict` moves weights between the two. Raises
+    ``ImportError`` with the install command when timm cannot be imported.
     """
-    if _registered:
+    global _done
+    if _done:
         return list(_registered)
     try:
-        from timm.models import register_model
+        from timm.models import is_model, register_model
     except ImportError as e:
         raise ImportError(f"visattn.models.register_timm: timm is not importable ({e}); `pip install timm`.") from e
     for name in list_models():
+        if is_model(name):
+            continue
         fn = _entrypoint(name)
         globals()[name] = fn
         register_model(fn)  # appends ``name`` to this module's __all__
         _registered.append(name)
+    _done = True
     return list(_registered)
 
 

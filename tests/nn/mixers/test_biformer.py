@@ -77,9 +77,19 @@ def test_generic_properties(H, W):
     check_all(BiLevelRoutingAttention(32, 4, n_win=4, topk=4), torch.randn(2, H, W, 32))
 
 
-def test_non_dividing_size_raises_naming_the_constraint():
-    with pytest.raises(ValueError, match="n_win=7 regions per side must divide"):
-        BiLevelRoutingAttention(16, 2, n_win=7)(torch.randn(1, 15, 14, 16))
+@pytest.mark.parametrize("H,W", [(15, 14), (5, 3)])
+def test_any_size_is_biformers_zero_padding_then_crop(H, W):
+    """BiFormer's auto_pad: pad the map to a multiple of n_win, attend, crop (official code)."""
+    torch.manual_seed(0)
+    m = BiLevelRoutingAttention(16, 2, n_win=7 if H > 7 else 2, topk=3).double().eval()
+    x = torch.randn(2, H, W, 16, dtype=torch.double)
+    S = m.n_win
+    padded = F.pad(x, (0, 0, 0, -W % S, 0, -H % S))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), bra_loop(m, padded)[:, :H, :W])
+
+
+def test_bad_topk_raises_naming_the_constraint():
     with pytest.raises(ValueError, match="topk=50"):
         BiLevelRoutingAttention(16, 2, n_win=7, topk=50)
 

@@ -103,3 +103,52 @@ def test_gradcheck_through_relative_logits():
     rel = m.rel_row.detach().clone().requires_grad_(True)
     f = lambda inp, r: torch.func.functional_call(m, {"rel_row": r}, (inp,))  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, rel), fast_mode=True)
+
+
+def halonet_loop(m: HaloAttention, x: torch.Tensor) -> torch.Tensor:
+    """HaloNet's blocked attention query by query: zero keys/values outside the map, queries every
+    ``stride`` pixels of each ``b x b`` block, block-local relative indices (region position minus
+    query position within its block, per axis)."""
+    B, H, W, C = x.shape
+    b, h, s, win, nh = m.block_size, m.halo_size, m.stride, m.kernel_size, m.num_heads
+    q, k, v = m.qkv(x).reshape(B, H, W, 3, nh, C // nh).unbind(3)
+    Ho, Wo = -(-H // s), -(-W // s)
+    out = torch.zeros(B, Ho, Wo, nh, C // nh, dtype=x.dtype)
+    for oy in range(Ho):
+        for ox in range(Wo):
+            y, xx = oy * s, ox * s
+            by, bx = y // b * b, xx // b * b  # the query's block
+            iy, ix = (y - by) // s, (xx - bx) // s  # its index in the block's query grid
+            logits, vals = [], []
+            for jy in range(win):
+                for jx in range(win):
+                    ky, kx = by - h + jy, bx - h + jx
+                    inside = 0 <= ky < H and 0 <= kx < W
+                    key = k[:, ky, kx] if inside else torch.zeros_like(k[:, 0, 0])
+                    rel = m.rel_row[jy - iy + win - 1] + m.rel_col[jx - ix + win - 1]
+                    logits.append(m.scale * ((q[:, y, xx] * (key + rel)).sum(-1)))  # [B, heads]
+                    vals.append(v[:, ky, kx] if inside else torch.zeros_like(v[:, 0, 0]))
+            p = torch.stack(logits, -1).softmax(-1)  # [B, heads, win^2]
+            out[:, oy, ox] = torch.einsum("bnk,kbnd->bnd", p, torch.stack(vals))
+    return m.proj(out.flatten(-2))
+
+
+@pytest.mark.parametrize("size, stride", [((8, 12), 1), ((7, 10), 1), ((8, 8), 2), ((9, 6), 2)])
+def test_zero_border_is_halonets_blocked_attention(size, stride):
+    torch.manual_seed(0)
+    m = HaloAttention(8, 2, block_size=4, halo_size=1, border="zero", stride=stride, qkv_bias=True).double().eval()
+    x = torch.randn(2, *size, 8, dtype=torch.double)
+    with torch.no_grad():
+        y = m(x)
+        torch.testing.assert_close(y, halonet_loop(m, x))
+    assert y.shape == (2, -(-size[0] // stride), -(-size[1] // stride), 8)
+
+
+def test_zero_border_options_and_errors():
+    m = HaloAttention(16, 2, block_size=4, halo_size=1, border="zero", out_proj=False)
+    assert isinstance(m.proj, torch.nn.Identity) and count_params(m) == 3 * 16 * 16 + 2 * 11 * 8
+    check_all(m, torch.randn(2, 9, 7, 16))
+    with pytest.raises(ValueError, match="stride=2 needs border='zero'"):
+        HaloAttention(16, 2, block_size=4, stride=2)
+    with pytest.raises(ValueError, match="border='edge'; choose 'gna'"):
+        HaloAttention(16, 2, border="edge")

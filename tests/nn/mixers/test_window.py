@@ -170,3 +170,18 @@ def test_gradcheck_through_the_shift_mask():
     m = ShiftedWindowAttention(4, 2, window_size=2).double()
     x = torch.randn(1, 4, 3, 4, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(m, (x,))
+
+
+
+@pytest.mark.parametrize("H,W,shift", [(14, 21, 3), (28, 14, 5), (14, 14, 1), (7, 21, 3), (21, 7, 2)])
+def test_band_decomposition_equals_roll_and_mask(H, W, shift):
+    """Where M divides the shifted sides the mixer attends band by band (no roll, no mask: fused
+    kernels); Swin's roll-and-mask form gives the same, including a side that fits one window."""
+    torch.manual_seed(0)
+    m = ShiftedWindowAttention(16, 2, window_size=7, shift_size=shift).double().eval()
+    x = torch.randn(2, H, W, 16, dtype=torch.double)
+    shifts = tuple(shift if L > 7 else 0 for L in (H, W))
+    banded = m(x)
+    torch.testing.assert_close(banded, m._shifted_masked(x, shifts))
+    if H > 7 and W > 7:
+        torch.testing.assert_close(banded, swin_direct(m, x))

@@ -51,6 +51,18 @@ def test_builds_from_bench_kwargs(name):
     assert y.shape == x.shape and torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("name", sorted(set(visattn.list_attn("channels_last")) - {"na1d", "na3d"}))
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (13, 9), (2, 17)])
+def test_any_input_size(name, size):
+    """Every 2-D token mixer takes any map, however its windows, regions or grids divide it."""
+    torch.manual_seed(0)
+    kw = dict(num_heads=3, kernel_size=7) if name == "na2d" else attn_info(name)["bench_kwargs"]
+    m = visattn.create_attn(name, 96, **kw).eval()
+    with torch.no_grad():
+        y = m(torch.randn(2, *size, 96))
+    assert y.shape == (2, *size, 96) and torch.isfinite(y).all()
+
+
 @pytest.mark.parametrize("name", ON_NA_OPERATOR)
 def test_same_result_on_every_backend(name):
     """Built on the GNA operator, each such mixer runs on any backend (here: oracle vs portable torch)."""

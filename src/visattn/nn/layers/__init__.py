@@ -1,15 +1,26 @@
 """Building blocks shared by the models (timm's ``layers`` in spirit): one concept per file.
 
-* :class:`DropPath` (stochastic depth), :class:`LayerScale`, :class:`Mlp`: the pieces of a pre-norm
-  transformer block around its token mixer;
-* :class:`ConvStem`, :class:`ConvDownsample`: overlapping convolutional tokenizer and downsampler;
+* :class:`MixerBlock`: the pre-norm transformer block around any registered token mixer, with
+  :class:`DropPath` (stochastic depth), :class:`LayerScale`, an :class:`Mlp` or :class:`ConvFFN`
+  and an optional :class:`ConvPosEnc`;
+* :class:`MBConv`: the inverted-bottleneck conv block with squeeze-excitation (MaxViT, MOAT);
+  :class:`Bottleneck`: ResNet's block, its 3x3 conv optionally a token mixer (HaloNet, BoTNet);
+* :class:`ConvStem`, :class:`PatchEmbed`: stems; :class:`ConvDownsample`, :class:`PatchMerging`:
+  downsamplers between stages;
 * :class:`GlobalAttention2D`: dense attention over all tokens, the baseline a local mixer replaces.
 """
 
-from .conv_stem import ConvDownsample, ConvStem
+from .bottleneck import Bottleneck, ConvNormAct
+from .conv_ffn import ConvFFN
+from .conv_pos_enc import ConvPosEnc
+from .conv_stem import ConvDownsample, ConvStem, PatchEmbed
 from .drop_path import DropPath
 from .global_attention import GlobalAttention2D
 from .layer_scale import LayerScale
+from .mbconv import MBConv
+from .mixer_block import MixerBlock
 from .mlp import Mlp
+from .patch_merging import PatchMerging
 
-__all__ = ["ConvDownsample", "ConvStem", "DropPath", "GlobalAttention2D", "LayerScale", "Mlp"]
+__all__ = ["Bottleneck", "ConvDownsample", "ConvFFN", "ConvNormAct", "ConvPosEnc", "ConvStem", "DropPath",
+           "GlobalAttention2D", "LayerScale", "MBConv", "MixerBlock", "Mlp", "PatchEmbed", "PatchMerging"]

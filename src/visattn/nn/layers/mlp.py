@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -9,12 +11,16 @@ __all__ = ["Mlp"]
 
 
 class Mlp(nn.Module):
-    """Two-layer GELU MLP with dropout after each layer: ``[..., C] -> [..., C]`` through ``hidden`` channels."""
+    """Two-layer MLP with dropout after each layer: ``[..., C] -> [..., C]`` through ``hidden`` channels.
 
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+    ``act_layer`` builds the activation between the layers (GELU; MaxViT's TF checkpoints use
+    ``partial(nn.GELU, approximate="tanh")``).
+    """
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, act_layer: Callable[[], nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = act_layer()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 

@@ -27,9 +27,10 @@ class BiLevelRoutingAttention(nn.Module):
     through the choice); ``O = Attention(Q, gather(K, I_r), gather(V, I_r)) + DWConv5x5(V)``.
 
     Readings / differences: the token-attention scale is ``head_dim ** -0.5`` (BiFormer's code uses
-    ``dim ** -0.5``; pass ``qk_scale`` to reproduce it). The region grid must divide the map
-    (``n_win`` regions per side; BiFormer pads instead): a clear error says so. Cost per query is
-    ``topk * H * W / S^2`` keys plus the ``S^4`` routing matrix.
+    ``dim ** -0.5``; pass ``qk_scale`` to reproduce it). Any input size: where ``n_win`` regions per
+    side do not divide the map, it is zero-padded at the bottom/right to a multiple and the output
+    cropped back, as BiFormer's code does (``auto_pad``). Cost per query is ``topk * H * W / S^2``
+    keys plus the ``S^4`` routing matrix.
     """
 
     def __init__(self, dim: int, num_heads: int, n_win: int = 7, topk: int = 4, qkv_bias: bool = False,
@@ -53,11 +54,12 @@ class BiLevelRoutingAttention(nn.Module):
         return affinity.topk(self.topk, dim=-1).indices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W = check_input(self, x, self.dim)
+        B, H_in, W_in = check_input(self, x, self.dim)
         S, C = self.n_win, self.dim
-        if H % S or W % S:
-            raise ValueError(f"BiLevelRoutingAttention: the input is {H}x{W} but n_win={S} regions per side "
-                             f"must divide both sides; pick n_win among the common divisors or resize.")
+        pad_h, pad_w = -H_in % S, -W_in % S
+        if pad_h or pad_w:
+            x = nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        H, W = H_in + pad_h, W_in + pad_w
         rh, rw = H // S, W // S
         n, R = rh * rw, S * S
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -71,7 +73,7 @@ class BiLevelRoutingAttention(nn.Module):
                                     attn_drop=self.attn_drop, training=self.training)  # [B, R, h, n, d]
         o = o.transpose(2, 3).reshape(B, S, S, rh, rw, C).transpose(2, 3).reshape(B, H, W, C)
         o = o + self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj_drop(self.proj(o))
+        return self.proj_drop(self.proj(o[:, :H_in, :W_in]))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
@@ -31,21 +33,26 @@ class SqueezeExcite(nn.Module):
     Parameters: ``2*C*h + h + C`` with ``h = max(1, C // reduction)`` (the paper's ``2*C^2/r`` plus
     the two FC biases). Deliberate choice: when ``C`` is not a multiple of ``reduction`` the hidden
     width rounds down (never below 1); the paper only uses multiples.
+
+    EfficientNet-style blocks (MBConv in MaxViT, CoAtNet, MOAT) set the hidden width from the block
+    instead (``hidden``, which overrides ``reduction``) and use ``act_layer=nn.SiLU``.
     """
 
-    def __init__(self, channels: int, reduction: int = 16) -> None:
+    def __init__(self, channels: int, reduction: int = 16, hidden: Optional[int] = None,
+                 act_layer: Callable[[], nn.Module] = nn.ReLU) -> None:
         super().__init__()
         name = type(self).__name__
         self.channels = check_positive_int(name, "channels", channels)
         self.reduction = check_positive_int(name, "reduction", reduction)
-        hidden = max(1, channels // reduction)
+        hidden = max(1, channels // reduction) if hidden is None else check_positive_int(name, "hidden", hidden)
         self.fc1 = nn.Linear(channels, hidden)
+        self.act = act_layer()
         self.fc2 = nn.Linear(hidden, channels)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The per-channel gates ``[B, C]`` in (0, 1) for ``x: [B, C, H, W]``."""
         check_input(self, x, self.channels)
-        return torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return torch.sigmoid(self.fc2(self.act(self.fc1(x.mean(dim=(2, 3))))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)[:, :, None, None]
