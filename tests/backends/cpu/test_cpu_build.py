@@ -57,11 +57,12 @@ def test_probing_compiles_nothing_and_the_first_served_call_builds(tmp_path) -> 
 
 def test_bounds_checked_build_runs_the_sweep(tmp_path) -> None:
     """The kernel built with every index checked (an out-of-bounds index aborts the process) runs the
-    whole parity sweep in float32 through both backward paths, plus bias-table cases, in a subprocess."""
+    whole parity sweep and the per-pair feature sweep (attn_bias, key padding mask, weights and their
+    gradients) in float32 through both backward paths, plus bias-table cases, in a subprocess."""
     res = _subprocess("""
         import torch
-        from cases import CASES
-        from parity import run_parity
+        from cases import CASES, FEATURE_CASES
+        from parity import run_feature_parity, run_parity
         from visattn import na2d, na3d
         from visattn.backends.cpu import backend as cpu
         for min_units in (0, 10 ** 9):  # fused backward, then two-pass
@@ -72,6 +73,8 @@ def test_bounds_checked_build_runs_the_sweep(tmp_path) -> None:
                 except BaseException as e:
                     if type(e).__name__ != "Skipped":
                         raise
+            for case in FEATURE_CASES:
+                run_feature_parity("cpu", case, torch.float32)
             for fn, shape, kw, table in [
                     (na2d, (1, 9, 10, 2, 16), dict(kernel_size=(5, 4), dilation=(1, 2), stride=(2, 1)), (2, 9, 7)),
                     (na3d, (1, 5, 6, 7, 2, 8), dict(kernel_size=3, is_causal=(True, False, True)), (2, 5, 5, 5))]:

@@ -1,5 +1,6 @@
-"""The fused C ``cpu`` backend beyond the shared parity sweep (which runs it automatically): both
-backward paths (fused, two-pass) over the sweep, real and odd head dims (zero-padded to the vector
+"""The fused C ``cpu`` backend beyond the shared parity sweeps (which run it automatically): both
+backward paths (fused, two-pass) over the sweep and the per-pair features (attn_bias, key padding
+mask, returned weights and their gradients), real and odd head dims (zero-padded to the vector
 width), relative positional bias, half inputs, thread-count independence, concurrent callers, and
 selection and refusals."""
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 from brute import assert_concurrent_calls_identical
-from cases import CASES, Case
+from cases import CASES, FEATURE_CASES, Case, FeatureCase
 from oracle import GRAD_TOL, TOL, oracle
-from parity import run_parity
+from parity import run_feature_parity, run_parity
 from visattn import NeighborhoodAttention2D, na1d, na2d, na3d, neighborhood_attention
 from visattn.backends import Problem, select_backend, why_not
 from visattn.backends.cpu import backend as cpu
@@ -44,6 +45,22 @@ def test_each_backward_path_matches_the_oracle(case, backward_path) -> None:
     """The shared sweep picks a path per geometry (small cases take the two-pass one): here every
     case runs through both, in float32, forward and backward."""
     run_parity("cpu", case, torch.float32)
+
+
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=str)
+def test_features_through_each_backward_path(case: FeatureCase, backward_path) -> None:
+    """rpb, attn_bias, key_padding_mask and the returned weights inside the fused kernels, through
+    both backward paths: out, LSE, weights, and the gradients of q, k, v, rpb and attn_bias (those
+    flowing through the weights included) against the loop oracle."""
+    assert why_not("cpu", _feature_problem(case)) is None
+    run_feature_parity("cpu", case, torch.float32)
+
+
+def _feature_problem(case: FeatureCase) -> Problem:
+    spec = make_spec("t", case.spatial, **case.na)
+    return Problem(spec=spec, batch=case.batch, heads=case.heads, heads_kv=case.heads_kv, dim=case.dim,
+                   dim_v=case.dim_v, dtype=torch.float32, device=torch.device("cpu"), scale=1.0, has_rpb=case.rpb,
+                   has_attn_bias=case.bias, has_key_padding_mask=bool(case.mask), return_attn=True)
 
 
 def test_the_default_problem_takes_the_fused_backward() -> None:
@@ -143,6 +160,30 @@ def test_results_do_not_depend_on_thread_count(backward_path) -> None:
     torch.testing.assert_close(results[0][5], results[1][5], atol=1e-5, rtol=1e-5)
 
 
+def test_masked_results_do_not_depend_on_thread_count(backward_path) -> None:
+    """With attn_bias, a key padding mask and the weights returned and used, every output and every
+    gradient (the attn_bias one is written once per pair, never summed across threads) is bitwise
+    the same for 1 and 3 threads."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 11, 13, 3, 16, generator=g) for _ in range(3))
+    bias = torch.randn(2, 11, 13, 3, 25, generator=g)
+    mask = torch.rand(2, 11, 13, generator=g) < 0.3
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            ts = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+            out, lse, attn = na2d(*ts[:3], 5, dilation=(2, 1), attn_bias=ts[3], key_padding_mask=mask, backend="cpu",
+                                  return_lse=True, return_attn=True)
+            loss = (out * torch.cos(out)).sum() + lse.nan_to_num(neginf=0.0).sum() + (attn * attn).sum()
+            results.append([out, lse, attn, *torch.autograd.grad(loss, ts)])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_float64_default_dtype_does_not_leak_into_the_kernel(backward_path) -> None:
     """The kernel's own buffers (bias-gradient slices, the backward's -lse/delta copies) are float32
     whatever torch's default dtype is."""
@@ -203,8 +244,9 @@ def test_selection_and_refusals() -> None:
     assert select_backend(_problem()).name == "cpu"
     assert select_backend(_problem(dtype=torch.bfloat16)).name == "cpu"  # computed in float32
     assert select_backend(_problem(dim=12)).name == "cpu"  # padded to 16
+    for flags in (dict(has_attn_bias=True), dict(has_key_padding_mask=True), dict(return_attn=True)):
+        assert select_backend(_problem(**flags)).name == "cpu"  # served inside the fused kernels
     for p, words in [(_problem(dtype=torch.float64), "float64 goes to the torch backend"),
-                     (_problem(has_attn_bias=True), "attn_bias"),
                      (_problem(device=torch.device("meta")), "CPU tensors only")]:
         reason = why_not("cpu", p)
         assert reason is not None and words in reason
@@ -214,10 +256,48 @@ def test_selection_and_refusals() -> None:
 
 
 def test_refused_calls_are_served_elsewhere_correctly() -> None:
-    q, k, v, _, _ = Case((8, 8), (3, 3)).make(torch.float32, requires_grad=False)
-    bias = torch.randn(2, 8, 8, 2, 9)
-    with pytest.raises(ValueError, match="attn_bias"):
-        neighborhood_attention(q, k, v, 3, attn_bias=bias, backend="cpu")
-    got = neighborhood_attention(q, k, v, 3, attn_bias=bias)
-    want = neighborhood_attention(q, k, v, 3, attn_bias=bias, backend="reference")
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-4)
+    q, k, v, _, _ = Case((8, 8), (3, 3)).make(torch.float64, requires_grad=False)
+    with pytest.raises(ValueError, match="float64"):
+        neighborhood_attention(q, k, v, 3, backend="cpu")
+    got = neighborhood_attention(q, k, v, 3)
+    want = neighborhood_attention(q, k, v, 3, backend="reference")
+    torch.testing.assert_close(got, want)
+
+
+def test_weights_gradient_without_the_weights_is_an_error() -> None:
+    """The op's native backward needs the weights the forward returned to use their gradient."""
+    from visattn.ops import na_backward
+
+    q = torch.randn(1, 6, 6, 1, 8)
+    out, lse = na2d(q, q, q, 3, backend="cpu", return_lse=True)
+    with pytest.raises(ValueError, match="grad_attn was given without attn"):
+        na_backward(out, None, torch.zeros(1, 6, 6, 1, 9), q, q, q, out, lse, None, None, None, None, [3, 3], [1, 1],
+                    [1, 1], [False, False], 8 ** -0.5, "cpu", True)
+
+
+def test_per_pair_tensors_in_any_layout_and_dtype(backward_path) -> None:
+    """An expanded attn_bias (Swin's mask: one row shared by the batch and heads), a float64 one, and a
+    sliced key padding mask are copied for the kernel; the copies must outlive the call (they once
+    did not: a freed copy was read)."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 8, 12, 4, 8, generator=g) for _ in range(3))
+    row = torch.randn(8, 12, 16, generator=g).masked_fill(torch.rand(8, 12, 16, generator=g) < 0.3, float("-inf"))
+    mask = (torch.rand(2, 8, 24, generator=g) < 0.2)[:, :, ::2]
+    for bias in (row[None, :, :, None].expand(2, 8, 12, 4, 16), row[None, :, :, None].expand(2, 8, 12, 4, 16).double()):
+        got = _grads(na2d, q, k, v, "cpu", kernel_size=4, stride=(4, 2), attn_bias=bias, key_padding_mask=mask)
+        ref = _grads(na2d, q, k, v, "reference", kernel_size=4, stride=(4, 2), attn_bias=bias, key_padding_mask=mask)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5, equal_nan=True)
+
+
+def test_a_fully_masked_image_gives_zeros_and_minus_inf(backward_path) -> None:
+    """Every key masked: no query has a key. Zeros out and weights, LSE -inf, finite zero gradients
+    (the backward must never form inf - inf)."""
+    ts = [torch.randn(1, 9, 8, 2, 8, requires_grad=True) for _ in range(3)]
+    bias = torch.randn(1, 9, 8, 2, 9, requires_grad=True)
+    mask = torch.ones(1, 9, 8, dtype=torch.bool)
+    out, lse, attn = na2d(*ts, 3, attn_bias=bias, key_padding_mask=mask, backend="cpu", return_lse=True,
+                          return_attn=True)
+    assert (out == 0).all() and (attn == 0).all() and torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.sum() + attn.sum(), [*ts, bias])
+    assert all(bool((g == 0).all()) for g in grads)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...spec import NASpec
-from ..base import Backend, Extras, Grads, Problem, Result, refuse_unfused_features
+from ..base import Backend, Extras, Grads, Problem, Result
 from . import build
 from .geometry import colour_chunks, tables
 
@@ -43,15 +43,22 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 def _args(q, k, v, rpb, spec: NASpec, scale: float, split: tuple[int, int] = (0, 0), **tensors) -> build.Args:
     """The kernel's argument struct for contiguous float32 rank-3 tensors (``split``: the fused
-    backward's axis and chunk length). The tables are cached per spec, so they outlive the call."""
-    tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi: int64 [3, Lmax]
+    backward's axis and chunk length; ``tensors``: the optional ones by their ``na_args`` name). The
+    tables are cached per spec, so they outlive the call."""
+    tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi, sof: int64 [3, Lmax]
     B, L0, L1, L2, H, D = q.shape
     Hk, Dv = k.shape[4], v.shape[5]
     R = rpb.shape[1:] if rpb is not None else (1, 1, 1)
-    return build.Args(*[_ptr(t) for t in (q, k, v, rpb, *tabs)], tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv, *R,
-                      scale, *[_ptr(tensors.get(n)) for n in ("out", "lse", "dout", "dlse", "dq", "dk", "dv", "drpb",
-                                                              "nlse_t", "delta_t")],
+    window = (1,) * (3 - spec.rank) + spec.kernel_size
+    args = build.Args(*[_ptr(t) for t in (q, k, v, rpb, tensors.get("ab"), tensors.get("kpm"), *tabs)],
+                      tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv, *R, *window, scale,
+                      *[_ptr(tensors.get(n)) for n in ("attn", "dattn", "dab", "out", "lse", "dout", "dlse", "dq", "dk",
+                                                       "dv", "drpb", "nlse_t", "delta_t")],
                       *split, _threads())
+    # The struct holds raw pointers: it keeps the tensors alive (a temporary copy made for the call,
+    # such as a contiguous attn_bias, would otherwise be freed before the kernel runs).
+    args.keepalive = (q, k, v, rpb, tensors)
+    return args
 
 
 def _fused_plan(spec: NASpec, batch: int, heads_kv: int) -> Optional[tuple[int, int, int]]:
@@ -88,6 +95,17 @@ def _bias_view(rpb: Optional[torch.Tensor], p: Problem) -> Optional[torch.Tensor
     return rpb.float().reshape(p.heads, *((1,) * (3 - p.spec.rank)), *rpb.shape[1:]).contiguous()
 
 
+def _slots_view(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-pair tensor ``[B, *S, H, K]`` (attn_bias, the weights' gradient) as contiguous float32
+    (the kernel reads row ``token * H + head`` of ``K`` slots); ``None`` stays ``None``."""
+    return None if t is None else t.float().contiguous()
+
+
+def _mask_view(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``key_padding_mask [B, *S]`` as contiguous bytes, one per token (nonzero: ignore the key)."""
+    return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
 class CpuBackend(Backend):
     name = "cpu"
     supports_gqa = True
@@ -113,7 +131,7 @@ class CpuBackend(Backend):
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return (f"dtype {p.dtype} is not supported (float32; half types computed in float32; float64 goes to the "
                     f"torch backend)")
-        return refuse_unfused_features(p)
+        return None
 
     def priority(self, p: Problem) -> float:
         return 20.0 if p.spec.window_size <= _MAX_WINDOW else -1.0
@@ -124,16 +142,27 @@ class CpuBackend(Backend):
         rpb = _bias_view(extras.rpb, p)
         out = q3.new_empty(*q3.shape[:-1], dv)
         lse = q3.new_empty(q3.shape[:-1])
-        build.run(_args(q3, k3, v3, rpb, p.spec, p.scale, out=out, lse=lse), 0)
-        out = out[..., : p.dim_v].reshape(p.batch, *p.spec.spatial, p.heads, p.dim_v)
-        return Result(out.to(q.dtype), lse.reshape(p.batch, *p.spec.spatial, p.heads))
+        lead = (p.batch, *p.spec.spatial, p.heads)
+        attn = q3.new_empty(*lead, p.spec.window_size) if p.return_attn else None  # rows zeroed by the kernel
+        build.run(_args(q3, k3, v3, rpb, p.spec, p.scale, out=out, lse=lse, attn=attn,
+                        ab=_slots_view(extras.attn_bias), kpm=_mask_view(extras.key_padding_mask)), 0)
+        out = out[..., : p.dim_v].reshape(*lead, p.dim_v)
+        return Result(out.to(q.dtype), lse.reshape(lead), attn.to(q.dtype) if attn is not None else None)
 
     def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                 dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras) -> Grads:
+                 dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras,
+                 attn: Optional[torch.Tensor] = None, dattn: Optional[torch.Tensor] = None) -> Grads:
         d, dv = _padded(p.dim), _padded(p.dim_v)
         q3, k3, v3 = _kernel_view(q, p, d), _kernel_view(k, p, d), _kernel_view(v, p, dv)
         out3, dout3 = _kernel_view(out, p, dv), _kernel_view(dout, p, dv)
         lse3 = lse.float().contiguous()
+        dattn3 = _slots_view(dattn)
+        if dattn3 is not None:
+            # Weights P = exp(s - lse) with gradient dA: dS = P * (dO.V + dA - delta), where delta =
+            # rowsum(dO * O) - dLSE + sum(P * dA); the kernel adds dA to dO.V, the last term goes
+            # into the LSE's gradient here.
+            extra = (attn.float() * dattn3).sum(-1)
+            dlse = -extra if dlse is None else dlse.float() - extra
         dlse3 = dlse.float().contiguous() if dlse is not None else None
         rpb = _bias_view(extras.rpb, p)
         dk, dv_ = torch.empty_like(k3), torch.empty_like(v3)
@@ -145,8 +174,11 @@ class CpuBackend(Backend):
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
         drpb = torch.zeros(_threads(), *rpb.shape, dtype=torch.float32) if rpb is not None else None
         plan = _fused_plan(p.spec, p.batch, k3.shape[4])
+        dab = torch.empty_like(extras.attn_bias, dtype=torch.float32) if extras.attn_bias is not None else None
         args = _args(q3, k3, v3, rpb, p.spec, p.scale, plan[:2] if plan else (0, 0), out=out3, lse=lse3, dout=dout3,
-                     dlse=dlse3, dq=dq, dk=dk, dv=dv_, drpb=drpb, nlse_t=side[0], delta_t=side[1])
+                     dlse=dlse3, dq=dq, dk=dk, dv=dv_, drpb=drpb, nlse_t=side[0], delta_t=side[1],
+                     ab=_slots_view(extras.attn_bias), kpm=_mask_view(extras.key_padding_mask), dattn=dattn3,
+                     dab=dab)  # dab: rows zeroed in pass 3
         build.run(args, 3)  # -lse and delta copies, dq zeroed
         if plan:  # dQ, dK, dV and drpb from the key side: even chunks, then odd ones
             for pass_ in (4, 5)[: 2 if plan[2] > 1 else 1]:
@@ -160,4 +192,5 @@ class CpuBackend(Backend):
             dk=dk[..., : p.dim].reshape(*shape, k.shape[-2], p.dim).to(k.dtype),
             dv=dv_[..., : p.dim_v].reshape(*shape, v.shape[-2], p.dim_v).to(v.dtype),
             drpb=drpb.sum(0).reshape(extras.rpb.shape).to(extras.rpb.dtype) if drpb is not None else None,
+            dattn_bias=dab.to(extras.attn_bias.dtype) if dab is not None else None,
         )

@@ -39,11 +39,13 @@ BOUNDS_CHECK_ENV = "VISATTN_CPU_BOUNDS_CHECK"
 class Args(ctypes.Structure):
     """Mirror of ``na_args`` in ``na_cpu.c`` (same order, same types)."""
 
-    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v", "rpb", "pos", "lo", "hi", "rof", "qlo", "qhi")]
-                + [(n, ctypes.c_int64) for n in ("lmax", "B", "L0", "L1", "L2", "H", "Hk", "D", "Dv", "R0", "R1", "R2")]
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v", "rpb", "ab", "kpm", "pos", "lo", "hi", "rof", "qlo",
+                                                  "qhi", "sof")]
+                + [(n, ctypes.c_int64) for n in ("lmax", "B", "L0", "L1", "L2", "H", "Hk", "D", "Dv", "R0", "R1", "R2",
+                                                 "K0", "K1", "K2")]
                 + [("scale", ctypes.c_float)]
-                + [(n, ctypes.c_void_p) for n in ("out", "lse", "dout", "dlse", "dq", "dk", "dv", "drpb", "nlse_t",
-                                                  "delta_t")]
+                + [(n, ctypes.c_void_p) for n in ("attn", "dattn", "dab", "out", "lse", "dout", "dlse", "dq", "dk", "dv",
+                                                  "drpb", "nlse_t", "delta_t")]
                 + [(n, ctypes.c_int64) for n in ("split", "chunk")]
                 + [("nthreads", ctypes.c_int)])
 

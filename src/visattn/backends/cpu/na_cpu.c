@@ -60,12 +60,16 @@ typedef int32_t v8iu __attribute__((vector_size(32), aligned(4), may_alias));
 #endif
 
 #define W 8            /* floats per vector */
-#define NEG (-1e30f)    /* bias of a pair outside the window (finite: no inf arithmetic anywhere) */
+/* Logit of a pair outside the window, of a masked key, of a padding slot: exp gives exactly 0. A
+ * query whose logits are all NEG (every key masked, or an attn_bias of -inf) has no key: zeros out,
+ * LSE -inf; the backward then uses -lse = NEG for it, so its probabilities stay 0 (never inf - inf). */
+#define NEG (-INFINITY)
 #define MAX_THREADS 256
 
 static inline v8f ld(const float *p) { return *(const v8fu *)p; }
 static inline void st(float *p, v8f x) { *(v8fu *)p = x; }
 static inline v8f bc(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+static inline v8i bci(int32_t x) { return (v8i){x, x, x, x, x, x, x, x}; }
 static inline v8f sel(v8i m, v8f a, v8f b) { return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
 static inline int64_t round8(int64_t n) { return (n + W - 1) / W * W; }
 
@@ -174,10 +178,16 @@ static float dot(const float *a, const float *b, int64_t dim) {
 typedef struct {
     const float *q, *k, *v;             /* [T*H, D], [T*Hk, D], [T*Hk, Dv] */
     const float *rpb;                   /* [H, R0, R1, R2], or NULL */
+    const float *ab;                    /* attn_bias [T*H, K] (K = K0*K1*K2 slots), or NULL */
+    const uint8_t *kpm;                 /* key_padding_mask [T], nonzero = ignore that key; or NULL */
     const int64_t *pos, *lo, *hi, *rof; /* [3, lmax] each */
     const int64_t *qlo, *qhi;           /* [3, lmax]: inverse runs (backward only) */
-    int64_t lmax, B, L0, L1, L2, H, Hk, D, Dv, R0, R1, R2;
+    const int64_t *sof;                 /* [3, lmax]: key index - sof = the key's slot along the axis */
+    int64_t lmax, B, L0, L1, L2, H, Hk, D, Dv, R0, R1, R2, K0, K1, K2;
     float scale;
+    float *attn;                        /* [T*H, K]: the weights (forward, return_attn), or NULL */
+    const float *dattn;                 /* [T*H, K]: their gradient (backward), or NULL */
+    float *dab;                         /* [T*H, K]: the gradient of attn_bias (backward), or NULL */
     float *out, *lse;                   /* [T*H, Dv], [T*H]: written by forward, read by backward */
     const float *dout, *dlse;           /* [T*H, Dv], [T*H] or NULL (no gradient into the LSE) */
     float *dq, *dk, *dv;                /* [T*H, D], [T*Hk, D], [T*Hk, Dv] */
@@ -209,8 +219,11 @@ static int64_t max_slots(const na_args *A, const int64_t *lo, const int64_t *hi)
 
 typedef struct {
     int64_t *row;    /* slot -> row of the gathered tensor */
-    int32_t *ridx;   /* [2][cap]: slot -> flat rpb index, -1 outside the window */
+    int32_t *ok;     /* [2][cap]: -1 where pair i counts (inside its window, key not masked), else 0 */
+    int32_t *ridx;   /* [2][cap]: slot -> flat rpb index, -1 where the pair does not count */
+    int32_t *sidx;   /* [2][cap]: slot -> neighbourhood slot of the pair (attn_bias, weights), or -1 */
     float *bias;     /* [2][cap] */
+    float *dadd;     /* [2][cap]: the weights' gradient of each pair (backward with dattn), else 0 */
     float *s, *dp;   /* [2][cap] */
     float *dl;       /* [cap]: per-slot delta (dK/dV pass) */
     float *tmp;      /* [2][max(D, Dv)]: rows of the discarded second query of an odd tail */
@@ -222,8 +235,11 @@ typedef struct {
 static int scratch_init(scratch *S, int64_t cap, int64_t dim) {
     S->cap = cap;
     S->row = malloc(sizeof(int64_t) * cap);
+    S->ok = malloc(sizeof(int32_t) * 2 * cap);
     S->ridx = malloc(sizeof(int32_t) * 2 * cap);
+    S->sidx = malloc(sizeof(int32_t) * 2 * cap);
     S->bias = malloc(sizeof(float) * 2 * cap);
+    S->dadd = malloc(sizeof(float) * 2 * cap);
     S->s = malloc(sizeof(float) * 2 * cap);
     S->dp = malloc(sizeof(float) * 2 * cap);
     S->dl = malloc(sizeof(float) * cap);
@@ -231,12 +247,29 @@ static int scratch_init(scratch *S, int64_t cap, int64_t dim) {
     S->col = malloc(sizeof(int64_t) * cap);
     S->a2 = malloc(sizeof(int64_t) * cap);
     S->in = malloc(sizeof(int32_t) * 2 * cap);
-    return S->row && S->ridx && S->bias && S->s && S->dp && S->dl && S->tmp && S->col && S->a2 && S->in;
+    return S->row && S->ok && S->ridx && S->sidx && S->bias && S->dadd && S->s && S->dp && S->dl && S->tmp &&
+           S->col && S->a2 && S->in;
 }
 
 static void scratch_free(scratch *S) {
-    free(S->row); free(S->ridx); free(S->bias); free(S->s); free(S->dp); free(S->dl); free(S->tmp);
-    free(S->col); free(S->a2); free(S->in);
+    free(S->row); free(S->ok); free(S->ridx); free(S->sidx); free(S->bias); free(S->dadd); free(S->s);
+    free(S->dp); free(S->dl); free(S->tmp); free(S->col); free(S->a2); free(S->in);
+}
+
+/* Whether slots need their neighbourhood-slot index (per-pair tensors in slot order). */
+static int wants_sidx(const na_args *A) { return A->ab || A->attn || A->dattn || A->dab; }
+
+/* Whether a slot's bias depends on the head (rpb, attn_bias): then head_bias writes it per head. */
+static int per_head_bias(const na_args *A) { return A->rpb || A->ab; }
+
+/* Flat token index of (b, group-major indices i0, i1, i2). */
+static int64_t token(const na_args *A, int64_t b, int64_t i0, int64_t i1, int64_t i2) {
+    return ((b * A->L0 + TAB(A->pos, 0, i0)) * A->L1 + TAB(A->pos, 1, i1)) * A->L2 + TAB(A->pos, 2, i2);
+}
+
+/* Whether key (b, i0, i1, i2) is masked out by key_padding_mask. */
+static int masked(const na_args *A, int64_t b, int64_t i0, int64_t i1, int64_t i2) {
+    return A->kpm && A->kpm[token(A, b, i0, i1, i2)];
 }
 
 /* The axis-2 part of a slot list, shared by every row of it: for union slot u (0 <= u < nub, padded
@@ -259,16 +292,18 @@ static void axis2_template(const na_args *A, scratch *S, int64_t ulo, int64_t nu
     }
 }
 
-/* Pads a slot list of n slots to a multiple of 8 with copies of its last row, bias NEG, no rpb
- * index and delta 0 (weight 0: they add nothing anywhere); returns the padded count. Rows are not
- * padded one by one: for k = 5 that would be 8 slots for a 6-key union, for k = 3 8 for 4. */
+/* Pads a slot list of n slots to a multiple of 8 with copies of its last row, bias NEG, no rpb or
+ * slot index and delta 0 (weight 0: they add nothing anywhere); returns the padded count. Rows are
+ * not padded one by one: for k = 5 that would be 8 slots for a 6-key union, for k = 3 8 for 4. */
 static int64_t pad_slots(scratch *S, int64_t n) {
     const int64_t np = round8(n), cap = S->cap;
     CHECK(n >= 1 && np <= cap);
     for (int64_t j = n; j < np; j++) {
         S->row[j] = S->row[n - 1];
         S->bias[j] = S->bias[cap + j] = NEG;
+        S->ok[j] = S->ok[cap + j] = 0;
         S->ridx[j] = S->ridx[cap + j] = -1;
+        S->sidx[j] = S->sidx[cap + j] = -1;
         S->dl[j] = 0.0f;
     }
     return np;
@@ -276,14 +311,18 @@ static int64_t pad_slots(scratch *S, int64_t n) {
 
 /* Slots of the query pair (x2[0], x2[1]) at (b, x0, x1): every key of the union of their windows,
  * key-row by key-row (rows of nu slots, back to back), padded by pad_slots. Rows are those of kv
- * head 0 (kv head hk reads row + hk) and ridx the flat rpb index of head 0 (-1 outside query i's
- * window), so one slot list serves every head. Without rpb the bias (0 inside query i's window, NEG
- * outside) is written here; with rpb, head_bias writes it per head. Returns the padded slot count. */
+ * head 0 (kv head hk reads row + hk); ok marks where pair i counts (key inside query i's window and
+ * not masked), ridx is the flat rpb index of head 0 and sidx the neighbourhood slot (-1 where the
+ * pair does not count), so one slot list serves every head. Without rpb and attn_bias the bias (0
+ * where the pair counts, NEG elsewhere) is written here; with them, head_bias writes it per head.
+ * Returns the padded slot count. */
 static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, int64_t x1, const int64_t x2[2]) {
     const int64_t cap = S->cap;
     const int64_t ulo = TAB(A->lo, 2, x2[0]), nu = TAB(A->hi, 2, x2[1]) - ulo + 1, nub = round8(nu);
     axis2_template(A, S, ulo, nu, nub, A->Hk, 0, x2, 0);
     const int64_t rof2[2] = {TAB(A->rof, 2, x2[0]), TAB(A->rof, 2, x2[1])};
+    const int64_t sof2[2] = {TAB(A->sof, 2, x2[0]), TAB(A->sof, 2, x2[1])};
+    const int slots = wants_sidx(A);
     int64_t n = 0;
     for (int64_t a0 = TAB(A->lo, 0, x0); a0 <= TAB(A->hi, 0, x0); a0++) {
         for (int64_t a1 = TAB(A->lo, 1, x1); a1 <= TAB(A->hi, 1, x1); a1++, n += nu) {
@@ -293,19 +332,32 @@ static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, 
                 S->row[n + u] = base + S->col[u];
                 CHECK(0 <= S->row[n + u] && S->row[n + u] + A->Hk - 1 < A->B * A->L0 * A->L1 * A->L2 * A->Hk);
             }
-            if (!A->rpb) {  /* vector stores past nu are overwritten by the next row (or padding) */
+            /* ok: inside the pair's window and not masked; vector stores past nu are overwritten by
+             * the next row (or padding) */
+            for (int i = 0; i < 2; i++)
+                for (int64_t u = 0; u < nub; u += W) *(v8iu *)(S->ok + i * cap + n + u) = *(const v8iu *)(S->in + i * cap + u);
+            if (A->kpm)
+                for (int64_t u = 0; u < nu; u++)
+                    if (masked(A, b, a0, a1, S->a2[u])) S->ok[n + u] = S->ok[cap + n + u] = 0;
+            if (!per_head_bias(A))
                 for (int64_t u = 0; u < nu; u += W)
                     for (int i = 0; i < 2; i++)
-                        st(S->bias + i * cap + n + u, sel(*(const v8iu *)(S->in + i * cap + u), bc(0.0f), bc(NEG)));
-                continue;
-            }
+                        st(S->bias + i * cap + n + u, sel(*(const v8iu *)(S->ok + i * cap + n + u), bc(0.0f), bc(NEG)));
             const int64_t r01 = ((a0 - TAB(A->rof, 0, x0)) * A->R1 + a1 - TAB(A->rof, 1, x1)) * A->R2;
+            const int64_t s01 = ((a0 - TAB(A->sof, 0, x0)) * A->K1 + a1 - TAB(A->sof, 1, x1)) * A->K2;
             for (int i = 0; i < 2; i++) {
-                const int32_t *in = S->in + i * cap;
+                const int32_t *ok = S->ok + i * cap + n;
                 for (int64_t u = 0; u < nu; u++) {
-                    const int64_t ri = r01 + S->a2[u] - rof2[i];
-                    CHECK(!in[u] || (0 <= ri && ri < A->R0 * A->R1 * A->R2));
-                    S->ridx[i * cap + n + u] = in[u] ? (int32_t)ri : -1;
+                    if (A->rpb) {
+                        const int64_t ri = r01 + S->a2[u] - rof2[i];
+                        CHECK(!ok[u] || (0 <= ri && ri < A->R0 * A->R1 * A->R2));
+                        S->ridx[i * cap + n + u] = ok[u] ? (int32_t)ri : -1;
+                    }
+                    if (slots) {
+                        const int64_t si = s01 + S->a2[u] - sof2[i];
+                        CHECK(!ok[u] || (0 <= si && si < A->K0 * A->K1 * A->K2));
+                        S->sidx[i * cap + n + u] = ok[u] ? (int32_t)si : -1;
+                    }
                 }
             }
         }
@@ -313,13 +365,43 @@ static int64_t query_slots(const na_args *A, scratch *S, int64_t b, int64_t x0, 
     return pad_slots(S, n);
 }
 
-/* With rpb: the bias of head h for the n slots of query_slots (rpb of head h inside, NEG outside). */
-static void head_bias(const na_args *A, scratch *S, int64_t n, int64_t h) {
-    const float *rpb = A->rpb + h * A->R0 * A->R1 * A->R2;
+/* With rpb or attn_bias: the bias of head h for the n slots of query_slots (rpb of head h plus
+ * attn_bias of query row r[i] where pair i counts, NEG elsewhere). */
+static void head_bias(const na_args *A, scratch *S, int64_t n, int64_t h, const int64_t r[2]) {
+    const int64_t K = A->K0 * A->K1 * A->K2;
+    const float *rpb = A->rpb ? A->rpb + h * A->R0 * A->R1 * A->R2 : NULL;
     for (int i = 0; i < 2; i++) {
-        const int32_t *ri = S->ridx + i * S->cap;
+        const int32_t *ok = S->ok + i * S->cap, *ri = S->ridx + i * S->cap, *si = S->sidx + i * S->cap;
+        const float *ab = A->ab ? A->ab + r[i] * K : NULL;
         float *bias = S->bias + i * S->cap;
-        for (int64_t j = 0; j < n; j++) bias[j] = ri[j] >= 0 ? rpb[ri[j]] : NEG;
+        for (int64_t j = 0; j < n; j++)
+            bias[j] = ok[j] ? (rpb ? rpb[ri[j]] : 0.0f) + (ab ? ab[si[j]] : 0.0f) : NEG;
+    }
+}
+
+/* With dattn: the weights' gradient of the pairs of rows r[0], r[1] in slot order (0 where a pair does
+ * not count), into S->dadd. */
+static void head_dattn(const na_args *A, scratch *S, int64_t n, const int64_t r[2]) {
+    const int64_t K = A->K0 * A->K1 * A->K2;
+    for (int i = 0; i < 2; i++) {
+        const int32_t *si = S->sidx + i * S->cap;
+        const float *da = A->dattn + r[i] * K;
+        float *dadd = S->dadd + i * S->cap;
+        for (int64_t j = 0; j < n; j++) dadd[j] = si[j] >= 0 ? da[si[j]] : 0.0f;
+    }
+}
+
+/* out[r_i * K + slot] = w_i[j] * f_i for the slots where pair i counts (the rows of attn or dab),
+ * pairs 0 .. npairs - 1; rows are zeroed before, so slots that hold no key stay 0. */
+static void scatter_slots(const na_args *A, const scratch *S, int64_t n, int npairs, const int64_t r[2],
+                          const float *w0, const float *w1, const float f[2], float *out) {
+    const int64_t K = A->K0 * A->K1 * A->K2;
+    const float *w[2] = {w0, w1};
+    for (int i = 0; i < npairs; i++) {
+        const int32_t *si = S->sidx + i * S->cap;
+        float *o = out + r[i] * K;
+        for (int64_t j = 0; j < n; j++)
+            if (si[j] >= 0) o[si[j]] = w[i][j] * f[i];
     }
 }
 
@@ -345,7 +427,8 @@ static int64_t qrow(const na_args *A, int64_t b, int64_t x0, int64_t x1, int64_t
 }
 
 /* Row-wise softmax of the pair's scores in place (unnormalized: exp(s - max)); returns the LSE of
- * each row and writes 1 / its sum into inv. */
+ * each row and writes 1 / its sum into inv. A row without any key (all NEG) gets weights 0, inv 0
+ * and LSE -inf. */
 static void softmax2(float *s0, float *s1, int64_t n, float lse[2], float inv[2]) {
     float *s[2] = {s0, s1};
     for (int i = 0; i < 2; i++) {
@@ -356,6 +439,12 @@ static void softmax2(float *s0, float *s1, int64_t n, float lse[2], float inv[2]
         }
         float m = mv[0];
         for (int t = 1; t < W; t++) m = mv[t] > m ? mv[t] : m;
+        if (m == NEG) {
+            for (int64_t j = 0; j < n; j += W) st(s[i] + j, bc(0.0f));
+            lse[i] = NEG;
+            inv[i] = 0.0f;
+            continue;
+        }
         v8f sum = bc(0.0f);
         for (int64_t j = 0; j < n; j += W) {
             v8f p = vexp(ld(s[i] + j) - bc(m));
@@ -400,11 +489,17 @@ static void forward_items(const na_args *A, scratch *S, int64_t begin, int64_t e
         for (int64_t h = 0; h < A->H; h++) {
             const int64_t hk = h / G;
             const int64_t r0 = qrow(A, b, x0, x1, x2[0], A->H, h), r1 = qrow(A, b, x0, x1, x2[1], A->H, h);
-            if (A->rpb) head_bias(A, S, n, h);
+            const int64_t r[2] = {r0, r1};
+            if (per_head_bias(A)) head_bias(A, S, n, h, r);
             scores2(A->q + r0 * D, A->q + r1 * D, A->k + hk * D, S->row, n, D, A->scale, S->bias, S->bias + cap,
                     s0, s1);
             float lse[2], inv[2];
             softmax2(s0, s1, n, lse, inv);
+            if (A->attn) {
+                const int64_t K = A->K0 * A->K1 * A->K2;
+                for (int i = 0; i < 1 + two; i++) memset(A->attn + r[i] * K, 0, sizeof(float) * K);
+                scatter_slots(A, S, n, 1 + two, r, s0, s1, inv, A->attn);
+            }
             float *o0 = A->out + r0 * Dv, *o1 = two ? A->out + r1 * Dv : S->tmp;
             memset(o0, 0, sizeof(float) * Dv);
             memset(o1, 0, sizeof(float) * Dv);
@@ -426,41 +521,48 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
         for (int64_t h = 0; h < A->H; h++) {
             const int64_t hk = h / G;
             const int64_t r[2] = {qrow(A, b, x0, x1, x2[0], A->H, h), qrow(A, b, x0, x1, x2[1], A->H, h)};
-            float lse[2], delta[2]; /* from pass 3's copies */
+            float nlse[2], delta[2]; /* from pass 3's copies (-lse is NEG for a query without keys) */
             for (int i = 0; i < 2; i++) {
-                lse[i] = -A->nlse_t[qt(A, b, x0, x1, h, x2[i])];
+                nlse[i] = A->nlse_t[qt(A, b, x0, x1, h, x2[i])];
                 delta[i] = A->delta_t[qt(A, b, x0, x1, h, x2[i])];
             }
-            if (A->rpb) head_bias(A, S, n, h);
+            if (per_head_bias(A)) head_bias(A, S, n, h, r);
+            if (A->dattn) head_dattn(A, S, n, r);
             scores2(A->q + r[0] * D, A->q + r[1] * D, A->k + hk * D, S->row, n, D, A->scale, S->bias, S->bias + cap,
                     s0, s1);
-            /* dP = dO . V, then dS = P * (dP - delta) in place of dP. */
-            scores2(A->dout + r[0] * Dv, A->dout + r[1] * Dv, A->v + hk * Dv, S->row, n, Dv, 1.0f, NULL, NULL, p0,
-                    p1);
+            /* dP = dO . V (+ the weights' gradient), then dS = P * (dP - delta) in place of dP. */
+            scores2(A->dout + r[0] * Dv, A->dout + r[1] * Dv, A->v + hk * Dv, S->row, n, Dv, 1.0f,
+                    A->dattn ? S->dadd : NULL, A->dattn ? S->dadd + cap : NULL, p0, p1);
             for (int64_t j = 0; j < n; j += W) {
-                st(p0 + j, vexp(ld(s0 + j) - bc(lse[0])) * (ld(p0 + j) - bc(delta[0])));
-                st(p1 + j, vexp(ld(s1 + j) - bc(lse[1])) * (ld(p1 + j) - bc(delta[1])));
+                st(p0 + j, vexp(ld(s0 + j) + bc(nlse[0])) * (ld(p0 + j) - bc(delta[0])));
+                st(p1 + j, vexp(ld(s1 + j) + bc(nlse[1])) * (ld(p1 + j) - bc(delta[1])));
             }
             float *g0 = A->dq + r[0] * D, *g1 = two ? A->dq + r[1] * D : S->tmp;
             if (!two) memset(g1, 0, sizeof(float) * D); /* dq itself was zeroed by pass 3 */
             accum2(p0, p1, A->k + hk * D, S->row, n, D, A->scale, A->scale, g0, g1);
             if (drpb) add_drpb(drpb + h * R, S, n, 1 + two); /* ridx is relative to head 0's table */
+            if (A->dab) scatter_slots(A, S, n, 1 + two, r, p0, p1, (const float[2]){1.0f, 1.0f}, A->dab);
         }
     }
 }
 
 /* Slots of the key pair (y2[0], y2[1]) at (b, y0, y1) for query head h: every query whose window
- * holds either key (inverse runs qlo..qhi), row by row, laid out and padded like query_slots. Bias is
- * rpb - lse(query) where key i is in the query's window, NEG elsewhere; dl is the query's delta;
- * with rpb, ridx is the flat rpb index (-1 outside), for the fused pass's bias gradient. A row's
- * queries are consecutive in the qt layout, so -lse and delta come as vector loads (padding slots
- * read past the row: finite values, masked to NEG and weight 0). */
+ * holds either key (inverse runs qlo..qhi), row by row, laid out and padded like query_slots. Pair
+ * (query, key i) counts (ok) where key i is in the query's window and not masked; its bias is then
+ * -lse(query) + rpb + attn_bias, NEG elsewhere; dl is the query's delta; ridx (rpb) and sidx
+ * (attn_bias, weights) index the pair's bias entries, -1 where it does not count; with dattn, dadd
+ * holds the weights' gradient. A row's queries are consecutive in the qt layout, so -lse and delta
+ * come as vector loads (padding slots read past the row: finite values or NEG, masked to NEG and
+ * weight 0). */
 static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_t y1, const int64_t y2[2],
                          int64_t h) {
-    const int64_t cap = S->cap, *rof2 = A->rof + 2 * A->lmax, *col = S->col;
+    const int64_t cap = S->cap, *rof2 = A->rof + 2 * A->lmax, *sof2 = A->sof + 2 * A->lmax, *col = S->col;
     const int64_t ulo = TAB(A->qlo, 2, y2[0]), nu = TAB(A->qhi, 2, y2[1]) - ulo + 1, nub = round8(nu);
-    const int32_t *in0 = S->in, *in1 = S->in + cap;
+    const int64_t K = A->K0 * A->K1 * A->K2;
+    const int slots = wants_sidx(A);
     axis2_template(A, S, ulo, nu, nub, A->H, h, y2, 1);
+    /* a masked key counts for no query */
+    const v8i live[2] = {bci(masked(A, b, y0, y1, y2[0]) ? 0 : -1), bci(masked(A, b, y0, y1, y2[1]) ? 0 : -1)};
     int64_t n = 0;
     for (int64_t x0 = TAB(A->qlo, 0, y0); x0 <= TAB(A->qhi, 0, y0); x0++) {
         for (int64_t x1 = TAB(A->qlo, 1, y1); x1 <= TAB(A->qhi, 1, y1); x1++, n += nu) {
@@ -469,7 +571,7 @@ static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, in
             CHECK(0 <= x0 && x0 < A->L0 && 0 <= x1 && x1 < A->L1 && n + nub <= S->cap);
             CHECK(t0 + nub <= A->B * A->L0 * A->L1 * A->L2 * A->H + W);
             int64_t *rows = S->row + n;
-            float *dl = S->dl + n, *bias0 = S->bias + n, *bias1 = S->bias + cap + n;
+            float *dl = S->dl + n;
             for (int64_t u = 0; u < nu; u++) {
                 rows[u] = base + col[u];
                 CHECK(0 <= rows[u] && rows[u] < A->B * A->L0 * A->L1 * A->L2 * A->H);
@@ -477,27 +579,56 @@ static int64_t key_slots(const na_args *A, scratch *S, int64_t b, int64_t y0, in
             for (int64_t u = 0; u < nu; u += W) { /* stores past nu: overwritten by the next row or padding */
                 const v8f nl = ld(A->nlse_t + t0 + u);
                 st(dl + u, ld(A->delta_t + t0 + u));
-                st(bias0 + u, sel(*(const v8iu *)(in0 + u), nl, bc(NEG)));
-                st(bias1 + u, sel(*(const v8iu *)(in1 + u), nl, bc(NEG)));
+                for (int i = 0; i < 2; i++) {
+                    const v8i ok = *(const v8iu *)(S->in + i * cap + u) & live[i];
+                    *(v8iu *)(S->ok + i * cap + n + u) = ok;
+                    st(S->bias + i * cap + n + u, sel(ok, nl, bc(NEG)));
+                }
             }
-            if (!A->rpb) continue;
+            if (!A->rpb && !slots) continue;
             const int64_t r01 = ((h * A->R0 + y0 - TAB(A->rof, 0, x0)) * A->R1 + y1 - TAB(A->rof, 1, x1)) * A->R2;
+            const int64_t s01 = ((y0 - TAB(A->sof, 0, x0)) * A->K1 + y1 - TAB(A->sof, 1, x1)) * A->K2;
             for (int i = 0; i < 2; i++) {
-                const int32_t *in = S->in + i * cap;
-                float *bias = S->bias + i * cap + n;
-                int32_t *ridx = S->ridx + i * cap + n;
+                const int32_t *ok = S->ok + i * cap + n;
+                float *bias = S->bias + i * cap + n, *dadd = S->dadd + i * cap + n;
+                int32_t *ridx = S->ridx + i * cap + n, *sidx = S->sidx + i * cap + n;
                 for (int64_t u = 0; u < nu; u++) {
-                    ridx[u] = -1;
-                    if (!in[u]) continue;
-                    const int64_t ri = r01 + y2[i] - rof2[S->a2[u]];
-                    CHECK(0 <= ri && ri < A->H * A->R0 * A->R1 * A->R2);
-                    ridx[u] = (int32_t)ri;
-                    bias[u] += A->rpb[ri];
+                    ridx[u] = sidx[u] = -1;
+                    if (A->dattn) dadd[u] = 0.0f;
+                    if (!ok[u]) continue;
+                    if (A->rpb) {
+                        const int64_t ri = r01 + y2[i] - rof2[S->a2[u]];
+                        CHECK(0 <= ri && ri < A->H * A->R0 * A->R1 * A->R2);
+                        ridx[u] = (int32_t)ri;
+                        bias[u] += A->rpb[ri];
+                    }
+                    if (slots) {
+                        const int64_t si = s01 + y2[i] - sof2[S->a2[u]];
+                        CHECK(0 <= si && si < K);
+                        sidx[u] = (int32_t)si;
+                        if (A->ab) bias[u] += A->ab[rows[u] * K + si];
+                        if (A->dattn) dadd[u] = A->dattn[rows[u] * K + si];
+                    }
                 }
             }
         }
     }
+    if (A->dattn)
+        for (int64_t j = n; j < round8(n); j++) S->dadd[j] = S->dadd[cap + j] = 0.0f;
     return pad_slots(S, n);
+}
+
+/* dab[row[j] * K + sidx_i[j]] = dS_i[j] (the pair's bias gradient) for the slots of key_slots where
+ * pair i counts, pairs 0 .. npairs - 1: each (query, slot) is written by exactly one key. */
+static void scatter_key_slots(const na_args *A, const scratch *S, int64_t n, int npairs, const float *ds0,
+                              const float *ds1) {
+    const int64_t K = A->K0 * A->K1 * A->K2;
+    const float *ds[2] = {ds0, ds1};
+    for (int i = 0; i < npairs; i++) {
+        const int32_t *si = S->sidx + i * S->cap;
+        for (int64_t j = 0; j < n; j++)
+            if (si[j] >= 0) A->dab[S->row[j] * K + si[j]] = ds[i][j];
+    }
 }
 
 /* G[row[j]][c:c+8*NC] += f0 * w0[j] * a0[c:..] + f1 * w1[j] * a1[c:..] for j < n; NC is a literal
@@ -551,7 +682,8 @@ static void dkv_item(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_
         const int64_t n = key_slots(A, S, b, y0, y1, y2, h);
         /* P^T (bias holds -lse), dP^T = V . dO, dS^T = P^T (dP^T - delta) */
         scores2(A->k + r0 * D, A->k + r1 * D, A->q, S->row, n, D, A->scale, S->bias, S->bias + cap, s0, s1);
-        scores2(A->v + r0 * Dv, A->v + r1 * Dv, A->dout, S->row, n, Dv, 1.0f, NULL, NULL, p0, p1);
+        scores2(A->v + r0 * Dv, A->v + r1 * Dv, A->dout, S->row, n, Dv, 1.0f, A->dattn ? S->dadd : NULL,
+                A->dattn ? S->dadd + cap : NULL, p0, p1); /* + the weights' gradient */
         for (int64_t j = 0; j < n; j += W) {
             v8f P0 = vexp(ld(s0 + j)), P1 = vexp(ld(s1 + j)), dl = ld(S->dl + j);
             st(s0 + j, P0);
@@ -566,6 +698,7 @@ static void dkv_item(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_
          * key is weighted 0 so it is not counted twice. */
         scatter2(p0, p1, A->k + r0 * D, A->k + r1 * D, A->scale, two ? A->scale : 0.0f, S->row, n, D, A->dq);
         if (drpb) add_drpb(drpb, S, n, 1 + two);
+        if (A->dab) scatter_key_slots(A, S, n, 1 + two, p0, p1);
     }
 }
 
@@ -638,7 +771,8 @@ static void backward_fused_units(const na_args *A, scratch *S, float *drpb, int 
 
 /* Pass 3, first of either backward, over lines (b, x0, x1, h) of the qt layout: delta =
  * rowsum(dO * O) - dLSE, the backward's per-query constant, and -lse, into the qt copies; also
- * zeroes dq, which both backward paths accumulate into (here, in parallel, not in a separate fill). */
+ * zeroes dq, which both backward paths accumulate into, and the rows of the attn_bias gradient, whose
+ * slots without a key are never written (here, in parallel, not in a separate fill). */
 static void delta_lines(const na_args *A, int64_t begin, int64_t end) {
     for (int64_t line = begin; line < end; line++) {
         const int64_t h = line % A->H, x1 = line / A->H % A->L1, x0 = line / A->H / A->L1 % A->L0;
@@ -646,9 +780,12 @@ static void delta_lines(const na_args *A, int64_t begin, int64_t end) {
         for (int64_t x2 = 0; x2 < A->L2; x2++) {
             const int64_t r = qrow(A, b, x0, x1, x2, A->H, h), t = line * A->L2 + x2;
             CHECK(t == qt(A, b, x0, x1, h, x2));
-            A->delta_t[t] = dot(A->dout + r * A->Dv, A->out + r * A->Dv, A->Dv) - (A->dlse ? A->dlse[r] : 0.0f);
-            A->nlse_t[t] = -A->lse[r];
+            /* a query without keys (LSE -inf) has P = 0 everywhere: -lse NEG keeps it so, delta 0 */
+            const int empty = A->lse[r] == NEG;
+            A->delta_t[t] = empty ? 0.0f : dot(A->dout + r * A->Dv, A->out + r * A->Dv, A->Dv) - (A->dlse ? A->dlse[r] : 0.0f);
+            A->nlse_t[t] = empty ? NEG : -A->lse[r];
             memset(A->dq + r * A->D, 0, sizeof(float) * A->D);
+            if (A->dab) memset(A->dab + r * A->K0 * A->K1 * A->K2, 0, sizeof(float) * A->K0 * A->K1 * A->K2);
         }
     }
 }
