@@ -1,8 +1,8 @@
 """The fused C ``cpu`` backend beyond the shared parity sweeps (which run it automatically): both
 backward paths (fused, two-pass) over the sweep and the per-pair features (attn_bias, key padding
-mask, returned weights and their gradients), real and odd head dims (zero-padded to the vector
-width), relative positional bias, half inputs, thread-count independence, concurrent callers, and
-selection and refusals."""
+mask, returned weights and their gradients), in float32 and in bfloat16 (its own kernels), real and
+odd head dims (zero-padded to the vector width), relative positional bias, float16 inputs,
+thread-count independence, concurrent callers, and selection and refusals."""
 
 from __future__ import annotations
 
@@ -40,26 +40,32 @@ def backward_path(request, monkeypatch) -> str:
     return request.param
 
 
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_each_backward_path_matches_the_oracle(case, backward_path) -> None:
+def test_each_backward_path_matches_the_oracle(case, dtype, backward_path) -> None:
     """The shared sweep picks a path per geometry (small cases take the two-pass one): here every
-    case runs through both, in float32, forward and backward."""
-    run_parity("cpu", case, torch.float32)
+    case runs through both, forward and backward, in float32 and in bfloat16 (bf16 kernels: bf16 pair
+    dot products, float32 accumulation and softmax statistics; bf16 tolerances of the oracle)."""
+    run_parity("cpu", case, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", FEATURE_CASES, ids=str)
-def test_features_through_each_backward_path(case: FeatureCase, backward_path) -> None:
+def test_features_through_each_backward_path(case: FeatureCase, dtype, backward_path) -> None:
     """rpb, attn_bias, key_padding_mask and the returned weights inside the fused kernels, through
     both backward paths: out, LSE, weights, and the gradients of q, k, v, rpb and attn_bias (those
     flowing through the weights included) against the loop oracle."""
-    assert why_not("cpu", _feature_problem(case)) is None
-    run_feature_parity("cpu", case, torch.float32)
+    assert why_not("cpu", _feature_problem(case, dtype)) is None
+    run_feature_parity("cpu", case, dtype)
 
 
-def _feature_problem(case: FeatureCase) -> Problem:
+def _feature_problem(case: FeatureCase, dtype: torch.dtype = torch.float32) -> Problem:
     spec = make_spec("t", case.spatial, **case.na)
     return Problem(spec=spec, batch=case.batch, heads=case.heads, heads_kv=case.heads_kv, dim=case.dim,
-                   dim_v=case.dim_v, dtype=torch.float32, device=torch.device("cpu"), scale=1.0, has_rpb=case.rpb,
+                   dim_v=case.dim_v, dtype=dtype, device=torch.device("cpu"), scale=1.0, has_rpb=case.rpb,
                    has_attn_bias=case.bias, has_key_padding_mask=bool(case.mask), return_attn=True)
 
 
@@ -140,12 +146,13 @@ def test_edge_geometries_match_reference(fn, shape, kw, backward_path) -> None:
         torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5)
 
 
-def test_results_do_not_depend_on_thread_count(backward_path) -> None:
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_results_do_not_depend_on_thread_count(dtype, backward_path) -> None:
     """Work is split by rows, never by reductions, and the fused backward's dQ rows sum their terms
     in chunk order: out, LSE, dQ, dK and dV are bitwise the same for 1 and 3 threads (the bias-table
     gradient sums per-thread slices, so it is only close)."""
     torch.manual_seed(2)
-    q, k, v = (torch.randn(2, 11, 13, 3, 16) for _ in range(3))
+    q, k, v = (torch.randn(2, 11, 13, 3, 16).to(dtype) for _ in range(3))
     rpb = torch.randn(3, 9, 9)
     before = torch.get_num_threads()
     results = []
@@ -160,12 +167,13 @@ def test_results_do_not_depend_on_thread_count(backward_path) -> None:
     torch.testing.assert_close(results[0][5], results[1][5], atol=1e-5, rtol=1e-5)
 
 
-def test_masked_results_do_not_depend_on_thread_count(backward_path) -> None:
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_masked_results_do_not_depend_on_thread_count(dtype, backward_path) -> None:
     """With attn_bias, a key padding mask and the weights returned and used, every output and every
     gradient (the attn_bias one is written once per pair, never summed across threads) is bitwise
     the same for 1 and 3 threads."""
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, 11, 13, 3, 16, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(2, 11, 13, 3, 16, generator=g).to(dtype) for _ in range(3))
     bias = torch.randn(2, 11, 13, 3, 25, generator=g)
     mask = torch.rand(2, 11, 13, generator=g) < 0.3
     before = torch.get_num_threads()
@@ -208,8 +216,14 @@ def test_concurrent_callers_get_identical_results() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
-def test_half_inputs_are_computed_in_float32(dtype: torch.dtype) -> None:
-    case = Case((9, 8), (3, 5), (1, 2), (2, 1), (False, True))
+def test_half_inputs(dtype: torch.dtype, monkeypatch) -> None:
+    """bfloat16 runs the bf16 kernels on the inputs as they are (no float32 copy of q, k, v, out, dout
+    is made; gradients come back in bf16); float16 is converted to float32 (no float16 dot product)."""
+    seen = []
+    run = cpu.build.run
+    monkeypatch.setattr(cpu.build, "run", lambda args, pass_: (seen.append((args.dt, args.keepalive[:3])),
+                                                                run(args, pass_))[1])
+    case = Case((9, 8), (3, 5), (1, 2), (2, 1), (False, True), dim=16)
     q, k, v, _, _ = case.make(dtype)
     out, lse = neighborhood_attention(q, k, v, **case.kwargs(), backend="cpu", return_lse=True)
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -219,6 +233,11 @@ def test_half_inputs_are_computed_in_float32(dtype: torch.dtype) -> None:
     torch.testing.assert_close(lse.double(), ref_lse, atol=atol, rtol=rtol)
     out.float().sum().backward()
     assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
+    native = dtype == torch.bfloat16
+    assert len(seen) == 2 and all(dt == (cpu.build.Args.BF16 if native else cpu.build.Args.F32) for dt, _ in seen)
+    if native:  # the kernel read the caller's own q, k, v (views, no copies)
+        fwd = seen[0][1]
+        assert [t.data_ptr() for t in fwd] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
 
 
 def test_module_with_rel_pos_bias_matches_torch_backend() -> None:
@@ -242,7 +261,8 @@ def _problem(**kw) -> Problem:
 
 def test_selection_and_refusals() -> None:
     assert select_backend(_problem()).name == "cpu"
-    assert select_backend(_problem(dtype=torch.bfloat16)).name == "cpu"  # computed in float32
+    assert select_backend(_problem(dtype=torch.bfloat16)).name == "cpu"  # bf16 kernels
+    assert select_backend(_problem(dtype=torch.float16)).name == "cpu"  # computed in float32
     assert select_backend(_problem(dim=12)).name == "cpu"  # padded to 16
     for flags in (dict(has_attn_bias=True), dict(has_key_padding_mask=True), dict(return_attn=True)):
         assert select_backend(_problem(**flags)).name == "cpu"  # served inside the fused kernels

@@ -1,14 +1,18 @@
 """The ``cpu`` backend: fused C kernels (``na_cpu.c``) for the forward and the backward on CPU.
 
-Why C: the kernel blocks two queries x eight keys with sixteen vector accumulators in registers and
-one transpose-and-add reduction, which needs explicit vector types (see docs/cpu.md). The library is
-compiled on the first call this backend serves (:mod:`.build`), never when it is only probed.
+Why C: the kernels block two queries x eight keys with explicit vector types and, for bfloat16, the
+CPU's bf16 dot-product instructions (see docs/cpu.md). The library is compiled on the first call
+this backend serves (:mod:`.build`), never when it is only probed.
 
-Served: float32, and half inputs computed in float32 (float64 goes to the ``torch`` backend); any
-head dim (dims that are not multiples of the kernel's vector width of 8 are zero-padded here, which
-changes no dot product); ranks 1-3, per-axis kernel/stride/dilation/causal, GQA, ``D_v != D`` and
-relative positional bias with its gradient. Threads follow ``torch.get_num_threads()``, on torch's own
-OpenMP pool where it can be found; ctypes releases the GIL during the call.
+Served: float32; bfloat16 computed on bf16 pairs with float32 accumulation and softmax statistics
+(``vdpbf16ps`` where the CPU has AVX512-BF16, the same sums widened to float32 elsewhere); float16
+converted to float32 (one copy per input: no CPU here has a float16 dot product the kernels use);
+float64 goes to the ``torch`` backend. Any head dim (dims that are not multiples of the kernel's
+vector width of 8 are zero-padded here, which changes no dot product); ranks 1-3, per-axis
+kernel/stride/dilation/causal, GQA, ``D_v != D``, relative positional bias, ``attn_bias`` (with
+their gradients), ``key_padding_mask`` and ``return_attn`` (with the weights' gradient). Threads
+follow ``torch.get_num_threads()``, on torch's own OpenMP pool where it can be found; ctypes releases
+the GIL during the call.
 """
 
 from __future__ import annotations
@@ -41,20 +45,45 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The element type the kernels read and write for inputs of ``dtype``: bfloat16 natively,
+    float16 as float32 (converted), float32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _l2p(spec: NASpec) -> int:
+    """Padded last axis of the bf16 layout copies (a chunk of 8 lanes may start at its last index)."""
+    return _padded(spec.spatial[-1]) + _VEC
+
+
+def _copies(p: Problem, names: tuple[str, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """Scratch for the bf16 layout copies ``names`` (kt, vt, kp, vp of k/v; qt, qp of q; dot, dop of
+    dout: see na_cpu.c): ``lines * heads * l2p * dim`` bf16 each, filled by the kernel."""
+    lines = q.shape[0] * q.shape[1] * q.shape[2]
+    l2p = _l2p(p.spec)
+    size = {"k": (k.shape[4], k.shape[5]), "v": (v.shape[4], v.shape[5]), "q": (q.shape[4], q.shape[5]),
+            "d": (q.shape[4], v.shape[5])}
+    return {n: torch.empty(lines * size[n[0]][0] * l2p * size[n[0]][1], dtype=torch.bfloat16) for n in names}
+
+
 def _args(q, k, v, rpb, spec: NASpec, scale: float, split: tuple[int, int] = (0, 0), **tensors) -> build.Args:
-    """The kernel's argument struct for contiguous float32 rank-3 tensors (``split``: the fused
-    backward's axis and chunk length; ``tensors``: the optional ones by their ``na_args`` name). The
-    tables are cached per spec, so they outlive the call."""
+    """The kernel's argument struct for contiguous rank-3 tensors of one compute dtype (``split``: the
+    fused backward's axis and chunk length; ``tensors``: the optional ones by their ``na_args`` name,
+    ``ab`` as ``(tensor, batch, token, head strides)``). The tables are cached per spec, so they
+    outlive the call."""
     tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi, sof: int64 [3, Lmax]
     B, L0, L1, L2, H, D = q.shape
     Hk, Dv = k.shape[4], v.shape[5]
     R = rpb.shape[1:] if rpb is not None else (1, 1, 1)
     window = (1,) * (3 - spec.rank) + spec.kernel_size
-    args = build.Args(*[_ptr(t) for t in (q, k, v, rpb, tensors.get("ab"), tensors.get("kpm"), *tabs)],
-                      tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv, *R, *window, scale,
+    ab, *ab_strides = tensors.get("ab") or (None, 0, 0, 0)
+    dt = build.Args.BF16 if q.dtype == torch.bfloat16 else build.Args.F32
+    args = build.Args(*[_ptr(t) for t in (q, k, v, rpb, ab, tensors.get("kpm"), *tabs)],
+                      tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv, *R, *window, *ab_strides, scale, dt,
                       *[_ptr(tensors.get(n)) for n in ("attn", "dattn", "dab", "out", "lse", "dout", "dlse", "dq", "dk",
-                                                       "dv", "drpb", "nlse_t", "delta_t")],
-                      *split, _threads())
+                                                       "dv", "dq_out", "drpb", "nlse_t", "delta_t", "kt", "vt", "qt",
+                                                       "dot", "kp", "vp", "qp", "dop")],
+                      _l2p(spec), *split, _threads())
     # The struct holds raw pointers: it keeps the tensors alive (a temporary copy made for the call,
     # such as a contiguous attn_bias, would otherwise be freed before the kernel runs).
     args.keepalive = (q, k, v, rpb, tensors)
@@ -79,9 +108,10 @@ def _padded(dim: int) -> int:
 
 
 def _kernel_view(t: torch.Tensor, p: Problem, dim: int) -> torch.Tensor:
-    """``t [B, *S, heads, d]`` as the kernel's contiguous float32 ``[B, L0, L1, L2, heads, dim]``
-    (leading axes of length 1 for rank < 3; the head dim zero-padded to ``dim``)."""
-    t = t.float()
+    """``t [B, *S, heads, d]`` as the kernel's contiguous ``[B, L0, L1, L2, heads, dim]`` in the compute
+    dtype (leading axes of length 1 for rank < 3; the head dim zero-padded to ``dim``). No copy for a
+    contiguous input of the compute dtype whose head dim is a multiple of 8."""
+    t = t.to(compute_dtype(p.dtype))
     if t.shape[-1] != dim:
         t = F.pad(t, (0, dim - t.shape[-1]))
     shape3 = (1,) * (3 - p.spec.rank) + p.spec.spatial
@@ -95,9 +125,27 @@ def _bias_view(rpb: Optional[torch.Tensor], p: Problem) -> Optional[torch.Tensor
     return rpb.float().reshape(p.heads, *((1,) * (3 - p.spec.rank)), *rpb.shape[1:]).contiguous()
 
 
+def _attn_bias_view(ab: Optional[torch.Tensor], p: Problem) -> Optional[tuple]:
+    """``attn_bias [B, *S, H, K]`` as float32 ``(tensor, batch stride, token stride, head stride)``
+    (slots contiguous). A broadcast bias (Swin's shift mask expanded over batch and heads: strides 0)
+    is read in place, not copied; a layout whose spatial axes do not flatten to one token stride is
+    copied."""
+    if ab is None:
+        return None
+    ab = ab.float()
+    flat = (p.batch, p.spec.num_tokens, p.heads, p.spec.window_size)
+    try:
+        view = ab.view(flat) if ab.stride(-1) == 1 else None
+    except RuntimeError:  # spatial axes not collapsible into one stride
+        view = None
+    if view is None:
+        view = ab.contiguous().view(flat)
+    return (view, *view.stride()[:3])
+
+
 def _slots_view(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A per-pair tensor ``[B, *S, H, K]`` (attn_bias, the weights' gradient) as contiguous float32
-    (the kernel reads row ``token * H + head`` of ``K`` slots); ``None`` stays ``None``."""
+    """A per-pair tensor ``[B, *S, H, K]`` (the weights' gradient) as contiguous float32 (the kernel
+    reads row ``token * H + head`` of ``K`` slots); ``None`` stays ``None``."""
     return None if t is None else t.float().contiguous()
 
 
@@ -114,10 +162,15 @@ class CpuBackend(Backend):
     @property
     def description(self) -> str:  # type: ignore[override]
         lib = build._LIB
-        where = (f"compiled for this CPU, cached in {build.cache_dir()}" if lib is not None else
-                 f"compiled on the first call with {build.compiler()} and cached in {build.cache_dir()}")
-        return (f"fused C CPU kernels (2x8 register-blocked), forward and race-free backward; float64 goes to "
-                f"`torch`; {where}")
+        if lib is not None:
+            feats = build.features()
+            bf16 = ("bfloat16 on AVX512-BF16 dot products" if feats["bf16_dot"] else
+                    "bfloat16 widened to float32 (this build has no AVX512-BF16)")
+            where = f"compiled for this CPU ({bf16}), cached in {build.cache_dir()}"
+        else:
+            where = f"compiled on the first call with {build.compiler()} and cached in {build.cache_dir()}"
+        return (f"fused C CPU kernels (2x8 register-blocked), forward and race-free backward, masks and weights "
+                f"inside; float64 goes to `torch`; {where}")
 
     def unavailable(self) -> Optional[str]:
         return build.status()
@@ -129,8 +182,8 @@ class CpuBackend(Backend):
         if p.device.type != "cpu":
             return f"tensors are on {p.device}, this backend runs on CPU tensors only"
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return (f"dtype {p.dtype} is not supported (float32; half types computed in float32; float64 goes to the "
-                    f"torch backend)")
+            return (f"dtype {p.dtype} is not supported (float32, bfloat16; float16 computed in float32; float64 goes "
+                    f"to the torch backend)")
         return None
 
     def priority(self, p: Problem) -> float:
@@ -141,11 +194,14 @@ class CpuBackend(Backend):
         q3, k3, v3 = _kernel_view(q, p, d), _kernel_view(k, p, d), _kernel_view(v, p, dv)
         rpb = _bias_view(extras.rpb, p)
         out = q3.new_empty(*q3.shape[:-1], dv)
-        lse = q3.new_empty(q3.shape[:-1])
+        lse = torch.empty(q3.shape[:-1], dtype=torch.float32)
         lead = (p.batch, *p.spec.spatial, p.heads)
-        attn = q3.new_empty(*lead, p.spec.window_size) if p.return_attn else None  # rows zeroed by the kernel
+        attn = (torch.empty(*lead, p.spec.window_size, dtype=torch.float32)  # rows zeroed by the kernel
+                if p.return_attn else None)
+        copies = _copies(p, ("kt", "vp"), q3, k3, v3) if q3.dtype == torch.bfloat16 else {}
         build.run(_args(q3, k3, v3, rpb, p.spec, p.scale, out=out, lse=lse, attn=attn,
-                        ab=_slots_view(extras.attn_bias), kpm=_mask_view(extras.key_padding_mask)), 0)
+                        ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask), **copies),
+                  build.FORWARD)
         out = out[..., : p.dim_v].reshape(*lead, p.dim_v)
         return Result(out.to(q.dtype), lse.reshape(lead), attn.to(q.dtype) if attn is not None else None)
 
@@ -165,28 +221,30 @@ class CpuBackend(Backend):
             dlse = -extra if dlse is None else dlse.float() - extra
         dlse3 = dlse.float().contiguous() if dlse is not None else None
         rpb = _bias_view(extras.rpb, p)
+        bf16 = q3.dtype == torch.bfloat16
+        dq = torch.empty(q3.shape, dtype=torch.float32)  # accumulated in float32, zeroed by the kernel
         dk, dv_ = torch.empty_like(k3), torch.empty_like(v3)
-        dq = torch.empty_like(q3)  # zeroed in pass 3
+        dq_out = torch.empty_like(q3) if bf16 else None  # bf16: dq converted by the kernel's last phase
         # -lse and delta per query, laid out so that a key's queries are consecutive (see qt in
         # na_cpu.c), plus a vector of zeros that padding slots may read.
         side = torch.empty(2, lse3.numel() + 8, dtype=torch.float32)
         side[:, -8:] = 0
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
         drpb = torch.zeros(_threads(), *rpb.shape, dtype=torch.float32) if rpb is not None else None
+        dab = (torch.empty(*extras.attn_bias.shape, dtype=torch.float32)  # rows zeroed by the kernel
+               if extras.attn_bias is not None else None)
         plan = _fused_plan(p.spec, p.batch, k3.shape[4])
-        dab = torch.empty_like(extras.attn_bias, dtype=torch.float32) if extras.attn_bias is not None else None
+        copies = {}
+        if bf16:  # key side: q, dout; two-pass dQ side: k, v
+            names = ("qt", "dot", "qp", "dop") + (() if plan else ("kt", "vt", "kp"))
+            copies = _copies(p, names, q3, k3, v3)
         args = _args(q3, k3, v3, rpb, p.spec, p.scale, plan[:2] if plan else (0, 0), out=out3, lse=lse3, dout=dout3,
-                     dlse=dlse3, dq=dq, dk=dk, dv=dv_, drpb=drpb, nlse_t=side[0], delta_t=side[1],
-                     ab=_slots_view(extras.attn_bias), kpm=_mask_view(extras.key_padding_mask), dattn=dattn3,
-                     dab=dab)  # dab: rows zeroed in pass 3
-        build.run(args, 3)  # -lse and delta copies, dq zeroed
-        if plan:  # dQ, dK, dV and drpb from the key side: even chunks, then odd ones
-            for pass_ in (4, 5)[: 2 if plan[2] > 1 else 1]:
-                build.run(args, pass_)
-        else:
-            build.run(args, 1)  # dQ, drpb
-            build.run(args, 2)  # dK, dV
+                     dlse=dlse3, dq=dq, dk=dk, dv=dv_, dq_out=dq_out, drpb=drpb, nlse_t=side[0], delta_t=side[1],
+                     ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask), dattn=dattn3,
+                     dab=dab, **copies)
+        build.run(args, build.BACKWARD)
         shape = (p.batch, *p.spec.spatial)
+        dq = dq_out if bf16 else dq
         return Grads(
             dq=dq[..., : p.dim].reshape(*shape, p.heads, p.dim).to(q.dtype),
             dk=dk[..., : p.dim].reshape(*shape, k.shape[-2], p.dim).to(k.dtype),
