@@ -17,6 +17,7 @@ the GIL during the call.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -56,14 +57,39 @@ def _l2p(spec: NASpec) -> int:
     return _padded(spec.spatial[-1]) + _VEC
 
 
-def _copies(p: Problem, names: tuple[str, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+#: Scratch reused across calls, per thread (the kernel fills it completely on every call; concurrent
+#: callers each have their own). Larger requests are allocated for the call only.
+_WORKSPACE = threading.local()
+_WORKSPACE_KEEP_BYTES = 64 * 2**20
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of uint8 scratch: a view of this thread's workspace (grown as needed). Fresh
+    allocations of this size page-fault on every call (glibc returns them to the OS: docs/cpu.md)."""
+    if nbytes > _WORKSPACE_KEEP_BYTES:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _WORKSPACE.buf = torch.empty(max(nbytes, 2 * buf.numel() if buf is not None else 0), dtype=torch.uint8)
+    return buf[:nbytes]
+
+
+def _copies(p: Problem, names: tuple[str, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            extra_floats: int = 0) -> tuple[dict, Optional[torch.Tensor]]:
     """Scratch for the bf16 layout copies ``names`` (kt, vt, kp, vp of k/v; qt, qp of q; dot, dop of
-    dout: see na_cpu.c): ``lines * heads * l2p * dim`` bf16 each, filled by the kernel."""
+    dout: see na_cpu.c): ``lines * heads * l2p * dim`` bf16 each, filled by the kernel; plus
+    ``extra_floats`` float32 (or ``None``). All from this thread's workspace, 64-byte aligned."""
     lines = q.shape[0] * q.shape[1] * q.shape[2]
     l2p = _l2p(p.spec)
     size = {"k": (k.shape[4], k.shape[5]), "v": (v.shape[4], v.shape[5]), "q": (q.shape[4], q.shape[5]),
             "d": (q.shape[4], v.shape[5])}
-    return {n: torch.empty(lines * size[n[0]][0] * l2p * size[n[0]][1], dtype=torch.bfloat16) for n in names}
+    nbytes = [-(-2 * lines * size[n[0]][0] * l2p * size[n[0]][1] // 64) * 64 for n in names]
+    buf = _scratch(sum(nbytes) + 4 * extra_floats)
+    out, at = {}, 0
+    for n, b in zip(names, nbytes):
+        out[n] = buf[at: at + b].view(torch.bfloat16)
+        at += b
+    return out, (buf[at:].view(torch.float32) if extra_floats else None)
 
 
 def _args(q, k, v, rpb, spec: NASpec, scale: float, split: tuple[int, int] = (0, 0), **tensors) -> build.Args:
@@ -198,7 +224,7 @@ class CpuBackend(Backend):
         lead = (p.batch, *p.spec.spatial, p.heads)
         attn = (torch.empty(*lead, p.spec.window_size, dtype=torch.float32)  # rows zeroed by the kernel
                 if p.return_attn else None)
-        copies = _copies(p, ("kt", "vp"), q3, k3, v3) if q3.dtype == torch.bfloat16 else {}
+        copies = _copies(p, ("kt", "vp"), q3, k3, v3)[0] if q3.dtype == torch.bfloat16 else {}
         build.run(_args(q3, k3, v3, rpb, p.spec, p.scale, out=out, lse=lse, attn=attn,
                         ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask), **copies),
                   build.FORWARD)
@@ -222,22 +248,23 @@ class CpuBackend(Backend):
         dlse3 = dlse.float().contiguous() if dlse is not None else None
         rpb = _bias_view(extras.rpb, p)
         bf16 = q3.dtype == torch.bfloat16
-        dq = torch.empty(q3.shape, dtype=torch.float32)  # accumulated in float32, zeroed by the kernel
-        dk, dv_ = torch.empty_like(k3), torch.empty_like(v3)
-        dq_out = torch.empty_like(q3) if bf16 else None  # bf16: dq converted by the kernel's last phase
-        # -lse and delta per query, laid out so that a key's queries are consecutive (see qt in
-        # na_cpu.c), plus a vector of zeros that padding slots may read.
-        side = torch.empty(2, lse3.numel() + 8, dtype=torch.float32)
+        plan = _fused_plan(p.spec, p.batch, k3.shape[4])
+        # Scratch: bf16 layout copies (key side: q, dout; two-pass dQ side: k, v); -lse and delta per
+        # query, laid out so that a key's queries are consecutive (see qt in na_cpu.c), plus a vector
+        # of zeros that padding slots may read; for bf16, dq's float32 accumulator.
+        names = (("qt", "dot", "qp", "dop") + (() if plan else ("kt", "vt", "kp"))) if bf16 else ()
+        nside = 2 * (lse3.numel() + 8)
+        copies, floats = _copies(p, names, q3, k3, v3, extra_floats=nside + (q3.numel() if bf16 else 0))
+        side = floats[:nside].view(2, -1)
         side[:, -8:] = 0
+        # dq accumulated in float32 (zeroed by the kernel); bf16: converted into dq_out at the end
+        dq = floats[nside:].view(q3.shape) if bf16 else torch.empty(q3.shape, dtype=torch.float32)
+        dq_out = torch.empty_like(q3) if bf16 else None
+        dk, dv_ = torch.empty_like(k3), torch.empty_like(v3)
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
         drpb = torch.zeros(_threads(), *rpb.shape, dtype=torch.float32) if rpb is not None else None
         dab = (torch.empty(*extras.attn_bias.shape, dtype=torch.float32)  # rows zeroed by the kernel
                if extras.attn_bias is not None else None)
-        plan = _fused_plan(p.spec, p.batch, k3.shape[4])
-        copies = {}
-        if bf16:  # key side: q, dout; two-pass dQ side: k, v
-            names = ("qt", "dot", "qp", "dop") + (() if plan else ("kt", "vt", "kp"))
-            copies = _copies(p, names, q3, k3, v3)
         args = _args(q3, k3, v3, rpb, p.spec, p.scale, plan[:2] if plan else (0, 0), out=out3, lse=lse3, dout=dout3,
                      dlse=dlse3, dq=dq, dk=dk, dv=dv_, dq_out=dq_out, drpb=drpb, nlse_t=side[0], delta_t=side[1],
                      ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask), dattn=dattn3,

@@ -31,7 +31,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("na_cpu.c")
 _FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
-          "-Werror=implicit-function-declaration", "-ffp-contract=fast"]
+          "-Werror=implicit-function-declaration", "-ffp-contract=fast", "-Wno-psabi"]
 #: Environment variable that builds the kernel with every index checked (aborts on a violation).
 BOUNDS_CHECK_ENV = "VISATTN_CPU_BOUNDS_CHECK"
 #: Environment variable with extra compiler flags, appended after ``-march=native`` (part of the cache

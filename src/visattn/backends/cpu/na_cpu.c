@@ -83,6 +83,13 @@ typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint16_t v16hu __attribute__((vector_size(32), aligned(2), may_alias));
 typedef uint16_t v8h __attribute__((vector_size(16)));
 typedef uint16_t v8hu __attribute__((vector_size(16), aligned(2), may_alias));
+/* 64-byte vectors (one zmm with AVX-512, two ymm elsewhere): 16 floats, or 8 x 64-bit bf16 quads. */
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint64_t v8q __attribute__((vector_size(64)));
+typedef uint64_t v8qu __attribute__((vector_size(64), aligned(8), may_alias));
+typedef uint64_t v4q __attribute__((vector_size(32)));
+typedef uint64_t v4qu __attribute__((vector_size(32), aligned(8), may_alias));
 
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
 #define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -118,7 +125,7 @@ typedef uint16_t v8hu __attribute__((vector_size(16), aligned(2), may_alias));
 #if NA_AVX512
 #define NGMAX 8 /* chunks per bf16 score block: 2 x 8 accumulators (32 vector registers) */
 #else
-#define NGMAX 4 /* 16 vector registers */
+#define NGMAX 2 /* 16 vector registers, each 64-byte vector two of them */
 #endif
 #define F32 0
 #define BF16 1
@@ -179,6 +186,26 @@ static inline v8f dp2(v8f acc, v16h a, v16h b) {
     acc += (v8f)((v8u)a & hi) * (v8f)((v8u)b & hi);
     return acc + (v8f)((v8u)a << 16) * (v8f)((v8u)b << 16);
 #endif
+}
+
+/* dp2 on 64-byte vectors: acc[i] += a[2i] * b[2i] + a[2i+1] * b[2i+1] (bf16 pairs). */
+static inline v16f dpq(v16f acc, v8q a, v8q b) {
+#if NA_DPBF16
+    return (v16f)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+#else
+    const v16u hi = {0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u,
+                     0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u,
+                     0xffff0000u, 0xffff0000u};
+    acc += (v16f)((v16u)a & hi) * (v16f)((v16u)b & hi);
+    return acc + (v16f)((v16u)a << 16) * (v16f)((v16u)b << 16);
+#endif
+}
+
+/* Broadcast the 4 bf16 at p (a quad of features) to all 8 quads. */
+static inline v8q bcq(const void *p) {
+    uint64_t w;
+    memcpy(&w, p, 8);
+    return (v8q){w, w, w, w, w, w, w, w};
 }
 
 /* 8 consecutive elements of a row of dtype dt as floats. */
@@ -332,25 +359,38 @@ static void scores2(const float *a0, const float *a1, const float *B, const int6
 }
 
 /* o_i[c:c+8*NC] += f_i * sum_j w_i[j] * B[row[j]][c:c+8*NC]; NC is a literal after inlining, so the
- * 2*NC accumulators stay in registers. */
+ * accumulators stay in registers: two sets (even and odd j), 4*NC independent chains, since 8 leave the
+ * FMA latency exposed (measured: 60% of the throughput of 16). */
 static inline __attribute__((always_inline)) void accum_block(const int NC, const float *w0, const float *w1,
                                                              const float *B, const int64_t *row, int64_t n,
                                                              int64_t dim, int64_t c, float f0, float f1,
                                                              float *o0, float *o1) {
-    v8f a0[4], a1[4];
-    for (int t = 0; t < NC; t++) a0[t] = a1[t] = bc(0.0f);
-    for (int64_t j = 0; j < n; j++) {
-        const float *bp = B + row[j] * dim + c;
-        v8f p0 = bc(w0[j]), p1 = bc(w1[j]);
+    v8f a0[4], a1[4], b0[4], b1[4];
+    for (int t = 0; t < NC; t++) a0[t] = a1[t] = b0[t] = b1[t] = bc(0.0f);
+    int64_t j = 0;
+    for (; j + 1 < n; j += 2) {
+        const float *bp = B + row[j] * dim + c, *bq = B + row[j + 1] * dim + c;
+        const v8f p0 = bc(w0[j]), p1 = bc(w1[j]), q0 = bc(w0[j + 1]), q1 = bc(w1[j + 1]);
         for (int t = 0; t < NC; t++) {
-            v8f y = ld(bp + W * t);
+            const v8f y = ld(bp + W * t), z = ld(bq + W * t);
+            a0[t] += p0 * y;
+            a1[t] += p1 * y;
+            b0[t] += q0 * z;
+            b1[t] += q1 * z;
+        }
+    }
+    if (j < n) {
+        const float *bp = B + row[j] * dim + c;
+        const v8f p0 = bc(w0[j]), p1 = bc(w1[j]);
+        for (int t = 0; t < NC; t++) {
+            const v8f y = ld(bp + W * t);
             a0[t] += p0 * y;
             a1[t] += p1 * y;
         }
     }
     for (int t = 0; t < NC; t++) {
-        st(o0 + c + W * t, ld(o0 + c + W * t) + a0[t] * bc(f0));
-        st(o1 + c + W * t, ld(o1 + c + W * t) + a1[t] * bc(f1));
+        st(o0 + c + W * t, ld(o0 + c + W * t) + (a0[t] + b0[t]) * bc(f0));
+        st(o1 + c + W * t, ld(o1 + c + W * t) + (a1[t] + b1[t]) * bc(f1));
     }
 }
 
@@ -470,10 +510,10 @@ static int wants_sidx(const na_args *A) { return A->ab || A->attn || A->dattn ||
 /* Whether a slot's bias depends on the head (rpb, attn_bias): then it is written per head. */
 static int per_head_bias(const na_args *A) { return A->rpb || A->ab; }
 
-/* Offsets (elements of the copy) of a T layout chunk (32-bit units) and of a P layout pair row. */
-static int64_t t_off(const na_args *A, int64_t line, int64_t heads, int64_t h, int64_t U, int64_t start) {
+/* Offsets (elements of the copy) of a T layout chunk (64-bit quads) and of a P layout pair row. */
+static int64_t t_off(const na_args *A, int64_t line, int64_t heads, int64_t h, int64_t Q, int64_t start) {
     CHECK(0 <= line && line < nlines(A) && 0 <= h && h < heads && 0 <= start && start + W <= A->l2p);
-    return ((line * heads + h) * U) * A->l2p + start;
+    return ((line * heads + h) * Q) * A->l2p + start;
 }
 static int64_t p_off(const na_args *A, int64_t line, int64_t heads, int64_t h, int64_t dim, int64_t pair) {
     CHECK(0 <= line && line < nlines(A) && 0 <= h && h < heads && 0 <= pair && 2 * pair + 2 <= A->l2p);
@@ -513,49 +553,74 @@ typedef struct {
     int64_t *col, *a2;   /* [cap]: axis-2 template (see axis2_template) */
     int32_t *in;         /* [2][cap]: -1 where pair i is inside its window, else 0 */
     int64_t cap;
+    /* Key side: the axis-2 template of key pair p (it depends on p alone), built on first use in a call:
+     * queries ulo[p] .. ulo[p] + nu[p] - 1; for u < round8(nu), kpos[p * tcap + u] = their coordinate
+     * (copies of the last past nu) and kin[(2p + i) * tcap + u] = -1 where key i is in their window. */
+    int64_t *kulo, *knu;
+    int32_t *kpos, *kin, *kdone;
+    int64_t tcap;
+    char *block;         /* the one allocation all of the above live in */
 } scratch;
 
-static int slots_init(slots_t *T, int64_t cap, int64_t segcap) {
-    T->cap = cap;
-    T->segcap = segcap;
-    T->row = malloc(sizeof(int64_t) * cap);
-    T->ok = malloc(sizeof(int32_t) * 2 * cap);
-    T->ridx = malloc(sizeof(int32_t) * 2 * cap);
-    T->sidx = malloc(sizeof(int32_t) * 2 * cap);
-    T->bias = malloc(sizeof(float) * 2 * cap);
-    T->seg = malloc(sizeof(seg_t) * segcap);
-    return T->row && T->ok && T->ridx && T->sidx && T->bias && T->seg;
+/* Carves n elements of `size` bytes, 64-byte aligned, from the scratch block at *at (p == NULL: only
+ * counts the bytes). */
+static void *carve(char *p, int64_t *at, int64_t n, int64_t size) {
+    void *r = p ? p + *at : NULL;
+    *at += (n * size + 63) / 64 * 64;
+    return r;
 }
 
-static void slots_free(slots_t *T) {
-    free(T->row); free(T->ok); free(T->ridx); free(T->sidx); free(T->bias); free(T->seg);
-}
-
-static int scratch_init(scratch *S, int64_t cap, int64_t segcap, int64_t D, int64_t Dv) {
+/* Lays the scratch out in one block (p == NULL: computes its size); returns the bytes used. */
+static int64_t scratch_layout(scratch *S, char *p, int64_t cap, int64_t segcap, int64_t D, int64_t Dv, int64_t npair,
+                              int64_t tcap) {
     const int64_t dmax = D > Dv ? D : Dv;
-    int ok = 1;
-    memset(S, 0, sizeof(*S));
+    int64_t at = 0;
     S->cap = cap;
-    for (int i = 0; i < SEG; i++) ok &= slots_init(&S->set[i], cap, segcap);
-    S->s = malloc(sizeof(float) * 2 * RUN * cap);
-    S->dp = malloc(sizeof(float) * 2 * cap);
-    S->dadd = calloc(2 * cap, sizeof(float));
-    S->dl = malloc(sizeof(float) * cap);
-    S->tmp = calloc(2 * dmax, sizeof(float));
-    S->acc = calloc(2 * (D + Dv), sizeof(float));
-    S->wb = calloc(4 * cap, sizeof(uint32_t));
-    S->kp = calloc(dmax, sizeof(uint32_t));
-    S->col = malloc(sizeof(int64_t) * cap);
-    S->a2 = malloc(sizeof(int64_t) * cap);
-    S->in = malloc(sizeof(int32_t) * 2 * cap);
-    return ok && S->s && S->dp && S->dadd && S->dl && S->tmp && S->acc && S->wb && S->kp && S->col && S->a2 && S->in;
+    for (int i = 0; i < SEG; i++) {
+        slots_t *T = &S->set[i];
+        T->cap = cap;
+        T->segcap = segcap;
+        T->row = carve(p, &at, cap, sizeof(int64_t));
+        T->ok = carve(p, &at, 2 * cap, sizeof(int32_t));
+        T->ridx = carve(p, &at, 2 * cap, sizeof(int32_t));
+        T->sidx = carve(p, &at, 2 * cap, sizeof(int32_t));
+        T->bias = carve(p, &at, 2 * cap, sizeof(float));
+        T->seg = carve(p, &at, segcap, sizeof(seg_t));
+    }
+    S->s = carve(p, &at, 2 * RUN * cap, sizeof(float));
+    S->dp = carve(p, &at, 2 * cap, sizeof(float));
+    S->dadd = carve(p, &at, 2 * cap, sizeof(float));
+    S->dl = carve(p, &at, cap, sizeof(float));
+    S->tmp = carve(p, &at, 2 * dmax, sizeof(float));
+    S->acc = carve(p, &at, 2 * (D + Dv), sizeof(float));
+    S->wb = carve(p, &at, 4 * cap, sizeof(uint32_t));
+    S->kp = carve(p, &at, dmax, sizeof(uint32_t));
+    S->col = carve(p, &at, cap, sizeof(int64_t));
+    S->a2 = carve(p, &at, cap, sizeof(int64_t));
+    S->in = carve(p, &at, 2 * cap, sizeof(int32_t));
+    S->kulo = carve(p, &at, npair, sizeof(int64_t));
+    S->knu = carve(p, &at, npair, sizeof(int64_t));
+    S->kdone = carve(p, &at, npair, sizeof(int32_t));
+    S->kpos = carve(p, &at, npair * tcap, sizeof(int32_t));
+    S->kin = carve(p, &at, 2 * npair * tcap, sizeof(int32_t));
+    S->tcap = tcap;
+    return at;
 }
 
-static void scratch_free(scratch *S) {
-    for (int i = 0; i < SEG; i++) slots_free(&S->set[i]);
-    free(S->s); free(S->dp); free(S->dadd); free(S->dl); free(S->tmp); free(S->acc); free(S->wb); free(S->kp);
-    free(S->col); free(S->a2); free(S->in);
+/* One allocation per thread and call. Every array is written before it is read; the weights'
+ * gradient and the spare rows start zeroed all the same. */
+static int scratch_init(scratch *S, int64_t cap, int64_t segcap, int64_t D, int64_t Dv, int64_t npair, int64_t tcap) {
+    const int64_t bytes = scratch_layout(S, NULL, cap, segcap, D, Dv, npair, tcap);
+    S->block = aligned_alloc(64, (size_t)bytes);
+    if (!S->block) return 0;
+    scratch_layout(S, S->block, cap, segcap, D, Dv, npair, tcap);
+    memset(S->dadd, 0, sizeof(float) * 2 * cap);
+    memset(S->tmp, 0, sizeof(float) * 2 * (D > Dv ? D : Dv));
+    memset(S->kdone, 0, sizeof(int32_t) * npair);
+    return 1;
 }
+
+static void scratch_free(scratch *S) { free(S->block); }
 
 /* Slots and segments one slot list may need: (longest run on axes 0, 1) x (widest union of two
  * neighbouring runs on axis 2, rounded up to a vector with lanes), rounded up to a vector, plus one
@@ -792,34 +857,51 @@ static inline __attribute__((always_inline)) void softmax_rows(const int dt, flo
 /* ------------------------------------------------------------------------------------------------
  * bfloat16 micro-kernels (T and P layout copies, lane slot lists) */
 
-/* Scores of chunks c0 .. c0 + NG - 1 (8 lanes each): acc[g][i] = sum_u a_i pair u . T[chunk g][u]. */
+/* Scores of chunks c0 .. c0 + NG - 1 (8 lanes each): for quad w of the features, the T layout vector
+ * holds 8 keys x 4 bf16; the query's quad is broadcast; lane 2k gets features 4w, 4w + 1 of key k and
+ * lane 2k + 1 features 4w + 2, 4w + 3: acc[g][i] pairs of lanes sum to key k's score. */
 static inline __attribute__((always_inline)) void tscore_block(const int NG, const bf16 *a0, const bf16 *a1,
-                                                              const uint32_t *T, const seg_t *const *cseg,
+                                                              const uint64_t *T, const seg_t *const *cseg,
                                                               const int64_t *cst, int64_t heads, int64_t h,
-                                                              int64_t U, int64_t l2p, const na_args *A, v8f acc[][2]) {
-    const uint32_t *p[NGMAX];
+                                                              int64_t Q, int64_t l2p, const na_args *A, v16f acc[][2]) {
+    const uint64_t *p[NGMAX];
     for (int g = 0; g < NG; g++) {
-        p[g] = T + t_off(A, cseg[g]->line, heads, h, U, cst[g]);
-        acc[g][0] = acc[g][1] = bc(0.0f);
+        p[g] = T + t_off(A, cseg[g]->line, heads, h, Q, cst[g]);
+        acc[g][0] = acc[g][1] = (v16f){0};
     }
-    for (int64_t u = 0; u < U; u++) {
-        const v16h x0 = bcp(a0 + 2 * u), x1 = bcp(a1 + 2 * u);
+    for (int64_t w = 0; w < Q; w++) {
+        const v8q x0 = bcq(a0 + 4 * w), x1 = bcq(a1 + 4 * w);
 #pragma GCC unroll 8
         for (int g = 0; g < NG; g++) {
-            v16h y = *(const v16hu *)(p[g] + u * l2p);
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+            v8q y = *(const v8qu *)(p[g] + w * l2p);
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && NA_AVX512
             __asm__("" : "+v"(y)); /* one load feeding both products, not one folded into each */
 #endif
-            acc[g][0] = dp2(acc[g][0], x0, y);
-            acc[g][1] = dp2(acc[g][1], x1, y);
+            acc[g][0] = dpq(acc[g][0], x0, y);
+            acc[g][1] = dpq(acc[g][1], x1, y);
         }
     }
 }
 
+/* Lane pairs of a and b summed: (a0 + a1, a2 + a3, ..., a14 + a15, b0 + b1, ..., b14 + b15). */
+static inline v16f pair_sums(v16f a, v16f b) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+    return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+    v16f r;
+    for (int i = 0; i < W; i++) {
+        r[i] = a[2 * i] + a[2 * i + 1];
+        r[W + i] = b[2 * i] + b[2 * i + 1];
+    }
+    return r;
+#endif
+}
+
 /* s_i[j] = (a_i . key of lane j) * scale + bias_i[j] over the lanes of slot list T (bias may be NULL):
- * the keys come from the T layout copy Tc of `heads` heads (head h) with U units of 32 bits. */
-static void tscores(const na_args *A, const bf16 *a0, const bf16 *a1, const uint32_t *Tc, int64_t heads, int64_t h,
-                    int64_t U, const slots_t *T, float scale, const float *bias0, const float *bias1, float *s0,
+ * the keys come from the T layout copy Tc of `heads` heads (head h) with Q quads of 64 bits. */
+static void tscores(const na_args *A, const bf16 *a0, const bf16 *a1, const uint64_t *Tc, int64_t heads, int64_t h,
+                    int64_t Q, const slots_t *T, float scale, const float *bias0, const float *bias1, float *s0,
                     float *s1) {
     const seg_t *cseg[NGMAX];
     int64_t cst[NGMAX], cat[NGMAX];
@@ -833,22 +915,25 @@ static void tscores(const na_args *A, const bf16 *a0, const bf16 *a1, const uint
             ng++;
             const int last = s + 1 == T->nseg && c + W >= g->len;
             if (ng < NGMAX && !last) continue;
-            v8f acc[NGMAX][2];
+            v16f acc[NGMAX][2];
             switch (ng) {
-                case 1: tscore_block(1, a0, a1, Tc, cseg, cst, heads, h, U, A->l2p, A, acc); break;
-                case 2: tscore_block(2, a0, a1, Tc, cseg, cst, heads, h, U, A->l2p, A, acc); break;
-                case 3: tscore_block(3, a0, a1, Tc, cseg, cst, heads, h, U, A->l2p, A, acc); break;
-#if NGMAX > 4
-                case 4: tscore_block(4, a0, a1, Tc, cseg, cst, heads, h, U, A->l2p, A, acc); break;
-                case 5: tscore_block(5, a0, a1, Tc, cseg, cst, heads, h, U, A->l2p, A, acc); break;
-                case 6: tscore_block(6, a0, a1, Tc, cseg, cst, heads, h, U, A->l2p, A, acc); break;
-                case 7: tscore_block(7, a0, a1, Tc, cseg, cst, heads, h, U, A->l2p, A, acc); break;
+                case 1: tscore_block(1, a0, a1, Tc, cseg, cst, heads, h, Q, A->l2p, A, acc); break;
+#if NGMAX > 2
+                case 2: tscore_block(2, a0, a1, Tc, cseg, cst, heads, h, Q, A->l2p, A, acc); break;
+                case 3: tscore_block(3, a0, a1, Tc, cseg, cst, heads, h, Q, A->l2p, A, acc); break;
+                case 4: tscore_block(4, a0, a1, Tc, cseg, cst, heads, h, Q, A->l2p, A, acc); break;
+                case 5: tscore_block(5, a0, a1, Tc, cseg, cst, heads, h, Q, A->l2p, A, acc); break;
+                case 6: tscore_block(6, a0, a1, Tc, cseg, cst, heads, h, Q, A->l2p, A, acc); break;
+                case 7: tscore_block(7, a0, a1, Tc, cseg, cst, heads, h, Q, A->l2p, A, acc); break;
 #endif
-                default: tscore_block(NGMAX, a0, a1, Tc, cseg, cst, heads, h, U, A->l2p, A, acc); break;
+                default: tscore_block(NGMAX, a0, a1, Tc, cseg, cst, heads, h, Q, A->l2p, A, acc); break;
             }
             for (int k = 0; k < ng; k++) {
                 const int64_t j = cat[k];
-                const v8f y0 = acc[k][0] * bc(scale), y1 = acc[k][1] * bc(scale);
+                const v16f r = pair_sums(acc[k][0], acc[k][1]) * scale;
+                v8f y0, y1;
+                memcpy(&y0, &r, sizeof(y0));
+                memcpy(&y1, (const float *)&r + W, sizeof(y1));
                 st(s0 + j, bias0 ? y0 + ld(bias0 + j) : y0);
                 st(s1 + j, bias1 ? y1 + ld(bias1 + j) : y1);
             }
@@ -935,7 +1020,8 @@ static inline __attribute__((always_inline)) void paccum_block(const int NC, con
 
 static void paccum(const na_args *A, const slots_t *T, const uint32_t *wb, int64_t cap, const bf16 *Pc,
                    int64_t heads, int64_t h, int64_t dim, float f0, float f1, float *o0, float *o1) {
-    for (int64_t c = 0; c < dim; c += 4 * W) {
+    int64_t c = 0;
+    for (; c < dim; c += 4 * W) {
         switch ((dim - c) / W) {
             case 1: paccum_block(1, A, T, wb, cap, Pc, heads, h, dim, c, f0, f1, o0, o1); break;
             case 2: paccum_block(2, A, T, wb, cap, Pc, heads, h, dim, c, f0, f1, o0, o1); break;
@@ -983,60 +1069,57 @@ static void pscatter(const slots_t *T, const float *w0, const float *w1, float f
 /* ------------------------------------------------------------------------------------------------
  * Layout copies (bf16, prep phase): items are (line, head) of the source */
 
-/* In-register 8 x 8 transpose of 32-bit units. */
-static inline void transpose8(v8u r[8]) {
-    v8u t[8], u[8];
-    for (int k = 0; k < 4; k++) {
-        t[2 * k] = SHUF(r[2 * k], r[2 * k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-        t[2 * k + 1] = SHUF(r[2 * k], r[2 * k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-    }
-    for (int k = 0; k < 2; k++) {
-        const v8u *x = t + 4 * k;
-        u[4 * k + 0] = SHUF(x[0], x[2], 0, 1, 8, 9, 4, 5, 12, 13);
-        u[4 * k + 1] = SHUF(x[0], x[2], 2, 3, 10, 11, 6, 7, 14, 15);
-        u[4 * k + 2] = SHUF(x[1], x[3], 0, 1, 8, 9, 4, 5, 12, 13);
-        u[4 * k + 3] = SHUF(x[1], x[3], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-    for (int k = 0; k < 4; k++) {
-        r[k] = SHUF(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-        r[k + 4] = SHUF(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-    }
-}
-
 /* Source row of the token at group-major (line, last-axis index i), head h. */
 static int64_t src_row(const na_args *A, int64_t line, int64_t i, int64_t heads, int64_t h) {
     const int64_t i1 = line % A->L1, i0 = line / A->L1 % A->L0, b = line / A->L1 / A->L0;
     return token(A, b, i0, i1, i) * heads + h;
 }
 
-/* T layout: dst[((line * heads + h) * U + u) * l2p + i] = unit u (bf16 pair) of the token at index
- * i of the line, head h; 0 for i >= L2. */
+/* In-register 4 x 4 transpose of 64-bit elements. */
+static inline void transpose4q(v4q r[4]) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+    const v4q t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 2, 6), t1 = __builtin_shufflevector(r[0], r[1], 1, 5, 3, 7);
+    const v4q t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 2, 6), t3 = __builtin_shufflevector(r[2], r[3], 1, 5, 3, 7);
+    r[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+    r[1] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+    r[2] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+    r[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+#else
+    v4q o[4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) o[i][j] = r[j][i];
+    for (int i = 0; i < 4; i++) r[i] = o[i];
+#endif
+}
+
+/* T layout: dst[((line * heads + h) * Q + w) * l2p + i] = quad w (features 4w .. 4w + 3) of the token
+ * at index i of the line, head h; 0 for i >= L2. */
 static void t_copy(const na_args *A, const void *src, int64_t heads, int64_t dim, void *dst, int64_t begin,
                    int64_t end) {
-    const int64_t U = dim / 2, l2p = A->l2p, L2 = A->L2;
-    const uint32_t *S = src;
+    const int64_t Q = dim / 4, l2p = A->l2p, L2 = A->L2;
+    const uint64_t *S = src;
     for (int64_t item = begin; item < end; item++) {
         const int64_t line = item / heads, h = item % heads;
-        uint32_t *D = (uint32_t *)dst + (line * heads + h) * U * l2p;
+        uint64_t *D = (uint64_t *)dst + (line * heads + h) * Q * l2p;
         int64_t i = 0;
-        for (; i + W <= L2; i += W) {
-            const uint32_t *rows[W];
-            for (int t = 0; t < W; t++) rows[t] = S + src_row(A, line, i + t, heads, h) * U;
-            int64_t u = 0;
-            for (; u + W <= U; u += W) {
-                v8u r[W];
-                for (int t = 0; t < W; t++) r[t] = *(const v8uu *)(rows[t] + u);
-                transpose8(r);
-                for (int t = 0; t < W; t++) *(v8uu *)(D + (u + t) * l2p + i) = r[t];
+        for (; i + 4 <= L2; i += 4) {
+            const uint64_t *rows[4];
+            for (int t = 0; t < 4; t++) rows[t] = S + src_row(A, line, i + t, heads, h) * Q;
+            int64_t w = 0;
+            for (; w + 4 <= Q; w += 4) {
+                v4q r[4];
+                for (int t = 0; t < 4; t++) r[t] = *(const v4qu *)(rows[t] + w);
+                transpose4q(r);
+                for (int t = 0; t < 4; t++) *(v4qu *)(D + (w + t) * l2p + i) = r[t];
             }
-            for (; u < U; u++)
-                for (int t = 0; t < W; t++) D[u * l2p + i + t] = rows[t][u];
+            for (; w < Q; w++)
+                for (int t = 0; t < 4; t++) D[w * l2p + i + t] = rows[t][w];
         }
         for (; i < L2; i++) {
-            const uint32_t *row = S + src_row(A, line, i, heads, h) * U;
-            for (int64_t u = 0; u < U; u++) D[u * l2p + i] = row[u];
+            const uint64_t *row = S + src_row(A, line, i, heads, h) * Q;
+            for (int64_t w = 0; w < Q; w++) D[w * l2p + i] = row[w];
         }
-        for (int64_t u = 0; u < U; u++) memset(D + u * l2p + L2, 0, sizeof(uint32_t) * (l2p - L2));
+        for (int64_t w = 0; w < Q; w++) memset(D + w * l2p + L2, 0, sizeof(uint64_t) * (l2p - L2));
     }
 }
 
@@ -1086,7 +1169,7 @@ static inline __attribute__((always_inline)) void forward_scores(const int dt, c
     const int64_t D = A->D, cap = T->cap, hk = h / (A->H / A->Hk);
     if (per_head_bias(A)) head_bias(A, T, h, r);
     if (dt == BF16)
-        tscores(A, (const bf16 *)A->q + r[0] * D, (const bf16 *)A->q + r[1] * D, A->kt, A->Hk, hk, D / 2, T, A->scale,
+        tscores(A, (const bf16 *)A->q + r[0] * D, (const bf16 *)A->q + r[1] * D, A->kt, A->Hk, hk, D / 4, T, A->scale,
                 T->bias, T->bias + cap, s, s + cap);
     else
         scores2((const float *)A->q + r[0] * D, (const float *)A->q + r[1] * D, (const float *)A->k + hk * D, T->row,
@@ -1140,9 +1223,9 @@ static inline __attribute__((always_inline)) void dq_pair(const int dt, const na
     const float *da0 = A->dattn ? S->dadd : NULL, *da1 = A->dattn ? S->dadd + cap : NULL;
     /* S, then dP = dO . V (+ the weights' gradient), then dS = P * (dP - delta) in place of dP. */
     if (dt == BF16) {
-        tscores(A, (const bf16 *)A->q + r[0] * D, (const bf16 *)A->q + r[1] * D, A->kt, A->Hk, hk, D / 2, T, A->scale,
+        tscores(A, (const bf16 *)A->q + r[0] * D, (const bf16 *)A->q + r[1] * D, A->kt, A->Hk, hk, D / 4, T, A->scale,
                 T->bias, T->bias + cap, s0, s1);
-        tscores(A, (const bf16 *)A->dout + r[0] * Dv, (const bf16 *)A->dout + r[1] * Dv, A->vt, A->Hk, hk, Dv / 2, T,
+        tscores(A, (const bf16 *)A->dout + r[0] * Dv, (const bf16 *)A->dout + r[1] * Dv, A->vt, A->Hk, hk, Dv / 4, T,
                 1.0f, da0, da1, p0, p1);
     } else {
         scores2((const float *)A->q + r[0] * D, (const float *)A->q + r[1] * D, (const float *)A->k + hk * D, T->row, n,
@@ -1223,6 +1306,32 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
 /* ------------------------------------------------------------------------------------------------
  * Key passes: the backward's dK, dV (and, fused, dQ, drpb, dattn_bias) */
 
+/* The key-side axis-2 template of key pair y2 = (2p, 2p + 1 or 2p) (see scratch), built on first use. */
+static void key_template(const na_args *A, scratch *S, const int64_t y2[2], int64_t *ulo, int64_t *nu,
+                         const int32_t **pos, const int32_t **in) {
+    const int64_t p = y2[0] / 2, tc = S->tcap;
+    const int64_t *pos2 = A->pos + 2 * A->lmax, *lo2 = A->lo + 2 * A->lmax, *hi2 = A->hi + 2 * A->lmax;
+    CHECK(0 <= p && p < (A->L2 + 1) / 2);
+    if (!S->kdone[p]) {
+        const int64_t lo = TAB(A->qlo, 2, y2[0]), n = TAB(A->qhi, 2, y2[1]) - lo + 1, nb = round8(n);
+        CHECK(n >= 1 && nb <= tc);
+        for (int64_t u = 0; u < nb; u++) {
+            const int64_t a2 = lo + (u < n ? u : n - 1);
+            CHECK(0 <= a2 && a2 < A->L2 && 0 <= pos2[a2] && pos2[a2] < A->L2);
+            S->kpos[p * tc + u] = (int32_t)pos2[a2];
+            for (int i = 0; i < 2; i++) /* key y2[i] in the window of query a2 */
+                S->kin[(2 * p + i) * tc + u] = u < n && lo2[a2] <= y2[i] && y2[i] <= hi2[a2] ? -1 : 0;
+        }
+        S->kulo[p] = lo;
+        S->knu[p] = n;
+        S->kdone[p] = 1;
+    }
+    *ulo = S->kulo[p];
+    *nu = S->knu[p];
+    *pos = S->kpos + p * tc;
+    *in = S->kin + 2 * p * tc;
+}
+
 /* Slots of the key pair (y2[0], y2[1]) at (b, y0, y1) for query head h: every query whose window
  * holds either key (inverse runs qlo..qhi), row by row, laid out like query_slots (lanes: bf16).
  * Pair (query, key i) counts (ok) where key i is in the query's window and not masked; its bias is
@@ -1233,11 +1342,13 @@ static void backward_dq_items(const na_args *A, scratch *S, float *drpb, int64_t
  * weight 0). */
 static void key_slots(const na_args *A, scratch *S, slots_t *T, int64_t b, int64_t y0, int64_t y1,
                       const int64_t y2[2], int64_t h, int lanes) {
-    const int64_t cap = T->cap, *rof2 = A->rof + 2 * A->lmax, *sof2 = A->sof + 2 * A->lmax, *col = S->col;
-    const int64_t ulo = TAB(A->qlo, 2, y2[0]), nu = TAB(A->qhi, 2, y2[1]) - ulo + 1, nub = round8(nu);
+    const int64_t cap = T->cap, *rof2 = A->rof + 2 * A->lmax, *sof2 = A->sof + 2 * A->lmax, tc = S->tcap;
     const int64_t K = nslots_k(A);
     const int slots = wants_sidx(A);
-    axis2_template(A, S, ulo, nu, nub, A->H, h, y2, 1);
+    int64_t ulo, nu;
+    const int32_t *pos, *in;
+    key_template(A, S, y2, &ulo, &nu, &pos, &in);
+    const int64_t nub = round8(nu);
     /* a masked key counts for no query */
     const v8i live[2] = {bci(masked(A, b, y0, y1, y2[0]) ? 0 : -1), bci(masked(A, b, y0, y1, y2[1]) ? 0 : -1)};
     int64_t n = 0, nseg = 0;
@@ -1255,36 +1366,40 @@ static void key_slots(const na_args *A, scratch *S, slots_t *T, int64_t b, int64
             int64_t *rows = T->row + n;
             float *dl = S->dl + n;
             for (int64_t u = 0; u < nub; u++) {
-                rows[u] = base + col[u];
+                rows[u] = base + pos[u] * A->H + h;
                 CHECK(0 <= rows[u] && rows[u] < ntokens(A) * A->H);
             }
             for (int64_t u = 0; u < nub; u += W) { /* stores past nu: overwritten by the next row or padding */
                 const v8f nl = ld(A->nlse_t + t0 + u);
                 st(dl + u, ld(A->delta_t + t0 + u));
                 for (int i = 0; i < 2; i++) {
-                    const v8i ok = *(const v8iu *)(S->in + i * cap + u) & live[i];
+                    const v8i ok = *(const v8iu *)(in + i * tc + u) & live[i];
                     *(v8iu *)(T->ok + i * cap + n + u) = ok;
                     st(T->bias + i * cap + n + u, sel(ok, nl, bc(NEG)));
                 }
             }
+            n += lanes ? nub : nu;
+            if (!A->rpb && !slots) continue; /* ridx, sidx and dadd are not read */
             const int64_t r01 = ((h * A->R0 + y0 - TAB(A->rof, 0, x0)) * A->R1 + y1 - TAB(A->rof, 1, x1)) * A->R2;
             const int64_t s01 = ((y0 - TAB(A->sof, 0, x0)) * A->K1 + y1 - TAB(A->sof, 1, x1)) * A->K2;
+            const int64_t at = g->at;
             for (int i = 0; i < 2; i++) {
-                const int32_t *ok = T->ok + i * cap + n;
-                float *bias = T->bias + i * cap + n, *dadd = S->dadd + i * cap + n;
-                int32_t *ridx = T->ridx + i * cap + n, *sidx = T->sidx + i * cap + n;
+                const int32_t *ok = T->ok + i * cap + at;
+                float *bias = T->bias + i * cap + at, *dadd = S->dadd + i * cap + at;
+                int32_t *ridx = T->ridx + i * cap + at, *sidx = T->sidx + i * cap + at;
                 for (int64_t u = 0; u < nub; u++) {
                     ridx[u] = sidx[u] = -1;
                     if (A->dattn) dadd[u] = 0.0f;
-                    if (!ok[u] || (!A->rpb && !slots)) continue;
+                    if (!ok[u]) continue;
+                    const int64_t a2 = ulo + u; /* u < nu where ok */
                     if (A->rpb) {
-                        const int64_t ri = r01 + y2[i] - rof2[S->a2[u]];
+                        const int64_t ri = r01 + y2[i] - rof2[a2];
                         CHECK(0 <= ri && ri < A->H * A->R0 * A->R1 * A->R2);
                         ridx[u] = (int32_t)ri;
                         bias[u] += A->rpb[ri];
                     }
                     if (slots) {
-                        const int64_t si = s01 + y2[i] - sof2[S->a2[u]];
+                        const int64_t si = s01 + y2[i] - sof2[a2];
                         CHECK(0 <= si && si < K);
                         sidx[u] = (int32_t)si;
                         if (A->ab) bias[u] += ab_row(A, rows[u])[si];
@@ -1292,7 +1407,6 @@ static void key_slots(const na_args *A, scratch *S, slots_t *T, int64_t b, int64
                     }
                 }
             }
-            n += lanes ? nub : nu;
         }
     }
     T->nseg = nseg;
@@ -1342,9 +1456,9 @@ static inline __attribute__((always_inline)) void dkv_item_dt(const int dt, cons
         const float *da0 = A->dattn ? S->dadd : NULL, *da1 = A->dattn ? S->dadd + cap : NULL;
         /* P^T (bias holds -lse), dP^T = V . dO (+ the weights' gradient), dS^T = P^T (dP^T - delta) */
         if (dt == BF16) {
-            tscores(A, (const bf16 *)A->k + r0 * D, (const bf16 *)A->k + r1 * D, A->qt, A->H, h, D / 2, T, A->scale,
+            tscores(A, (const bf16 *)A->k + r0 * D, (const bf16 *)A->k + r1 * D, A->qt, A->H, h, D / 4, T, A->scale,
                     T->bias, T->bias + cap, s0, s1);
-            tscores(A, (const bf16 *)A->v + r0 * Dv, (const bf16 *)A->v + r1 * Dv, A->dot, A->H, h, Dv / 2, T, 1.0f,
+            tscores(A, (const bf16 *)A->v + r0 * Dv, (const bf16 *)A->v + r1 * Dv, A->dot, A->H, h, Dv / 4, T, 1.0f,
                     da0, da1, p0, p1);
         } else {
             scores2((const float *)A->k + r0 * D, (const float *)A->k + r1 * D, (const float *)A->q, T->row, n, D,
@@ -1587,19 +1701,32 @@ static void run_phase(job *J, scratch *S, const work_t *w, int nw) {
     }
 }
 
+/* round8 of the widest union of queries seeing two neighbouring keys on axis 2. */
+static int64_t key_template_cap(const na_args *A) {
+    int64_t m = 1;
+    for (int64_t j = 0; j < A->L2; j++) {
+        const int64_t j1 = j + 1 < A->L2 ? j + 1 : j;
+        m = max64(m, TAB(A->qhi, 2, j1) - TAB(A->qlo, 2, j) + 1);
+    }
+    return round8(m);
+}
+
 static void *run_job(void *arg) {
     job *J = arg;
     const na_args *A = J->A;
     const int64_t lines = nlines(A), bf = A->dt == BF16, fused = A->chunk > 0;
     scratch S;
-    int64_t cap, segcap, cap2, segcap2;
+    int64_t cap, segcap, cap2 = 0, segcap2, npair = 0, tcap = 0;
     max_slots(A, A->lo, A->hi, &cap, &segcap);
     if (J->pass == 1) { /* both sides */
         max_slots(A, A->qlo, A->qhi, &cap2, &segcap2);
         cap = max64(cap, cap2);
         segcap = max64(segcap, segcap2);
+        npair = (A->L2 + 1) / 2;
+        tcap = key_template_cap(A);
     }
-    J->status = scratch_init(&S, cap, segcap, A->D, A->Dv) ? 0 : 1;
+    J->status = scratch_init(&S, cap, segcap, A->D, A->Dv, npair, tcap) ? 0 : 1;
+    if (J->status) S.block = NULL;
     if (J->pass == 0) {
         if (bf) {
             const work_t prep[] = {{W_KT, lines * A->Hk}, {W_VP, lines * A->Hk}};
