@@ -504,6 +504,12 @@ static const float *ab_row(const na_args *A, int64_t r) {
     return A->ab + (t / T) * A->ab_sb + (t % T) * A->ab_st + h * A->ab_sh;
 }
 
+/* Software prefetch of n floats from p (into L2 and L1). */
+static inline void prefetch_floats(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+    __builtin_prefetch(p + n - 1);
+}
+
 /* Whether slots need their neighbourhood-slot index (per-pair tensors in slot order). */
 static int wants_sidx(const na_args *A) { return A->ab || A->attn || A->dattn || A->dab; }
 
@@ -1282,6 +1288,9 @@ static inline __attribute__((always_inline)) void query_items_run(const int dt, 
                         rows[2 * j + i] = s + i * S->cap;
                         n[2 * j + i] = S->set[j0 + j].n;
                     }
+                    if (A->ab && j0 + j + 2 < np) /* attn_bias is read once: fetch a later pair's rows early */
+                        for (int i = 0; i < 2; i++)
+                            prefetch_floats(ab_row(A, qrow(A, b, x0, x1, x2[j0 + j + 2][i], A->H, h)), nslots_k(A));
                     forward_scores(dt, A, &S->set[j0 + j], r[j], h, s);
                 }
                 softmax_rows(dt, rows, n, (int)(2 * nr), lse, inv);
