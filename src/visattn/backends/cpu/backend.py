@@ -42,10 +42,6 @@ def _threads() -> int:
     return min(max(1, torch.get_num_threads()), _MAX_THREADS)
 
 
-def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The element type the kernels read and write for inputs of ``dtype``: bfloat16 natively,
     float16 as float32 (converted), float32."""
@@ -92,27 +88,59 @@ def _copies(p: Problem, names: tuple[str, ...], q: torch.Tensor, k: torch.Tensor
     return out, (buf[at:].view(torch.float32) if extra_floats else None)
 
 
+#: Optional tensors of ``na_args``, by field name.
+_OPTIONAL = ("kpm", "attn", "dattn", "dab", "out", "lse", "dout", "dlse", "dq", "dk", "dv", "dq_out", "drpb", "nlse_t",
+             "delta_t", "kt", "vt", "qt", "dot", "kp", "vp", "qp", "dop")
+_TEMPLATES: dict = {}
+
+
+def _template(spec: NASpec, shapes: tuple, dt: int, scale: float, rpb_shape: Optional[tuple], split: tuple,
+              threads: int) -> build.Args:
+    """The call-independent fields of the argument struct (tables, sizes, flags), cached: a call copies
+    it and sets its pointers (building the 60-field struct each time cost ~15 us)."""
+    key = (spec, shapes, dt, scale, rpb_shape, split, threads)
+    args = _TEMPLATES.get(key)
+    if args is None:
+        if len(_TEMPLATES) > 256:
+            _TEMPLATES.clear()
+        tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi, sof: int64 [3, Lmax] (cached per spec, kept alive)
+        (B, L0, L1, L2, H, D), (_, _, _, _, Hk, _), (*_, Dv) = shapes
+        args = build.Args()
+        for name, t in zip(("pos", "lo", "hi", "rof", "qlo", "qhi", "sof"), tabs):
+            setattr(args, name, t.data_ptr())
+        for name, value in zip(("lmax", "B", "L0", "L1", "L2", "H", "Hk", "D", "Dv"),
+                               (tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv)):
+            setattr(args, name, value)
+        args.R0, args.R1, args.R2 = rpb_shape[1:] if rpb_shape is not None else (1, 1, 1)
+        args.K0, args.K1, args.K2 = (1,) * (3 - spec.rank) + spec.kernel_size
+        args.scale, args.dt, args.l2p, args.nthreads = scale, dt, _l2p(spec), threads
+        args.split, args.chunk = split
+        args.keepalive = tabs
+        _TEMPLATES[key] = args
+    return args
+
+
 def _args(q, k, v, rpb, spec: NASpec, scale: float, split: tuple[int, int] = (0, 0), **tensors) -> build.Args:
     """The kernel's argument struct for contiguous rank-3 tensors of one compute dtype (``split``: the
     fused backward's axis and chunk length; ``tensors``: the optional ones by their ``na_args`` name,
-    ``ab`` as ``(tensor, batch, token, head strides)``). The tables are cached per spec, so they
-    outlive the call."""
-    tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi, sof: int64 [3, Lmax]
-    B, L0, L1, L2, H, D = q.shape
-    Hk, Dv = k.shape[4], v.shape[5]
-    R = rpb.shape[1:] if rpb is not None else (1, 1, 1)
-    window = (1,) * (3 - spec.rank) + spec.kernel_size
-    ab, *ab_strides = tensors.get("ab") or (None, 0, 0, 0)
+    ``ab`` as ``(tensor, batch, token, head strides)``)."""
     dt = build.Args.BF16 if q.dtype == torch.bfloat16 else build.Args.F32
-    args = build.Args(*[_ptr(t) for t in (q, k, v, rpb, ab, tensors.get("kpm"), *tabs)],
-                      tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv, *R, *window, *ab_strides, scale, dt,
-                      *[_ptr(tensors.get(n)) for n in ("attn", "dattn", "dab", "out", "lse", "dout", "dlse", "dq", "dk",
-                                                       "dv", "dq_out", "drpb", "nlse_t", "delta_t", "kt", "vt", "qt",
-                                                       "dot", "kp", "vp", "qp", "dop")],
-                      _l2p(spec), *split, _threads())
+    template = _template(spec, (tuple(q.shape), tuple(k.shape), tuple(v.shape)), dt, scale,
+                         tuple(rpb.shape) if rpb is not None else None, tuple(split), _threads())
+    args = build.Args.from_buffer_copy(template)
+    args.q, args.k, args.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    if rpb is not None:
+        args.rpb = rpb.data_ptr()
+    ab = tensors.get("ab")
+    if ab is not None:
+        args.ab = ab[0].data_ptr()
+        args.ab_sb, args.ab_st, args.ab_sh = ab[1:]
+    for name, t in tensors.items():
+        if t is not None and name != "ab":
+            setattr(args, name, t.data_ptr())
     # The struct holds raw pointers: it keeps the tensors alive (a temporary copy made for the call,
-    # such as a contiguous attn_bias, would otherwise be freed before the kernel runs).
-    args.keepalive = (q, k, v, rpb, tensors)
+    # such as a contiguous attn_bias, would otherwise be freed before the kernel runs), and the tables.
+    args.keepalive = (q, k, v, rpb, tensors, template.keepalive)
     return args
 
 
@@ -137,11 +165,13 @@ def _kernel_view(t: torch.Tensor, p: Problem, dim: int) -> torch.Tensor:
     """``t [B, *S, heads, d]`` as the kernel's contiguous ``[B, L0, L1, L2, heads, dim]`` in the compute
     dtype (leading axes of length 1 for rank < 3; the head dim zero-padded to ``dim``). No copy for a
     contiguous input of the compute dtype whose head dim is a multiple of 8."""
-    t = t.to(compute_dtype(p.dtype))
+    cdt = compute_dtype(p.dtype)
+    if t.dtype != cdt:
+        t = t.to(cdt)
     if t.shape[-1] != dim:
         t = F.pad(t, (0, dim - t.shape[-1]))
-    shape3 = (1,) * (3 - p.spec.rank) + p.spec.spatial
-    return t.reshape(p.batch, *shape3, *t.shape[-2:]).contiguous()
+    shape3 = (p.batch, *(1,) * (3 - p.spec.rank), *p.spec.spatial, *t.shape[-2:])
+    return t.view(shape3) if t.is_contiguous() else t.reshape(shape3).contiguous()
 
 
 def _bias_view(rpb: Optional[torch.Tensor], p: Problem) -> Optional[torch.Tensor]:
