@@ -25,10 +25,10 @@
  *     fp32 lane; elsewhere each pair is widened to fp32 and multiplied exactly the same way), fp32
  *     accumulation, fp32 softmax statistics. Per call, the operands are first copied into layouts
  *     where no horizontal reduction is needed (prep phase, in parallel):
- *       T layout [lines, heads, dim/2, l2p] of 32-bit bf16 pairs (d, d+1): a vector of 8 units is 8
- *         consecutive keys (group-major along the last axis) x one pair of features, so the scores
- *         of 8 keys are sum_d broadcast(query pair d) . T[d] (keys for scores, queries in the
- *         backward);
+ *       T layout [lines, heads, dim/4, l2p] of 64-bit bf16 quads (features 4w .. 4w + 3): a 64-byte
+ *         vector is 8 consecutive keys (group-major along the last axis) x one quad, so the scores
+ *         of 8 keys are sum_w broadcast(query quad w) . T[w], lane pairs summed at the end (keys for
+ *         scores, queries and dO in the backward);
  *       P layout [lines, heads, l2p/2, dim, 2]: two consecutive keys interleaved feature by feature,
  *         so a weighted sum of rows is sum_pairs broadcast(weight pair) . P[pair] (values in the
  *         forward; queries, dO and keys in the backward).
