@@ -697,23 +697,20 @@ static void max_slots(const na_args *A, const int64_t *lo, const int64_t *hi, in
     *segcap = m[0] * m[1] + 1;
 }
 
-/* The axis-2 part of a slot list, shared by every row of it: for union slot u (0 <= u < nub, padded
- * with copies of the last index), col[u] = pos * heads + head (row offset within a row of tokens) and
- * in_i[u] = -1 if pair i is inside its window (0 for u >= nu); for key slots (keys = 1) the window
- * test is made from the query at u's side. */
+/* The axis-2 part of a query pair's slot list, shared by every row of it: for union slot u
+ * (0 <= u < nub, padded with copies of the last index), col[u] = pos * heads + head (row offset within
+ * a row of tokens), a2[u] the key's index and in_i[u] = -1 if the key is in query pair[i]'s window
+ * (0 for u >= nu). (The key side's counterpart is key_template, cached per key pair.) */
 static void axis2_template(const na_args *A, scratch *S, int64_t ulo, int64_t nu, int64_t nub, int64_t heads,
-                           int64_t head, const int64_t pair[2], int keys) {
+                           int64_t head, const int64_t pair[2]) {
     const int64_t *pos2 = A->pos + 2 * A->lmax, *lo2 = A->lo + 2 * A->lmax, *hi2 = A->hi + 2 * A->lmax;
     for (int64_t u = 0; u < nub; u++) {
         const int64_t a2 = ulo + (u < nu ? u : nu - 1);
         CHECK(u < S->cap && 0 <= a2 && a2 < A->L2 && 0 <= pos2[a2] && pos2[a2] < A->L2);
         S->col[u] = pos2[a2] * heads + head;
         S->a2[u] = a2;
-        for (int i = 0; i < 2; i++) {
-            /* query slots: key a2 in the window of query pair[i]; key slots: key pair[i] in query a2's */
-            const int64_t qq = keys ? a2 : pair[i], kk = keys ? pair[i] : a2;
-            S->in[i * S->cap + u] = u < nu && lo2[qq] <= kk && kk <= hi2[qq] ? -1 : 0;
-        }
+        for (int i = 0; i < 2; i++)
+            S->in[i * S->cap + u] = u < nu && lo2[pair[i]] <= a2 && a2 <= hi2[pair[i]] ? -1 : 0;
     }
 }
 
@@ -750,7 +747,7 @@ static void query_slots(const na_args *A, scratch *S, slots_t *T, int64_t b, int
                         const int64_t x2[2], int lanes, int need) {
     const int64_t cap = T->cap;
     const int64_t ulo = TAB(A->lo, 2, x2[0]), nu = TAB(A->hi, 2, x2[1]) - ulo + 1, nub = round8(nu);
-    axis2_template(A, S, ulo, nu, nub, A->Hk, 0, x2, 0);
+    axis2_template(A, S, ulo, nu, nub, A->Hk, 0, x2);
     const int64_t rof2[2] = {TAB(A->rof, 2, x2[0]), TAB(A->rof, 2, x2[1])};
     const int64_t sof2[2] = {TAB(A->sof, 2, x2[0]), TAB(A->sof, 2, x2[1])};
     const int ridx = A->rpb && (need & NEED_RIDX), slots = wants_sidx(A) && (need & NEED_SIDX);
