@@ -1,9 +1,12 @@
-"""The shared case sweep for backend parity: ranks 1-3, odd/even/irregular sizes, per-axis
-kernel/stride/dilation/causal, GQA, extra KV, D_v != D. Every backend runs all of these."""
+"""The shared case sweeps for backend parity: ranks 1-3, odd/even/irregular sizes, per-axis
+kernel/stride/dilation/causal, GQA, extra KV, D_v != D (``CASES``); and the "beyond NATTEN" features
+(relative positional bias, additive bias, key padding mask, returned weights, cross-grid keys,
+periodic axes: ``FEATURE_CASES``).
+Every backend runs all of these."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -78,4 +81,61 @@ CASES = [
     Case((5, 7, 11), (3, 3, 5), (1, 3, 2), (1, 2, 2), (False, False, True)),
     Case((6, 6, 6), (2, 3, 4), (2, 1, 4), (3, 2, 1), heads=3, heads_kv=1),
     Case((4, 9, 5), (4, 3, 5), (1, 1, 1), (1, 3, 1), (True, False, False), extra=2),
+]
+
+
+@dataclass(frozen=True)
+class FeatureCase:
+    """A call with the per-pair features: ``rpb``, ``attn_bias``, a random ``key_padding_mask`` masking
+    a fraction ``mask`` of the keys; the weights are always returned and used by the loss."""
+
+    spatial: tuple[int, ...]
+    na: dict = field(hash=False)
+    rpb: bool = False
+    bias: bool = False
+    mask: float = 0.0  # fraction of masked keys
+    heads: int = 2
+    heads_kv: int = 2
+    dim: int = 8
+    dim_v: int = 6
+    batch: int = 2
+    key_spatial: tuple[int, ...] = ()  # cross-grid: keys on this grid (default: the queries')
+
+    def __str__(self) -> str:
+        tags = [f"S{'x'.join(map(str, self.spatial))}"] + [f"{k[0]}{v}" for k, v in self.na.items()]
+        tags += [f"Sk{'x'.join(map(str, self.key_spatial))}"] if self.key_spatial else []
+        tags += [t for t, on in (("rpb", self.rpb), ("bias", self.bias), (f"mask{self.mask}", self.mask),
+                                 (f"gqa{self.heads}:{self.heads_kv}", self.heads != self.heads_kv),
+                                 (f"D{self.dim}-{self.dim_v}", (self.dim, self.dim_v) != (8, 6))) if on]
+        return "_".join(tags).replace(" ", "")
+
+
+FEATURE_CASES = [
+    FeatureCase((11,), dict(kernel_size=5), rpb=True),
+    FeatureCase((10,), dict(kernel_size=4, stride=2, dilation=2, is_causal=True), rpb=True, mask=0.3),
+    FeatureCase((7, 8), dict(kernel_size=3, dilation=2), rpb=True, bias=True),
+    FeatureCase((9, 6), dict(kernel_size=(4, 3), stride=(2, 3), dilation=(1, 2), is_causal=(False, True)),
+                rpb=True, bias=True, mask=0.25),
+    FeatureCase((6, 7), dict(kernel_size=3), mask=0.5, heads=4, heads_kv=2),  # many all-masked queries
+    FeatureCase((3, 9), dict(kernel_size=5, dilation=(1, 3)), rpb=True, bias=True),  # variable resolution
+    FeatureCase((4, 3, 5), dict(kernel_size=(2, 3, 3), stride=(1, 3, 1), dilation=(2, 1, 1),
+                                is_causal=(True, False, False)), rpb=True, bias=True, mask=0.2),
+    # Fused kernels' own blocking: windows of 7 (a pair's union is 8 keys), a 1-D window of 21 keys
+    # (several vectors per row), an odd last axis (the last pair's second query is a duplicate), real
+    # head dims, GQA with every feature at once.
+    FeatureCase((9, 11), dict(kernel_size=7), rpb=True, bias=True, mask=0.2, heads=4, heads_kv=2, dim=32,
+                dim_v=16, batch=1),
+    FeatureCase((37,), dict(kernel_size=21, is_causal=True), bias=True, mask=0.15, dim=16, dim_v=24, batch=1),
+    # cross-grid: upsampling, downsampling, with stride/causal/dilation, 3-D with GQA
+    FeatureCase((11,), dict(kernel_size=3), rpb=True, mask=0.2, key_spatial=(5,)),
+    FeatureCase((5, 7), dict(kernel_size=(3, 4), dilation=(2, 1)), rpb=True, bias=True, key_spatial=(9, 12)),
+    FeatureCase((8,), dict(kernel_size=4, stride=2, is_causal=True), rpb=True, key_spatial=(13,)),
+    FeatureCase((3, 4, 5), dict(kernel_size=3), rpb=True, heads=4, heads_kv=2, key_spatial=(5, 3, 6)),
+    FeatureCase((4, 6), dict(kernel_size=5), bias=True, key_spatial=(3, 6)),  # kernel > key axis
+    # periodic axes: with dilation, per axis, k * d > L (dilation fitted), k > L (whole axis once)
+    FeatureCase((9,), dict(kernel_size=5, dilation=2, periodic=True), rpb=True, mask=0.2),
+    FeatureCase((6, 7), dict(kernel_size=(3, 5), dilation=(2, 1), periodic=(True, False)), rpb=True, bias=True),
+    FeatureCase((7,), dict(kernel_size=3, dilation=4, periodic=True), rpb=True),
+    FeatureCase((4, 5), dict(kernel_size=5, periodic=True), rpb=True, bias=True),
+    FeatureCase((3, 4, 5), dict(kernel_size=3, periodic=(True, True, True)), rpb=True, heads=4, heads_kv=1),
 ]

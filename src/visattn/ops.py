@@ -3,10 +3,11 @@
 * ``visattn::na_forward(q, k, v, rpb?, attn_bias?, key_padding_mask?, kernel_size, stride, dilation,
   is_causal, scale, backend, return_attn) -> (out, lse, attn)``: the neighbourhood part of
   :func:`visattn.neighborhood_attention` (extra KV tokens are merged outside, in traceable PyTorch).
-* ``visattn::na_backward(grad_out, grad_lse?, grad_attn?, q, k, v, out, lse, rpb?, attn_bias?,
+* ``visattn::na_backward(grad_out, grad_lse?, grad_attn?, q, k, v, out, lse, attn?, rpb?, attn_bias?,
   key_padding_mask?, ...) -> (dq, dk, dv, drpb, dattn_bias)``: its gradients. A backend with a native
-  backward (:attr:`Backend.native_backward`) computes them from the saved output and LSE; for the
-  others the op recomputes their differentiable forward and differentiates it.
+  backward (:attr:`Backend.native_backward`) computes them from the saved output and LSE (and the
+  returned weights, when their gradient is asked for); for the others the op recomputes their
+  differentiable forward and differentiates it.
 
 Both ops carry the *requested* per-axis ints and ``backend=""`` for automatic selection: the
 variable-resolution rule (:func:`visattn.spec.fit_axis`) and the choice of backend happen inside,
@@ -138,16 +139,21 @@ def differentiate_forward(impl, p: Problem, grad_out: torch.Tensor, grad_lse: Op
 def na_backward(
     grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], grad_attn: Optional[torch.Tensor],
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    attn: Optional[torch.Tensor],
     rpb: Optional[torch.Tensor], attn_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
     kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int], is_causal: Sequence[bool],
     scale: float, backend: str, return_attn: bool, periodic: Optional[Sequence[bool]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv, drpb, dattn_bias)`` of :func:`na_forward` (module docstring);
-    ``drpb``/``dattn_bias`` are empty tensors when ``rpb``/``attn_bias`` are absent."""
+    ``drpb``/``dattn_bias`` are empty tensors when ``rpb``/``attn_bias`` are absent. ``attn``: the
+    weights the forward returned, given with ``grad_attn`` (a native backward needs them)."""
     impl, p, extras = _setup(query, key, value, rpb, attn_bias, key_padding_mask, kernel_size, stride, dilation,
                              is_causal, scale, backend, return_attn, periodic, "visattn::na_backward")
     if impl.native_backward:
-        g = run_backward(impl, query, key, value, out, lse, grad_out, grad_lse, p, extras)
+        if grad_attn is not None and attn is None:
+            raise ValueError("visattn::na_backward: grad_attn was given without attn, the weights the forward "
+                             "returned; pass both (a native backward needs the weights).")
+        g = run_backward(impl, query, key, value, out, lse, grad_out, grad_lse, p, extras, attn, grad_attn)
         grads = [g.dq, g.dk, g.dv, g.drpb, g.dattn_bias]
     else:
         with _autograd_inside_op():
@@ -156,7 +162,7 @@ def na_backward(
 
 
 @na_backward.register_fake
-def _na_backward_fake(grad_out, grad_lse, grad_attn, query, key, value, out, lse, rpb, attn_bias,
+def _na_backward_fake(grad_out, grad_lse, grad_attn, query, key, value, out, lse, attn, rpb, attn_bias,
                       key_padding_mask, kernel_size, stride, dilation, is_causal, scale, backend, return_attn,
                       periodic=None):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None
@@ -171,33 +177,38 @@ _PARAMS = ("kernel_size", "stride", "dilation", "is_causal", "scale", "backend",
 
 def _setup_context(ctx, inputs, output) -> None:
     query, key, value, rpb, attn_bias, key_padding_mask, *params = inputs
-    out, lse, _ = output
-    ctx.save_for_backward(query, key, value, out, lse, rpb, attn_bias, key_padding_mask)
+    out, lse, attn = output
+    return_attn = params[_PARAMS.index("return_attn")]
+    ctx.save_for_backward(query, key, value, out, lse, attn if return_attn else None, rpb, attn_bias,
+                          key_padding_mask)
     ctx.params = params
     ctx.set_materialize_grads(False)  # an unused LSE or weights output costs no zero-filled gradient
 
 
 def _backward(ctx, grad_out, grad_lse, grad_attn):
-    query, key, value, out, lse, rpb, attn_bias, key_padding_mask = ctx.saved_tensors
+    query, key, value, out, lse, attn, rpb, attn_bias, key_padding_mask = ctx.saved_tensors
     params = dict(zip(_PARAMS, ctx.params))
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if not params["return_attn"]:
         grad_attn = None
+    if grad_attn is None:
+        attn = None  # only needed with its gradient
     if torch.is_grad_enabled():
         # create_graph=True (double backward, gradient penalties): gradients that are themselves
         # differentiable, by autograd through the portable backend's forward.
         from .backends import get_backend
 
         spec = make_spec("visattn::na_backward", tuple(query.shape[1:-2]), *(params[n] for n in _PARAMS[:4]),
-                         key_spatial=tuple(key.shape[1:-2]), periodic=tuple(params["periodic"]) if params["periodic"] else False)
+                         key_spatial=tuple(key.shape[1:-2]),
+                         periodic=tuple(params["periodic"]) if params["periodic"] else False)
         extras = Extras(rpb, attn_bias, key_padding_mask)
         p = Problem.of(query, key, value, spec, float(params["scale"]), extras, params["return_attn"])
         grads = differentiate_forward(get_backend("torch"), p, grad_out, grad_lse, grad_attn, query, key, value,
                                       extras, create_graph=True)
     else:
-        grads = torch.ops.visattn.na_backward(grad_out, grad_lse, grad_attn, query, key, value, out, lse, rpb,
-                                              attn_bias, key_padding_mask, *ctx.params)
+        grads = torch.ops.visattn.na_backward(grad_out, grad_lse, grad_attn, query, key, value, out, lse, attn,
+                                              rpb, attn_bias, key_padding_mask, *ctx.params)
     dq, dk, dv, drpb, dbias = grads
     return (dq, dk, dv, drpb if rpb is not None else None, dbias if attn_bias is not None else None,
             None, *(None,) * len(_PARAMS))
@@ -244,9 +255,9 @@ def _na_forward_vmap(info, in_dims, *args):
 
 @na_backward.register_vmap
 def _na_backward_vmap(info, in_dims, *args):
-    # (grad_out, grad_lse, grad_attn, q, k, v, out, lse, rpb, attn_bias, key_padding_mask, ...)
+    # (grad_out, grad_lse, grad_attn, q, k, v, out, lse, attn, rpb, attn_bias, key_padding_mask, ...)
     return _vmap_rule(torch.ops.visattn.na_backward, info, in_dims, args,
-                      batched=(0, 1, 2, 3, 4, 5, 6, 7, 9, 10), loop_if=(8,))
+                      batched=(0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11), loop_if=(9,))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,8 +277,8 @@ def na_forward_op_flops(query_shape, key_shape, value_shape, rpb_shape, attn_bia
 
 
 def na_backward_op_flops(grad_out_shape, grad_lse_shape, grad_attn_shape, query_shape, key_shape, value_shape,
-                         saved_out_shape, lse_shape, rpb_shape, attn_bias_shape, key_padding_mask_shape, kernel_size, stride,
-                         dilation, is_causal, *args, out_val: Any = None, **kwargs) -> int:
+                         saved_out_shape, lse_shape, attn_shape, rpb_shape, attn_bias_shape, key_padding_mask_shape,
+                         kernel_size, stride, dilation, is_causal, *args, out_val: Any = None, **kwargs) -> int:
     """FLOPs of ``visattn::na_backward``: 2x the forward's (the papers' and ``visattn bench``'s convention)."""
     return 2 * na_forward_op_flops(query_shape, key_shape, value_shape, rpb_shape, attn_bias_shape,
                                    key_padding_mask_shape, kernel_size, stride, dilation, is_causal)

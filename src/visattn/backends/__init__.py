@@ -126,10 +126,11 @@ def run_forward(impl: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def run_backward(impl: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem,
-                 extras: Extras) -> Grads:
-    """``impl.backward`` (native backends only) with the kv-head gradients summed back for GQA."""
+                 extras: Extras, attn: Optional[torch.Tensor] = None, dattn: Optional[torch.Tensor] = None) -> Grads:
+    """``impl.backward`` (native backends only) with the kv-head gradients summed back for GQA;
+    ``attn``/``dattn``: the returned weights and their gradient (``None`` when absent or unused)."""
     ke, ve = _expand_kv(impl, p, k, v)
-    grads = impl.backward(q, ke, ve, out, lse, dout, dlse, p, extras)
+    grads = impl.backward(q, ke, ve, out, lse, dout, dlse, p, extras, attn, dattn)
     if ke is not k:
         g = p.heads // p.heads_kv
         fold = lambda t: t.unflatten(-2, (p.heads_kv, g)).sum(-2)  # noqa: E731

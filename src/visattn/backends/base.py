@@ -132,9 +132,11 @@ class Backend(ABC):
         ``supports_gqa``); returns a :class:`Result`."""
 
     def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                 dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras) -> Grads:
-        """Gradients of ``sum(out * dout) + sum(lse * dlse)`` (``dlse=None``: zero) for a backend with
-        ``native_backward``; ``out``/``lse`` are what :meth:`forward` returned for these inputs."""
+                 dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras,
+                 attn: Optional[torch.Tensor] = None, dattn: Optional[torch.Tensor] = None) -> Grads:
+        """Gradients of ``sum(out * dout) + sum(lse * dlse) + sum(attn * dattn)`` (``None``: zero) for a
+        backend with ``native_backward``; ``out``/``lse``/``attn`` are what :meth:`forward` returned for
+        these inputs (``attn`` only when ``p.return_attn``; ``dattn`` only when the weights were used)."""
         raise NotImplementedError(f"backend {self.name!r} has no native backward")
 
 
@@ -153,9 +155,9 @@ def safe_logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def refuse_unfused_features(p: Problem) -> Optional[str]:
-    """The shared refusal of fused kernels: per-pair tensors (``attn_bias``, ``key_padding_mask``)
-    and returning the weights, which a fused kernel never stores. The dispatcher then routes the
-    call to the ``torch`` backend, which serves all of them."""
+    """The shared refusal of fused kernels that do not read per-pair tensors (``attn_bias``,
+    ``key_padding_mask``) nor write the weights. The dispatcher then routes the call to a backend that
+    serves them (the ``torch`` backend does on every device)."""
     for flag, what in (("has_attn_bias", "attn_bias"), ("has_key_padding_mask", "key_padding_mask"),
                        ("return_attn", "return_attn=True")):
         if getattr(p, flag):

@@ -1,10 +1,13 @@
 """Building the C kernels: probing never compiles, the first served call does (once, cached on disk),
-a bounds-checked build over the sweep, the pthreads build where torch's OpenMP runtime is not found,
-and how the package behaves without a compiler or with a broken one."""
+a bounds-checked build over the sweeps, builds without the CPU's bf16 dot product or without AVX-512
+(the portable fallbacks, forced by compiler flags) over the bf16 sweeps, the pthreads build where
+torch's OpenMP runtime is not found, and how the package behaves without a compiler or with a broken
+one."""
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -55,23 +58,38 @@ def test_probing_compiles_nothing_and_the_first_served_call_builds(tmp_path) -> 
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
+# Both sweeps (CASES, FEATURE_CASES) through both backward paths in the given dtypes, in a subprocess.
+_SWEEPS = """
+        import torch
+        from cases import CASES, FEATURE_CASES
+        from parity import run_feature_parity, run_parity
+        from visattn.backends.cpu import backend as cpu
+        def sweeps(*dtypes):
+            for dtype in dtypes:
+                for min_units in (0, 10 ** 9):  # fused backward, then two-pass
+                    cpu._FUSED_MIN_UNITS = min_units
+                    for case in CASES:
+                        try:
+                            run_parity("cpu", case, dtype)
+                        except BaseException as e:
+                            if type(e).__name__ != "Skipped":
+                                raise
+                    for case in FEATURE_CASES:
+                        run_feature_parity("cpu", case, dtype)
+            cpu._FUSED_MIN_UNITS = 8
+"""
+
+
 def test_bounds_checked_build_runs_the_sweep(tmp_path) -> None:
     """The kernel built with every index checked (an out-of-bounds index aborts the process) runs the
-    whole parity sweep in float32 through both backward paths, plus bias-table cases, in a subprocess."""
-    res = _subprocess("""
-        import torch
-        from cases import CASES
-        from parity import run_parity
+    whole parity sweep and the per-pair feature sweep (attn_bias, key padding mask, weights and their
+    gradients) in float32 and bfloat16 (whose kernels read the layout copies) through both backward
+    paths, plus bias-table cases, in a subprocess."""
+    res = _subprocess(_SWEEPS + """
         from visattn import na2d, na3d
-        from visattn.backends.cpu import backend as cpu
-        for min_units in (0, 10 ** 9):  # fused backward, then two-pass
+        sweeps(torch.float32, torch.bfloat16)
+        for min_units in (0, 10 ** 9):
             cpu._FUSED_MIN_UNITS = min_units
-            for case in CASES:
-                try:
-                    run_parity("cpu", case, torch.float32)
-                except BaseException as e:
-                    if type(e).__name__ != "Skipped":
-                        raise
             for fn, shape, kw, table in [
                     (na2d, (1, 9, 10, 2, 16), dict(kernel_size=(5, 4), dilation=(1, 2), stride=(2, 1)), (2, 9, 7)),
                     (na3d, (1, 5, 6, 7, 2, 8), dict(kernel_size=3, is_causal=(True, False, True)), (2, 5, 5, 5))]:
@@ -83,6 +101,48 @@ def test_bounds_checked_build_runs_the_sweep(tmp_path) -> None:
     """, **{build.BOUNDS_CHECK_ENV: "1", "VISATTN_CACHE_DIR": str(tmp_path)})
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
     assert any(p.name.startswith("na_cpu-") for p in tmp_path.iterdir())
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def test_native_build_uses_the_cpus_bf16_dot_product() -> None:
+    """Where the CPU has AVX512-BF16 (and AVX-512 VL), the -march=native build uses vdpbf16ps; a build
+    that silently fell back would be correct but slow."""
+    flags = _cpu_flags()
+    if not {"avx512_bf16", "avx512vl"} <= flags:
+        pytest.skip("this CPU has no AVX512-BF16: the portable bf16 path is the native one here")
+    assert build.library()[0] is not None
+    assert build.features() == {"bf16_dot": True, "avx512": True}
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.mark.skipif(not X86, reason="the simulated CPUs are x86 ones (compiler flags of x86 targets)")
+@pytest.mark.parametrize("flags,features", [("-mno-avx512bf16", None), ("-march=x86-64-v3", {"bf16_dot": False, "avx512": False})],
+                         ids=["no-avx512bf16", "x86-64-v3"])
+def test_fallback_builds_run_the_bf16_sweeps(tmp_path, flags, features) -> None:
+    """A CPU without the bf16 dot product (AVX512-BF16 turned off), or without AVX-512 at all (x86-64-v3:
+    AVX2, 16 registers, no masked stores or vscalefps), simulated by compiler flags: the fallbacks
+    (bf16 pairs widened to float32, portable exp and masked loads) pass both sweeps in bfloat16 and
+    float32 through both backward paths."""
+    res = _subprocess(_SWEEPS + f"""
+        from visattn.backends.cpu import build
+        assert build.library()[0] is not None, build.library()[1]
+        print("features", build.features())
+        assert not build.features()["bf16_dot"]
+        expected = {features!r}
+        assert expected is None or build.features() == expected, build.features()
+        sweeps(torch.bfloat16, torch.float32)
+        print("ok")
+    """, **{build.EXTRA_FLAGS_ENV: flags, "VISATTN_CACHE_DIR": str(tmp_path)})
+    assert res.returncode == 0 and "ok" in res.stdout, (res.stdout[-1000:], res.stderr[-3000:])
 
 
 def test_pthreads_build_without_openmp(tmp_path) -> None:

@@ -31,17 +31,26 @@ def _random_axes(g: torch.Generator, rank: int) -> list[tuple[int, int, int, int
 
 def test_axis_tables_are_the_neighbourhoods_in_group_major_order() -> None:
     """Index i stands for coordinate pos[i]; its keys are the indices lo[i]..hi[i]; the queries seeing
-    key j are the indices qlo[j]..qhi[j]: all three agree with the explicit neighbourhoods."""
+    key j are the indices qlo[j]..qhi[j]; key j fills slot j - sof[i]: all agree with the explicit
+    neighbourhoods."""
     g = torch.Generator().manual_seed(1)
     for _ in range(200):
         (length, kernel, stride, dil, causal), = _random_axes(g, 1)
-        pos, lo, hi, _, qlo, qhi = axis_tables(length, kernel, stride, dil, causal, kernel)
+        pos, lo, hi, _, qlo, qhi, sof = axis_tables(length, kernel, stride, dil, causal, kernel)
         sees = _axis_sees(length, kernel, stride, dil, causal)[pos][:, pos]  # in index order
         idx = torch.arange(length)
         by_table = (idx[None, :] >= lo[:, None]) & (idx[None, :] <= hi[:, None])
         assert torch.equal(by_table, sees)
         seen_by = (idx[:, None] >= qlo[None, :]) & (idx[:, None] <= qhi[None, :])
         assert torch.equal(seen_by, sees)
+        # Key index j sits in slot j - sof[i] of query i: the slot order of attn_bias and the weights.
+        index, valid, _ = neighbor_table(make_spec("axis", (length,), kernel, stride, dil, causal))
+        for i in range(length):
+            keys = torch.arange(int(lo[i]), int(hi[i]) + 1)
+            slots = keys - sof[i]
+            assert bool(((slots >= 0) & (slots < index.shape[1])).all())
+            assert bool(valid[pos[i], slots].all()) and torch.equal(index[pos[i], slots], pos[keys])
+            assert int(valid[pos[i]].sum()) == len(keys)
 
 
 def test_fused_backward_chunks_of_one_colour_never_share_a_query() -> None:

@@ -1,7 +1,8 @@
-"""The fused C ``cpu`` backend beyond the shared parity sweep (which runs it automatically): both
-backward paths (fused, two-pass) over the sweep, real and odd head dims (zero-padded to the vector
-width), relative positional bias, half inputs, thread-count independence, concurrent callers, and
-selection and refusals."""
+"""The fused C ``cpu`` backend beyond the shared parity sweeps (which run it automatically): both
+backward paths (fused, two-pass) over the sweep and the per-pair features (attn_bias, key padding
+mask, returned weights and their gradients), in float32 and in bfloat16 (its own kernels), real and
+odd head dims (zero-padded to the vector width), relative positional bias, float16 inputs,
+thread-count independence, concurrent callers, and selection and refusals."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 from brute import assert_concurrent_calls_identical
-from cases import CASES, Case
+from cases import CASES, FEATURE_CASES, Case, FeatureCase
 from oracle import GRAD_TOL, TOL, oracle
-from parity import run_parity
+from parity import run_feature_parity, run_parity
 from visattn import NeighborhoodAttention2D, na1d, na2d, na3d, neighborhood_attention
 from visattn.backends import Problem, select_backend, why_not
 from visattn.backends.cpu import backend as cpu
@@ -39,11 +40,37 @@ def backward_path(request, monkeypatch) -> str:
     return request.param
 
 
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_each_backward_path_matches_the_oracle(case, backward_path) -> None:
+def test_each_backward_path_matches_the_oracle(case, dtype, backward_path) -> None:
     """The shared sweep picks a path per geometry (small cases take the two-pass one): here every
-    case runs through both, in float32, forward and backward."""
-    run_parity("cpu", case, torch.float32)
+    case runs through both, forward and backward, in float32 and in bfloat16 (bf16 kernels: bf16 pair
+    dot products, float32 accumulation and softmax statistics; bf16 tolerances of the oracle)."""
+    run_parity("cpu", case, dtype)
+
+
+# The kernels walk same-grid, non-wrapping axes (cross-grid and periodic calls go to the torch backend).
+SAME_GRID_FEATURE_CASES = [c for c in FEATURE_CASES if not c.key_spatial and not c.na.get("periodic")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", SAME_GRID_FEATURE_CASES, ids=str)
+def test_features_through_each_backward_path(case: FeatureCase, dtype, backward_path) -> None:
+    """rpb, attn_bias, key_padding_mask and the returned weights inside the fused kernels, through
+    both backward paths: out, LSE, weights, and the gradients of q, k, v, rpb and attn_bias (those
+    flowing through the weights included) against the loop oracle."""
+    assert why_not("cpu", _feature_problem(case, dtype)) is None
+    run_feature_parity("cpu", case, dtype)
+
+
+def _feature_problem(case: FeatureCase, dtype: torch.dtype = torch.float32) -> Problem:
+    spec = make_spec("t", case.spatial, **case.na)
+    return Problem(spec=spec, batch=case.batch, heads=case.heads, heads_kv=case.heads_kv, dim=case.dim,
+                   dim_v=case.dim_v, dtype=dtype, device=torch.device("cpu"), scale=1.0, has_rpb=case.rpb,
+                   has_attn_bias=case.bias, has_key_padding_mask=bool(case.mask), return_attn=True)
 
 
 def test_the_default_problem_takes_the_fused_backward() -> None:
@@ -123,12 +150,13 @@ def test_edge_geometries_match_reference(fn, shape, kw, backward_path) -> None:
         torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5)
 
 
-def test_results_do_not_depend_on_thread_count(backward_path) -> None:
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_results_do_not_depend_on_thread_count(dtype, backward_path) -> None:
     """Work is split by rows, never by reductions, and the fused backward's dQ rows sum their terms
     in chunk order: out, LSE, dQ, dK and dV are bitwise the same for 1 and 3 threads (the bias-table
     gradient sums per-thread slices, so it is only close)."""
     torch.manual_seed(2)
-    q, k, v = (torch.randn(2, 11, 13, 3, 16) for _ in range(3))
+    q, k, v = (torch.randn(2, 11, 13, 3, 16).to(dtype) for _ in range(3))
     rpb = torch.randn(3, 9, 9)
     before = torch.get_num_threads()
     results = []
@@ -141,6 +169,31 @@ def test_results_do_not_depend_on_thread_count(backward_path) -> None:
     for a, b in zip(results[0][:5], results[1][:5]):
         assert torch.equal(a, b)
     torch.testing.assert_close(results[0][5], results[1][5], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_masked_results_do_not_depend_on_thread_count(dtype, backward_path) -> None:
+    """With attn_bias, a key padding mask and the weights returned and used, every output and every
+    gradient (the attn_bias one is written once per pair, never summed across threads) is bitwise
+    the same for 1 and 3 threads."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 11, 13, 3, 16, generator=g).to(dtype) for _ in range(3))
+    bias = torch.randn(2, 11, 13, 3, 25, generator=g)
+    mask = torch.rand(2, 11, 13, generator=g) < 0.3
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            ts = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+            out, lse, attn = na2d(*ts[:3], 5, dilation=(2, 1), attn_bias=ts[3], key_padding_mask=mask, backend="cpu",
+                                  return_lse=True, return_attn=True)
+            loss = (out * torch.cos(out)).sum() + lse.nan_to_num(neginf=0.0).sum() + (attn * attn).sum()
+            results.append([out, lse, attn, *torch.autograd.grad(loss, ts)])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_float64_default_dtype_does_not_leak_into_the_kernel(backward_path) -> None:
@@ -167,8 +220,14 @@ def test_concurrent_callers_get_identical_results() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
-def test_half_inputs_are_computed_in_float32(dtype: torch.dtype) -> None:
-    case = Case((9, 8), (3, 5), (1, 2), (2, 1), (False, True))
+def test_half_inputs(dtype: torch.dtype, monkeypatch) -> None:
+    """bfloat16 runs the bf16 kernels on the inputs as they are (no float32 copy of q, k, v, out, dout
+    is made; gradients come back in bf16); float16 is converted to float32 (no float16 dot product)."""
+    seen = []
+    run = cpu.build.run
+    monkeypatch.setattr(cpu.build, "run", lambda args, pass_: (seen.append((args.dt, args.keepalive[:3])),
+                                                                run(args, pass_))[1])
+    case = Case((9, 8), (3, 5), (1, 2), (2, 1), (False, True), dim=16)
     q, k, v, _, _ = case.make(dtype)
     out, lse = neighborhood_attention(q, k, v, **case.kwargs(), backend="cpu", return_lse=True)
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -178,6 +237,11 @@ def test_half_inputs_are_computed_in_float32(dtype: torch.dtype) -> None:
     torch.testing.assert_close(lse.double(), ref_lse, atol=atol, rtol=rtol)
     out.float().sum().backward()
     assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
+    native = dtype == torch.bfloat16
+    assert len(seen) == 2 and all(dt == (cpu.build.Args.BF16 if native else cpu.build.Args.F32) for dt, _ in seen)
+    if native:  # the kernel read the caller's own q, k, v (views, no copies)
+        fwd = seen[0][1]
+        assert [t.data_ptr() for t in fwd] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
 
 
 def test_module_with_rel_pos_bias_matches_torch_backend() -> None:
@@ -201,10 +265,12 @@ def _problem(**kw) -> Problem:
 
 def test_selection_and_refusals() -> None:
     assert select_backend(_problem()).name == "cpu"
-    assert select_backend(_problem(dtype=torch.bfloat16)).name == "cpu"  # computed in float32
+    assert select_backend(_problem(dtype=torch.bfloat16)).name == "cpu"  # bf16 kernels
+    assert select_backend(_problem(dtype=torch.float16)).name == "cpu"  # computed in float32
     assert select_backend(_problem(dim=12)).name == "cpu"  # padded to 16
+    for flags in (dict(has_attn_bias=True), dict(has_key_padding_mask=True), dict(return_attn=True)):
+        assert select_backend(_problem(**flags)).name == "cpu"  # served inside the fused kernels
     for p, words in [(_problem(dtype=torch.float64), "float64 goes to the torch backend"),
-                     (_problem(has_attn_bias=True), "attn_bias"),
                      (_problem(device=torch.device("meta")), "CPU tensors only")]:
         reason = why_not("cpu", p)
         assert reason is not None and words in reason
@@ -214,10 +280,74 @@ def test_selection_and_refusals() -> None:
 
 
 def test_refused_calls_are_served_elsewhere_correctly() -> None:
-    q, k, v, _, _ = Case((8, 8), (3, 3)).make(torch.float32, requires_grad=False)
-    bias = torch.randn(2, 8, 8, 2, 9)
-    with pytest.raises(ValueError, match="attn_bias"):
-        neighborhood_attention(q, k, v, 3, attn_bias=bias, backend="cpu")
-    got = neighborhood_attention(q, k, v, 3, attn_bias=bias)
-    want = neighborhood_attention(q, k, v, 3, attn_bias=bias, backend="reference")
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-4)
+    q, k, v, _, _ = Case((8, 8), (3, 3)).make(torch.float64, requires_grad=False)
+    with pytest.raises(ValueError, match="float64"):
+        neighborhood_attention(q, k, v, 3, backend="cpu")
+    got = neighborhood_attention(q, k, v, 3)
+    want = neighborhood_attention(q, k, v, 3, backend="reference")
+    torch.testing.assert_close(got, want)
+
+
+def test_weights_gradient_without_the_weights_is_an_error() -> None:
+    """The op's native backward needs the weights the forward returned to use their gradient."""
+    from visattn.ops import na_backward
+
+    q = torch.randn(1, 6, 6, 1, 8)
+    out, lse = na2d(q, q, q, 3, backend="cpu", return_lse=True)
+    with pytest.raises(ValueError, match="grad_attn was given without attn"):
+        na_backward(out, None, torch.zeros(1, 6, 6, 1, 9), q, q, q, out, lse, None, None, None, None, [3, 3], [1, 1],
+                    [1, 1], [False, False], 8 ** -0.5, "cpu", True)
+
+
+def test_per_pair_tensors_in_any_layout_and_dtype(backward_path) -> None:
+    """An expanded attn_bias (Swin's mask: one row shared by the batch and heads), a float64 one, and a
+    sliced key padding mask are copied for the kernel; the copies must outlive the call (they once
+    did not: a freed copy was read)."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 8, 12, 4, 8, generator=g) for _ in range(3))
+    row = torch.randn(8, 12, 16, generator=g).masked_fill(torch.rand(8, 12, 16, generator=g) < 0.3, float("-inf"))
+    mask = (torch.rand(2, 8, 24, generator=g) < 0.2)[:, :, ::2]
+    for bias in (row[None, :, :, None].expand(2, 8, 12, 4, 16), row[None, :, :, None].expand(2, 8, 12, 4, 16).double()):
+        got = _grads(na2d, q, k, v, "cpu", kernel_size=4, stride=(4, 2), attn_bias=bias, key_padding_mask=mask)
+        ref = _grads(na2d, q, k, v, "reference", kernel_size=4, stride=(4, 2), attn_bias=bias, key_padding_mask=mask)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5, equal_nan=True)
+
+
+def test_a_fully_masked_image_gives_zeros_and_minus_inf(backward_path) -> None:
+    """Every key masked: no query has a key. Zeros out and weights, LSE -inf, finite zero gradients
+    (the backward must never form inf - inf)."""
+    ts = [torch.randn(1, 9, 8, 2, 8, requires_grad=True) for _ in range(3)]
+    bias = torch.randn(1, 9, 8, 2, 9, requires_grad=True)
+    mask = torch.ones(1, 9, 8, dtype=torch.bool)
+    out, lse, attn = na2d(*ts, 3, attn_bias=bias, key_padding_mask=mask, backend="cpu", return_lse=True,
+                          return_attn=True)
+    assert (out == 0).all() and (attn == 0).all() and torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.sum() + attn.sum(), [*ts, bias])
+    assert all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.parametrize("name", ["nat_mini", "dinat_mini"])
+def test_autocast_runs_the_bf16_kernels_end_to_end(name: str, monkeypatch) -> None:
+    """``torch.autocast("cpu", dtype=torch.bfloat16)`` around a NAT/DiNAT forward: every attention call
+    reaches the bf16 kernels with bf16 q, k, v (no float32 round trip), and the logits stay close to
+    the float32 model's."""
+    from visattn.models import create_model
+
+    seen = []
+    run = cpu.build.run
+    monkeypatch.setattr(cpu.build, "run", lambda args, pass_: (seen.append((args.dt, args.keepalive[0].dtype)),
+                                                                run(args, pass_))[1])
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        calls = len(seen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    bf16_calls = seen[calls:]
+    assert calls == len(bf16_calls) > 0
+    assert all(dt == cpu.build.Args.BF16 and t == torch.bfloat16 for dt, t in bf16_calls)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05 * ref.abs().max().item(), rtol=0.05)

@@ -1,25 +1,30 @@
 """The ``cpu`` backend: fused C kernels (``na_cpu.c``) for the forward and the backward on CPU.
 
-Why C: the kernel blocks two queries x eight keys with sixteen vector accumulators in registers and
-one transpose-and-add reduction, which needs explicit vector types (see docs/cpu.md). The library is
-compiled on the first call this backend serves (:mod:`.build`), never when it is only probed.
+Why C: the kernels block two queries x eight keys with explicit vector types and, for bfloat16, the
+CPU's bf16 dot-product instructions (see docs/cpu.md). The library is compiled on the first call
+this backend serves (:mod:`.build`), never when it is only probed.
 
-Served: float32, and half inputs computed in float32 (float64 goes to the ``torch`` backend); any
-head dim (dims that are not multiples of the kernel's vector width of 8 are zero-padded here, which
-changes no dot product); ranks 1-3, per-axis kernel/stride/dilation/causal, GQA, ``D_v != D`` and
-relative positional bias with its gradient. Threads follow ``torch.get_num_threads()``, on torch's own
-OpenMP pool where it can be found; ctypes releases the GIL during the call.
+Served: float32; bfloat16 computed on bf16 pairs with float32 accumulation and softmax statistics
+(``vdpbf16ps`` where the CPU has AVX512-BF16, the same sums widened to float32 elsewhere); float16
+converted to float32 (one copy per input: no CPU here has a float16 dot product the kernels use);
+float64 goes to the ``torch`` backend. Any head dim (dims that are not multiples of the kernel's
+vector width of 8 are zero-padded here, which changes no dot product); ranks 1-3, per-axis
+kernel/stride/dilation/causal, GQA, ``D_v != D``, relative positional bias, ``attn_bias`` (with
+their gradients), ``key_padding_mask`` and ``return_attn`` (with the weights' gradient). Threads
+follow ``torch.get_num_threads()``, on torch's own OpenMP pool where it can be found; ctypes releases
+the GIL during the call.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ...spec import NASpec
-from ..base import Backend, Extras, Grads, Problem, Result, refuse_general_geometry, refuse_unfused_features
+from ..base import Backend, Extras, Grads, Problem, Result, refuse_general_geometry
 from . import build
 from .geometry import colour_chunks, tables
 
@@ -37,21 +42,106 @@ def _threads() -> int:
     return min(max(1, torch.get_num_threads()), _MAX_THREADS)
 
 
-def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The element type the kernels read and write for inputs of ``dtype``: bfloat16 natively,
+    float16 as float32 (converted), float32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _l2p(spec: NASpec) -> int:
+    """Padded last axis of the bf16 layout copies (a chunk of 8 lanes may start at its last index)."""
+    return _padded(spec.spatial[-1]) + _VEC
+
+
+#: Scratch reused across calls, per thread (the kernel fills it completely on every call; concurrent
+#: callers each have their own). Larger requests are allocated for the call only.
+_WORKSPACE = threading.local()
+_WORKSPACE_KEEP_BYTES = 64 * 2**20
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of uint8 scratch: a view of this thread's workspace (grown as needed). Fresh
+    allocations of this size page-fault on every call (glibc returns them to the OS: docs/cpu.md)."""
+    if nbytes > _WORKSPACE_KEEP_BYTES:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _WORKSPACE.buf = torch.empty(max(nbytes, 2 * buf.numel() if buf is not None else 0), dtype=torch.uint8)
+    return buf[:nbytes]
+
+
+def _copies(p: Problem, names: tuple[str, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            extra_floats: int = 0) -> tuple[dict, Optional[torch.Tensor]]:
+    """Scratch for the bf16 layout copies ``names`` (kt, vt, kp, vp of k/v; qt, qp of q; dot, dop of
+    dout: see na_cpu.c): ``lines * heads * l2p * dim`` bf16 each, filled by the kernel; plus
+    ``extra_floats`` float32 (or ``None``). All from this thread's workspace, 64-byte aligned."""
+    lines = q.shape[0] * q.shape[1] * q.shape[2]
+    l2p = _l2p(p.spec)
+    size = {"k": (k.shape[4], k.shape[5]), "v": (v.shape[4], v.shape[5]), "q": (q.shape[4], q.shape[5]),
+            "d": (q.shape[4], v.shape[5])}
+    nbytes = [-(-2 * lines * size[n[0]][0] * l2p * size[n[0]][1] // 64) * 64 for n in names]
+    buf = _scratch(sum(nbytes) + 4 * extra_floats)
+    out, at = {}, 0
+    for n, b in zip(names, nbytes):
+        out[n] = buf[at: at + b].view(torch.bfloat16)
+        at += b
+    return out, (buf[at:].view(torch.float32) if extra_floats else None)
+
+
+#: Optional tensors of ``na_args``, by field name.
+_OPTIONAL = ("kpm", "attn", "dattn", "dab", "out", "lse", "dout", "dlse", "dq", "dk", "dv", "dq_out", "drpb", "nlse_t",
+             "delta_t", "kt", "vt", "qt", "dot", "kp", "vp", "qp", "dop")
+_TEMPLATES: dict = {}
+
+
+def _template(spec: NASpec, shapes: tuple, dt: int, scale: float, rpb_shape: Optional[tuple], split: tuple,
+              threads: int) -> build.Args:
+    """The call-independent fields of the argument struct (tables, sizes, flags), cached: a call copies
+    it and sets its pointers (building the 60-field struct each time cost ~15 us)."""
+    key = (spec, shapes, dt, scale, rpb_shape, split, threads)
+    args = _TEMPLATES.get(key)
+    if args is None:
+        if len(_TEMPLATES) > 256:
+            _TEMPLATES.clear()
+        tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi, sof: int64 [3, Lmax] (cached per spec, kept alive)
+        (B, L0, L1, L2, H, D), (_, _, _, _, Hk, _), (*_, Dv) = shapes
+        args = build.Args()
+        for name, t in zip(("pos", "lo", "hi", "rof", "qlo", "qhi", "sof"), tabs):
+            setattr(args, name, t.data_ptr())
+        for name, value in zip(("lmax", "B", "L0", "L1", "L2", "H", "Hk", "D", "Dv"),
+                               (tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv)):
+            setattr(args, name, value)
+        args.R0, args.R1, args.R2 = rpb_shape[1:] if rpb_shape is not None else (1, 1, 1)
+        args.K0, args.K1, args.K2 = (1,) * (3 - spec.rank) + spec.kernel_size
+        args.scale, args.dt, args.l2p, args.nthreads = scale, dt, _l2p(spec), threads
+        args.split, args.chunk = split
+        args.keepalive = tabs
+        _TEMPLATES[key] = args
+    return args
 
 
 def _args(q, k, v, rpb, spec: NASpec, scale: float, split: tuple[int, int] = (0, 0), **tensors) -> build.Args:
-    """The kernel's argument struct for contiguous float32 rank-3 tensors (``split``: the fused
-    backward's axis and chunk length). The tables are cached per spec, so they outlive the call."""
-    tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi: int64 [3, Lmax]
-    B, L0, L1, L2, H, D = q.shape
-    Hk, Dv = k.shape[4], v.shape[5]
-    R = rpb.shape[1:] if rpb is not None else (1, 1, 1)
-    return build.Args(*[_ptr(t) for t in (q, k, v, rpb, *tabs)], tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv, *R,
-                      scale, *[_ptr(tensors.get(n)) for n in ("out", "lse", "dout", "dlse", "dq", "dk", "dv", "drpb",
-                                                              "nlse_t", "delta_t")],
-                      *split, _threads())
+    """The kernel's argument struct for contiguous rank-3 tensors of one compute dtype (``split``: the
+    fused backward's axis and chunk length; ``tensors``: the optional ones by their ``na_args`` name,
+    ``ab`` as ``(tensor, batch, token, head strides)``)."""
+    dt = build.Args.BF16 if q.dtype == torch.bfloat16 else build.Args.F32
+    template = _template(spec, (tuple(q.shape), tuple(k.shape), tuple(v.shape)), dt, scale,
+                         tuple(rpb.shape) if rpb is not None else None, tuple(split), _threads())
+    args = build.Args.from_buffer_copy(template)
+    args.q, args.k, args.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    if rpb is not None:
+        args.rpb = rpb.data_ptr()
+    ab = tensors.get("ab")
+    if ab is not None:
+        args.ab = ab[0].data_ptr()
+        args.ab_sb, args.ab_st, args.ab_sh = ab[1:]
+    for name, t in tensors.items():
+        if t is not None and name != "ab":
+            setattr(args, name, t.data_ptr())
+    # The struct holds raw pointers: it keeps the tensors alive (a temporary copy made for the call,
+    # such as a contiguous attn_bias, would otherwise be freed before the kernel runs), and the tables.
+    args.keepalive = (q, k, v, rpb, tensors, template.keepalive)
+    return args
 
 
 def _fused_plan(spec: NASpec, batch: int, heads_kv: int) -> Optional[tuple[int, int, int]]:
@@ -72,13 +162,16 @@ def _padded(dim: int) -> int:
 
 
 def _kernel_view(t: torch.Tensor, p: Problem, dim: int) -> torch.Tensor:
-    """``t [B, *S, heads, d]`` as the kernel's contiguous float32 ``[B, L0, L1, L2, heads, dim]``
-    (leading axes of length 1 for rank < 3; the head dim zero-padded to ``dim``)."""
-    t = t.float()
+    """``t [B, *S, heads, d]`` as the kernel's contiguous ``[B, L0, L1, L2, heads, dim]`` in the compute
+    dtype (leading axes of length 1 for rank < 3; the head dim zero-padded to ``dim``). No copy for a
+    contiguous input of the compute dtype whose head dim is a multiple of 8."""
+    cdt = compute_dtype(p.dtype)
+    if t.dtype != cdt:
+        t = t.to(cdt)
     if t.shape[-1] != dim:
         t = F.pad(t, (0, dim - t.shape[-1]))
-    shape3 = (1,) * (3 - p.spec.rank) + p.spec.spatial
-    return t.reshape(p.batch, *shape3, *t.shape[-2:]).contiguous()
+    shape3 = (p.batch, *(1,) * (3 - p.spec.rank), *p.spec.spatial, *t.shape[-2:])
+    return t.view(shape3) if t.is_contiguous() else t.reshape(shape3).contiguous()
 
 
 def _bias_view(rpb: Optional[torch.Tensor], p: Problem) -> Optional[torch.Tensor]:
@@ -86,6 +179,35 @@ def _bias_view(rpb: Optional[torch.Tensor], p: Problem) -> Optional[torch.Tensor
     if rpb is None:
         return None
     return rpb.float().reshape(p.heads, *((1,) * (3 - p.spec.rank)), *rpb.shape[1:]).contiguous()
+
+
+def _attn_bias_view(ab: Optional[torch.Tensor], p: Problem) -> Optional[tuple]:
+    """``attn_bias [B, *S, H, K]`` as float32 ``(tensor, batch stride, token stride, head stride)``
+    (slots contiguous). A broadcast bias (Swin's shift mask expanded over batch and heads: strides 0)
+    is read in place, not copied; a layout whose spatial axes do not flatten to one token stride is
+    copied."""
+    if ab is None:
+        return None
+    ab = ab.float()
+    flat = (p.batch, p.spec.num_tokens, p.heads, p.spec.window_size)
+    try:
+        view = ab.view(flat) if ab.stride(-1) == 1 else None
+    except RuntimeError:  # spatial axes not collapsible into one stride
+        view = None
+    if view is None:
+        view = ab.contiguous().view(flat)
+    return (view, *view.stride()[:3])
+
+
+def _slots_view(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-pair tensor ``[B, *S, H, K]`` (the weights' gradient) as contiguous float32 (the kernel
+    reads row ``token * H + head`` of ``K`` slots); ``None`` stays ``None``."""
+    return None if t is None else t.float().contiguous()
+
+
+def _mask_view(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``key_padding_mask [B, *S]`` as contiguous bytes, one per token (nonzero: ignore the key)."""
+    return None if mask is None else mask.contiguous().view(torch.uint8)
 
 
 class CpuBackend(Backend):
@@ -96,10 +218,15 @@ class CpuBackend(Backend):
     @property
     def description(self) -> str:  # type: ignore[override]
         lib = build._LIB
-        where = (f"compiled for this CPU, cached in {build.cache_dir()}" if lib is not None else
-                 f"compiled on the first call with {build.compiler()} and cached in {build.cache_dir()}")
-        return (f"fused C CPU kernels (2x8 register-blocked), forward and race-free backward; float64 goes to "
-                f"`torch`; {where}")
+        if lib is not None:
+            feats = build.features()
+            bf16 = ("bfloat16 on AVX512-BF16 dot products" if feats["bf16_dot"] else
+                    "bfloat16 widened to float32 (this build has no AVX512-BF16)")
+            where = f"compiled for this CPU ({bf16}), cached in {build.cache_dir()}"
+        else:
+            where = f"compiled on the first call with {build.compiler()} and cached in {build.cache_dir()}"
+        return (f"fused C CPU kernels (2x8 register-blocked), forward and race-free backward, masks and weights "
+                f"inside; float64 goes to `torch`; {where}")
 
     def unavailable(self) -> Optional[str]:
         return build.status()
@@ -111,9 +238,9 @@ class CpuBackend(Backend):
         if p.device.type != "cpu":
             return f"tensors are on {p.device}, this backend runs on CPU tensors only"
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return (f"dtype {p.dtype} is not supported (float32; half types computed in float32; float64 goes to the "
-                    f"torch backend)")
-        return refuse_unfused_features(p) or refuse_general_geometry(p)
+            return (f"dtype {p.dtype} is not supported (float32, bfloat16; float16 computed in float32; float64 goes "
+                    f"to the torch backend)")
+        return refuse_general_geometry(p)
 
     def priority(self, p: Problem) -> float:
         return 20.0 if p.spec.window_size <= _MAX_WINDOW else -1.0
@@ -123,41 +250,62 @@ class CpuBackend(Backend):
         q3, k3, v3 = _kernel_view(q, p, d), _kernel_view(k, p, d), _kernel_view(v, p, dv)
         rpb = _bias_view(extras.rpb, p)
         out = q3.new_empty(*q3.shape[:-1], dv)
-        lse = q3.new_empty(q3.shape[:-1])
-        build.run(_args(q3, k3, v3, rpb, p.spec, p.scale, out=out, lse=lse), 0)
-        out = out[..., : p.dim_v].reshape(p.batch, *p.spec.spatial, p.heads, p.dim_v)
-        return Result(out.to(q.dtype), lse.reshape(p.batch, *p.spec.spatial, p.heads))
+        lse = torch.empty(q3.shape[:-1], dtype=torch.float32)
+        lead = (p.batch, *p.spec.spatial, p.heads)
+        attn = (torch.empty(*lead, p.spec.window_size, dtype=torch.float32)  # rows zeroed by the kernel
+                if p.return_attn else None)
+        copies = _copies(p, ("kt", "vp"), q3, k3, v3)[0] if q3.dtype == torch.bfloat16 else {}
+        build.run(_args(q3, k3, v3, rpb, p.spec, p.scale, out=out, lse=lse, attn=attn,
+                        ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask), **copies),
+                  build.FORWARD)
+        out = out[..., : p.dim_v].reshape(*lead, p.dim_v)
+        return Result(out.to(q.dtype), lse.reshape(lead), attn.to(q.dtype) if attn is not None else None)
 
     def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                 dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras) -> Grads:
+                 dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras,
+                 attn: Optional[torch.Tensor] = None, dattn: Optional[torch.Tensor] = None) -> Grads:
         d, dv = _padded(p.dim), _padded(p.dim_v)
         q3, k3, v3 = _kernel_view(q, p, d), _kernel_view(k, p, d), _kernel_view(v, p, dv)
         out3, dout3 = _kernel_view(out, p, dv), _kernel_view(dout, p, dv)
         lse3 = lse.float().contiguous()
+        dattn3 = _slots_view(dattn)
+        if dattn3 is not None:
+            # Weights P = exp(s - lse) with gradient dA: dS = P * (dO.V + dA - delta), where delta =
+            # rowsum(dO * O) - dLSE + sum(P * dA); the kernel adds dA to dO.V, the last term goes
+            # into the LSE's gradient here.
+            extra = (attn.float() * dattn3).sum(-1)
+            dlse = -extra if dlse is None else dlse.float() - extra
         dlse3 = dlse.float().contiguous() if dlse is not None else None
         rpb = _bias_view(extras.rpb, p)
-        dk, dv_ = torch.empty_like(k3), torch.empty_like(v3)
-        dq = torch.empty_like(q3)  # zeroed in pass 3
-        # -lse and delta per query, laid out so that a key's queries are consecutive (see qt in
-        # na_cpu.c), plus a vector of zeros that padding slots may read.
-        side = torch.empty(2, lse3.numel() + 8, dtype=torch.float32)
+        bf16 = q3.dtype == torch.bfloat16
+        plan = _fused_plan(p.spec, p.batch, k3.shape[4])
+        # Scratch: bf16 layout copies (key side: q, dout; two-pass dQ side: k, v); -lse and delta per
+        # query, laid out so that a key's queries are consecutive (see qt in na_cpu.c), plus a vector
+        # of zeros that padding slots may read; for bf16, dq's float32 accumulator.
+        names = (("qt", "dot", "qp", "dop") + (() if plan else ("kt", "vt", "kp"))) if bf16 else ()
+        nside = 2 * (lse3.numel() + 8)
+        copies, floats = _copies(p, names, q3, k3, v3, extra_floats=nside + (q3.numel() if bf16 else 0))
+        side = floats[:nside].view(2, -1)
         side[:, -8:] = 0
+        # dq accumulated in float32 (zeroed by the kernel); bf16: converted into dq_out at the end
+        dq = floats[nside:].view(q3.shape) if bf16 else torch.empty(q3.shape, dtype=torch.float32)
+        dq_out = torch.empty_like(q3) if bf16 else None
+        dk, dv_ = torch.empty_like(k3), torch.empty_like(v3)
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
         drpb = torch.zeros(_threads(), *rpb.shape, dtype=torch.float32) if rpb is not None else None
-        plan = _fused_plan(p.spec, p.batch, k3.shape[4])
+        dab = (torch.empty(*extras.attn_bias.shape, dtype=torch.float32)  # rows zeroed by the kernel
+               if extras.attn_bias is not None else None)
         args = _args(q3, k3, v3, rpb, p.spec, p.scale, plan[:2] if plan else (0, 0), out=out3, lse=lse3, dout=dout3,
-                     dlse=dlse3, dq=dq, dk=dk, dv=dv_, drpb=drpb, nlse_t=side[0], delta_t=side[1])
-        build.run(args, 3)  # -lse and delta copies, dq zeroed
-        if plan:  # dQ, dK, dV and drpb from the key side: even chunks, then odd ones
-            for pass_ in (4, 5)[: 2 if plan[2] > 1 else 1]:
-                build.run(args, pass_)
-        else:
-            build.run(args, 1)  # dQ, drpb
-            build.run(args, 2)  # dK, dV
+                     dlse=dlse3, dq=dq, dk=dk, dv=dv_, dq_out=dq_out, drpb=drpb, nlse_t=side[0], delta_t=side[1],
+                     ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask), dattn=dattn3,
+                     dab=dab, **copies)
+        build.run(args, build.BACKWARD)
         shape = (p.batch, *p.spec.spatial)
+        dq = dq_out if bf16 else dq
         return Grads(
             dq=dq[..., : p.dim].reshape(*shape, p.heads, p.dim).to(q.dtype),
             dk=dk[..., : p.dim].reshape(*shape, k.shape[-2], p.dim).to(k.dtype),
             dv=dv_[..., : p.dim_v].reshape(*shape, v.shape[-2], p.dim_v).to(v.dtype),
             drpb=drpb.sum(0).reshape(extras.rpb.shape).to(extras.rpb.dtype) if drpb is not None else None,
+            dattn_bias=dab.to(extras.attn_bias.dtype) if dab is not None else None,
         )

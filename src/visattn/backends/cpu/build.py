@@ -34,21 +34,31 @@ import torch
 
 SOURCE = Path(__file__).with_name("na_cpu.c")
 _FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
-          "-Werror=implicit-function-declaration", "-ffp-contract=fast"]
+          "-Werror=implicit-function-declaration", "-ffp-contract=fast", "-Wno-psabi"]
 #: Environment variable that builds the kernel with every index checked (aborts on a violation).
 BOUNDS_CHECK_ENV = "VISATTN_CPU_BOUNDS_CHECK"
+#: Environment variable with extra compiler flags, appended after ``-march=native`` (part of the cache
+#: key). E.g. ``-mno-avx512bf16`` or ``-march=x86-64-v3`` builds what a CPU without the bf16 dot
+#: product (or without AVX-512) gets: the tests use it to prove the portable fallbacks.
+EXTRA_FLAGS_ENV = "VISATTN_CPU_CFLAGS"
 
 
 class Args(ctypes.Structure):
     """Mirror of ``na_args`` in ``na_cpu.c`` (same order, same types)."""
 
-    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v", "rpb", "pos", "lo", "hi", "rof", "qlo", "qhi")]
-                + [(n, ctypes.c_int64) for n in ("lmax", "B", "L0", "L1", "L2", "H", "Hk", "D", "Dv", "R0", "R1", "R2")]
-                + [("scale", ctypes.c_float)]
-                + [(n, ctypes.c_void_p) for n in ("out", "lse", "dout", "dlse", "dq", "dk", "dv", "drpb", "nlse_t",
-                                                  "delta_t")]
-                + [(n, ctypes.c_int64) for n in ("split", "chunk")]
-                + [("nthreads", ctypes.c_int)])
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v", "rpb", "ab", "kpm", "pos", "lo", "hi", "rof", "qlo",
+                                                  "qhi", "sof")]
+                + [(n, ctypes.c_int64) for n in ("lmax", "B", "L0", "L1", "L2", "H", "Hk", "D", "Dv", "R0", "R1", "R2",
+                                                 "K0", "K1", "K2", "ab_sb", "ab_st", "ab_sh")]
+                + [("scale", ctypes.c_float), ("dt", ctypes.c_int32)]
+                + [(n, ctypes.c_void_p) for n in ("attn", "dattn", "dab", "out", "lse", "dout", "dlse", "dq", "dk", "dv",
+                                                  "dq_out", "drpb", "nlse_t", "delta_t", "kt", "vt", "qt", "dot", "kp",
+                                                  "vp", "qp", "dop")]
+                + [(n, ctypes.c_int64) for n in ("l2p", "split", "chunk")]
+                + [("nthreads", ctypes.c_int32)])
+
+    #: element types (``dt``)
+    F32, BF16 = 0, 1
 
 
 def cache_dir() -> Path:
@@ -85,7 +95,8 @@ def torch_openmp() -> Optional[Path]:
 
 def _flags() -> list[str]:
     arch = "-march=native" if platform.machine().lower() in ("x86_64", "amd64", "i686") else "-mcpu=native"
-    return [*_FLAGS, arch] + (["-DNA_BOUNDS_CHECK"] if os.environ.get(BOUNDS_CHECK_ENV) == "1" else [])
+    extra = os.environ.get(EXTRA_FLAGS_ENV, "").split()
+    return [*_FLAGS, arch, *extra] + (["-DNA_BOUNDS_CHECK"] if os.environ.get(BOUNDS_CHECK_ENV) == "1" else [])
 
 
 def _texts(source: Path) -> list[str]:
@@ -186,6 +197,8 @@ def load(source: Path, declare: Callable[[ctypes.CDLL], None], fallback: str) ->
 def _declare_na(lib: ctypes.CDLL) -> None:
     lib.na_run.argtypes = [ctypes.POINTER(Args), ctypes.c_int]
     lib.na_run.restype = ctypes.c_int
+    lib.na_features.argtypes = []
+    lib.na_features.restype = ctypes.c_int
 
 
 def library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
@@ -237,12 +250,24 @@ class Kernel:
             self.lib, self.error = None, None
 
 
+FORWARD, BACKWARD = 0, 1
+
+
 def run(args: Args, pass_: int) -> None:
-    """Run kernel pass ``pass_`` (0: forward; 3: backward prologue; 1, 2: two-pass backward; 4, 5:
-    the fused backward's two colours). The library must be loaded."""
+    """Run a kernel pass: ``FORWARD`` (out, LSE, weights) or ``BACKWARD`` (all gradients; the fused
+    backward when ``args.chunk > 0``, else the two-pass one). The library must be loaded."""
     lib = _LIB
     assert lib is not None, "cpu backend: run() before the kernel was loaded"
     code = lib.na_run(ctypes.byref(args), pass_)
     if code == 1:
         raise MemoryError("cpu backend: the kernel could not allocate its per-thread scratch memory")
     assert code == 0, f"cpu backend: na_run(pass={pass_}) returned {code}"
+
+
+def features() -> dict[str, bool]:
+    """What the loaded build computes with: ``bf16_dot`` (AVX512-BF16 ``vdpbf16ps``; otherwise bf16
+    pairs are widened to float32 and multiplied the same way) and ``avx512``."""
+    lib = _LIB
+    assert lib is not None, "cpu backend: features() before the kernel was loaded"
+    bits = lib.na_features()
+    return {"bf16_dot": bool(bits & 1), "avx512": bool(bits & 2)}

@@ -21,11 +21,13 @@ __all__ = ["axis_tables", "colour_chunks", "tables"]
 @plain_tensors()
 def axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool,
                 requested: int) -> tuple[torch.Tensor, ...]:
-    """Per-axis tables in group-major order, int64 ``[L]`` each: ``(pos, lo, hi, rof, qlo, qhi)``.
+    """Per-axis tables in group-major order, int64 ``[L]`` each: ``(pos, lo, hi, rof, qlo, qhi, sof)``.
 
     ``pos[i]``: the coordinate of index ``i``; ``lo[i]..hi[i]``: its keys' indices; ``rof[i]``: the
     offset that turns a key index into the query's relative-position (bias table) index;
-    ``qlo[j]..qhi[j]``: the indices of the queries that see key ``j``.
+    ``qlo[j]..qhi[j]``: the indices of the queries that see key ``j``; ``sof[i]``: the offset that
+    turns a key index into the query's neighbourhood slot along this axis (``key - sof[i]`` in
+    ``0..kernel-1``; the slot order of ``attn_bias`` and of the returned weights).
     """
     w = axis_windows(length, kernel, stride, dilation, causal)
     sizes = torch.bincount(w.group, minlength=dilation)
@@ -35,24 +37,25 @@ def axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bo
     lo = (offset + w.lo)[pos]
     hi = (offset + w.hi)[pos]
     rof = (offset + w.pos - (requested - 1))[pos]
+    sof = (offset + w.base)[pos]
     # Windows move monotonically with the query, so lo/hi are non-decreasing and the queries
     # seeing key j are one run: those with hi >= j and lo <= j.
     keys = torch.arange(length)
     qlo = torch.searchsorted(hi, keys, side="left")
     qhi = torch.searchsorted(lo, keys, side="right") - 1
-    return pos, lo, hi, rof, qlo, qhi
+    return pos, lo, hi, rof, qlo, qhi, sof
 
 
 @lru_cache(maxsize=64)
 @plain_tensors()
 def tables(spec: NASpec) -> list[torch.Tensor]:
-    """Rank-3 padded tables ``[pos, lo, hi, rof, qlo, qhi]``, each int64 ``[3, Lmax]`` (the leading
+    """Rank-3 padded tables ``[pos, lo, hi, rof, qlo, qhi, sof]``, each int64 ``[3, Lmax]`` (the leading
     virtual axes of a rank-1 or rank-2 problem have length 1: all zeros)."""
     axes = [axis_tables(L, k, s, d, c, rk) for (L, k, s, d, c), rk in zip(spec.axes(), spec.requested_kernel_size)]
     pad = 3 - len(axes)
     lmax = max(spec.spatial)
     stacked = []
-    for field in range(6):
+    for field in range(7):
         t = torch.zeros((3, lmax), dtype=torch.int64)
         for a, ax in enumerate(axes):
             t[pad + a, : len(ax[field])] = ax[field]

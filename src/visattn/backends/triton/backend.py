@@ -305,7 +305,9 @@ class TritonBackend(Backend):
         return Result(*_launch_forward(p.spec, q, k, v, extras.rpb, p.scale))
 
     def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                 dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras) -> Grads:
+                 dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras,
+                 attn: Optional[torch.Tensor] = None, dattn: Optional[torch.Tensor] = None) -> Grads:
+        # attn/dattn are always None here: refuse() declines return_attn (refuse_unfused_features).
         return Grads(*_launch_backward(p.spec, q, k, v, out, lse, extras.rpb, dout, dlse, p.scale))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -13,6 +14,19 @@ from .base import QKVMixer, check_input, na_attend
 from ..registry import register_attn
 
 __all__ = ["HaloAttention"]
+
+
+@lru_cache(maxsize=32)
+def _axis_offsets(H: int, W: int, kernel: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-axis relative offsets of the neighbourhood slots, as indices into a ``2k-1`` table: ``dy [H, k0]``
+    (query row, slot row) and ``dx [W, k1]`` (query column, slot column), from the spec's flat
+    relative index ``dy * (2k-1) + dx`` (effective kernels ``k0, k1`` per axis)."""
+    spec = make_spec("HaloAttention", (H, W), kernel, block)
+    _, _, rel = neighbor_table(spec)  # [H*W, k0*k1]
+    k0, k1 = spec.kernel_size
+    rel = rel.reshape(H, W, k0, k1)
+    span = 2 * kernel - 1
+    return (rel[:, 0, :, 0] // span).to(device), (rel[0, :, 0, :] % span).to(device)
 
 
 @register_attn("halo", layout="channels_last",
@@ -68,18 +82,17 @@ class HaloAttention(QKVMixer):
 
     def _rel_logits(self, q: torch.Tensor) -> torch.Tensor:
         """``q [B, H, W, heads, D]`` -> ``scale * q.(r_row[dy] + r_col[dx])`` per neighbourhood slot:
-        ``[B, H, W, heads, K]``."""
+        ``[B, H, W, heads, K]``. The row offset dy depends only on the query's row and the slot's row,
+        dx on the columns, so the two terms are gathered per axis (``k`` slots each) and added by
+        broadcasting over the ``k x k`` slots, never gathering ``[..., K]`` indices."""
         B, H, W, nh, _ = q.shape
-        spec = make_spec("HaloAttention", (H, W), self.kernel_size, self.block_size)
-        _, _, rel = neighbor_table(spec)  # flat index into the (2k-1) x (2k-1) offset grid
-        rel = rel.to(q.device)
-        span = 2 * self.kernel_size - 1
-        dy, dx = rel // span, rel % span  # [N, K]
-        lr = torch.einsum("bhwnd,rd->bhwnr", q, self.rel_row).reshape(B, H * W, nh, span)
-        lc = torch.einsum("bhwnd,rd->bhwnr", q, self.rel_col).reshape(B, H * W, nh, span)
-        idx = lambda t: t[None, :, None, :].expand(B, -1, nh, -1)  # noqa: E731
-        bias = torch.gather(lr, 3, idx(dy)) + torch.gather(lc, 3, idx(dx))
-        return (self.scale * bias).reshape(B, H, W, nh, -1)
+        dy, dx = _axis_offsets(H, W, self.kernel_size, self.block_size, q.device)  # [H, k0], [W, k1]
+        lr = torch.einsum("bhwnd,rd->bhwnr", q, self.rel_row)  # [B, H, W, heads, 2k-1]
+        lc = torch.einsum("bhwnd,rd->bhwnr", q, self.rel_col)
+        rows = torch.gather(lr, 4, dy[None, :, None, None, :].expand(B, H, W, nh, dy.shape[1]))
+        cols = torch.gather(lc, 4, dx[None, None, :, None, :].expand(B, H, W, nh, dx.shape[1]))
+        bias = (rows * self.scale)[..., :, None] + (cols * self.scale)[..., None, :]
+        return bias.reshape(B, H, W, nh, -1)
 
     def _zero_border(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """HaloNet's blocked attention with zero padding (``border="zero"``): heads-last
