@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import check_heads, check_input, dense_softmax_attention
@@ -26,13 +27,18 @@ class BiLevelRoutingAttention(nn.Module):
     ``A_r = Q_r K_r^T`` picks ``I_r = topk(A_r)`` per region (shared by all heads, no gradient
     through the choice); ``O = Attention(Q, gather(K, I_r), gather(V, I_r)) + DWConv5x5(V)``.
 
-    Readings / differences: the token-attention scale is ``head_dim ** -0.5`` (BiFormer's code uses
-    ``dim ** -0.5``; pass ``qk_scale`` to reproduce it). The region grid must divide the map
-    (``n_win`` regions per side; BiFormer pads instead): a clear error says so. Cost per query is
-    ``topk * H * W / S^2`` keys plus the ``S^4`` routing matrix.
+    Any input size: where ``n_win`` does not divide a side, the map is zero-padded at the bottom and
+    right to the next multiple, as BiFormer's code does (``auto_pad``): the padded tokens go through
+    ``qkv``, the region means, the routing, the attention and the LCE like real ones, and their
+    outputs are cropped. A map smaller than ``n_win`` pads up to ``n_win`` (regions of one token).
+
+    ``qkv`` has a bias, as in BiFormer's code. Reading: the token-attention scale is
+    ``head_dim ** -0.5`` (BiFormer's code uses ``dim ** -0.5``; :class:`~visattn.models.BiFormer`
+    passes ``qk_scale`` to reproduce it). Cost per query is ``topk * H * W / S^2`` keys plus the
+    ``S^4`` routing matrix.
     """
 
-    def __init__(self, dim: int, num_heads: int, n_win: int = 7, topk: int = 4, qkv_bias: bool = False,
+    def __init__(self, dim: int, num_heads: int, n_win: int = 7, topk: int = 4, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, side_dwconv: int = 5, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
         super().__init__()
@@ -53,11 +59,11 @@ class BiLevelRoutingAttention(nn.Module):
         return affinity.topk(self.topk, dim=-1).indices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W = check_input(self, x, self.dim)
+        B, H_in, W_in = check_input(self, x, self.dim)
         S, C = self.n_win, self.dim
-        if H % S or W % S:
-            raise ValueError(f"BiLevelRoutingAttention: the input is {H}x{W} but n_win={S} regions per side "
-                             f"must divide both sides; pick n_win among the common divisors or resize.")
+        if H_in % S or W_in % S:  # zero tokens at the bottom/right, up to multiples of S
+            x = F.pad(x, (0, 0, 0, (-W_in) % S, 0, (-H_in) % S))
+        H, W = x.shape[1:3]
         rh, rw = H // S, W // S
         n, R = rh * rw, S * S
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -71,7 +77,7 @@ class BiLevelRoutingAttention(nn.Module):
                                     attn_drop=self.attn_drop, training=self.training)  # [B, R, h, n, d]
         o = o.transpose(2, 3).reshape(B, S, S, rh, rw, C).transpose(2, 3).reshape(B, H, W, C)
         o = o + self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj_drop(self.proj(o))
+        return self.proj_drop(self.proj(o[:, :H_in, :W_in]))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}"
