@@ -4,6 +4,7 @@ and the classifier and multi-scale backbone at an input size no stride divides."
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -43,6 +44,23 @@ def check_classifier_and_backbone(name: str, size: tuple[int, int] = (67, 51), *
         torch.testing.assert_close(f, expect.permute(0, 3, 1, 2))
     shallow = create_model(name, features_only=True, out_indices=(1,), **kwargs)
     assert len(shallow.stages) == 2 and len(shallow(x)) == 1
+
+
+def check_loads_official_layout(name: str, to_official: Callable[[torch.nn.Module], dict], wrapper: str,
+                                size: tuple[int, int], **kwargs) -> dict:
+    """Write a model's weights in the official layout (``to_official``, written from the official
+    code), load them through the registered ``load_checkpoint`` (wrapped as the official training
+    scripts save them, under ``wrapper``) into a fresh model, and check it computes the same logits.
+    Returns the official-layout state dict."""
+    torch.manual_seed(0)
+    ours = create_model(name, **kwargs).eval()
+    official = to_official(ours)
+    fresh = create_model(name, **kwargs).eval()
+    model_info(name)["load_checkpoint"](fresh, {wrapper: official})
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ours(x))
+    return official
 
 
 def paper_row(name: str):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
-from family_checks import check_classifier_and_backbone, paper_row, params_and_gmacs
-from visattn.models import create_model, model_info
+from family_checks import check_classifier_and_backbone, check_loads_official_layout, paper_row, params_and_gmacs
+from visattn.models import create_model
 from visattn.models.biformer import BIFORMER_CONFIGS
 from visattn.nn.layers import GlobalLePEAttention2D
 from visattn.nn.mixers.biformer import BiLevelRoutingAttention
@@ -47,7 +46,7 @@ _TO_OFFICIAL = (  # written from the official model: downsample_layers, stages.{
     (r"^stem\.(.+)$", r"downsample_layers.0.\1"),
     (r"^stages\.(\d)\.downsample\.conv\.(.+)$", r"downsample_layers.\1.0.\2"),
     (r"^stages\.(\d)\.downsample\.norm\.(.+)$", r"downsample_layers.\1.1.\2"),
-    (r"^stages\.(\d)\.blocks\.(\d+)\.pos_embed\.proj\.(.+)$", r"stages.\1.\2.pos_embed.\3"),
+    (r"^stages\.(\d)\.blocks\.(\d+)\.cpe\.proj\.(.+)$", r"stages.\1.\2.pos_embed.\3"),
     (r"^stages\.([012])\.blocks\.(\d+)\.block\.attn\.qkv\.(.+)$", r"stages.\1.\2.attn.qkv.qkv.\3"),
     (r"^stages\.([012])\.blocks\.(\d+)\.block\.attn\.proj\.(.+)$", r"stages.\1.\2.attn.wo.\3"),
     (r"^stages\.(\d)\.blocks\.(\d+)\.block\.attn\.(?:lce|lepe)\.(.+)$", r"stages.\1.\2.attn.lepe.\3"),
@@ -58,14 +57,11 @@ _TO_OFFICIAL = (  # written from the official model: downsample_layers, stages.{
 )
 
 
+def _official_layout(model) -> dict:
+    return {next(re.sub(p, r, k) for p, r in _TO_OFFICIAL if re.match(p, k)): v for k, v in model.state_dict().items()}
+
+
 def test_official_checkpoint_layout_loads_and_reproduces_the_model() -> None:
-    torch.manual_seed(0)
-    ours = create_model("biformer_tiny", depths=(1, 1, 2, 1)).eval()
-    official = {next(re.sub(p, r, k) for p, r in _TO_OFFICIAL if re.match(p, k)): v
-                for k, v in ours.state_dict().items()}
+    # 64x80: stage maps 16x20 ... 2x3, so the routed stages pad.
+    official = check_loads_official_layout("biformer_tiny", _official_layout, "model", (64, 80), depths=(1, 1, 2, 1))
     assert "stages.2.1.attn.qkv.qkv.weight" in official and "stages.3.0.attn.qkv.weight" in official
-    fresh = create_model("biformer_tiny", depths=(1, 1, 2, 1)).eval()
-    model_info("biformer_tiny")["load_checkpoint"](fresh, {"model": official})
-    x = torch.randn(1, 3, 64, 80)  # stage maps 16x20 ... 2x3: the routed stages pad
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), ours(x))

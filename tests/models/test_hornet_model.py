@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
-from family_checks import check_classifier_and_backbone, paper_row, params_and_gmacs
-from visattn.models import create_model, model_info
+from family_checks import check_classifier_and_backbone, check_loads_official_layout, paper_row, params_and_gmacs
+from visattn.models import create_model
 from visattn.models.hornet import HORNET_CONFIGS
 
 # Parameters of the official models (raoyongming/HorNet, hornet.py at ac9e210), counted by building them.
@@ -47,18 +46,16 @@ _TO_OFFICIAL = (  # written from the official model: downsample_layers, stages.{
 )
 
 
-def test_official_checkpoint_layout_loads_and_reproduces_the_model() -> None:
-    torch.manual_seed(0)
-    ours = create_model("hornet_tiny_7x7", depths=(1, 1, 2, 1)).eval()
+def _official_layout(model) -> dict:
     official = {}
-    for key, value in ours.state_dict().items():
+    for key, value in model.state_dict().items():
         new = next(re.sub(p, r, key) for p, r in _TO_OFFICIAL if re.match(p, key))
         if re.search(r"gnconv\.(proj_in|proj_out|pws\.\d+)\.weight$", new):
             value = value[:, :, None, None]  # the official 1x1 convs
         official[new] = value
+    return official
+
+
+def test_official_checkpoint_layout_loads_and_reproduces_the_model() -> None:
+    official = check_loads_official_layout("hornet_tiny_7x7", _official_layout, "model", (50, 61), depths=(1, 1, 2, 1))
     assert official["stages.3.0.gnconv.pws.3.weight"].shape == (512, 256, 1, 1)
-    fresh = create_model("hornet_tiny_7x7", depths=(1, 1, 2, 1)).eval()
-    model_info("hornet_tiny_7x7")["load_checkpoint"](fresh, {"model": official})
-    x = torch.randn(1, 3, 50, 61)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), ours(x))

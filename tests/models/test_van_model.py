@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from family_checks import check_classifier_and_backbone, paper_row, params_and_gmacs
-from visattn.models import create_model, model_info
+from family_checks import check_classifier_and_backbone, check_loads_official_layout, paper_row, params_and_gmacs
+from visattn.models import model_info
 from visattn.models.van import VAN_CONFIGS, VANAttention
 
 # Parameters of the official models (Visual-Attention-Network/VAN-Classification, models/van.py at
@@ -70,15 +70,8 @@ def _official_layout(model) -> dict[str, torch.Tensor]:
 
 
 def test_official_checkpoint_layout_loads_and_reproduces_the_model() -> None:
-    torch.manual_seed(0)
-    ours = create_model("van_b0", depths=(1, 2, 1, 1)).eval()
-    official = _official_layout(ours)
+    official = check_loads_official_layout("van_b0", _official_layout, "state_dict", (40, 36), depths=(1, 2, 1, 1))
     assert "block2.1.attn.spatial_gating_unit.conv_spatial.weight" in official
     assert official["block1.0.mlp.fc1.weight"].shape == (256, 32, 1, 1)
-    fresh = create_model("van_b0", depths=(1, 2, 1, 1)).eval()
-    model_info("van_b0")["load_checkpoint"](fresh, {"state_dict": official})
-    x = torch.randn(1, 3, 40, 36)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), ours(x))
     with pytest.raises(KeyError, match="van_from_official: keys not in the official VAN layout: extra"):
         model_info("van_b0")["from_official"]({**official, "extra": torch.zeros(1)})

@@ -5,8 +5,9 @@ Layout, as the official ``biformer_{tiny,small,base}`` (rayleizhu/BiFormer, ``mo
 * ``stem`` (:class:`BiFormerStem`): 3x3 stride-2 conv + BatchNorm + GELU, 3x3 stride-2 conv +
   BatchNorm;
 * ``stages[i]``: for ``i > 0`` a 3x3 stride-2 conv + BatchNorm (width x2), then ``depths[i]``
-  blocks, each a residual 3x3 depthwise conv (:class:`~visattn.nn.layers.ConvPosEnc`, ``pos_embed``)
-  followed by a pre-norm :class:`~visattn.nn.layers.MixerBlock` (LayerNorm eps 1e-6, MLP ratio 3).
+  blocks, each a residual 3x3 depthwise conv (:class:`~visattn.nn.layers.ConvPosEnc`, ``cpe``, the
+  official ``pos_embed``: renamed because the builder exempts ``pos_embed`` parameters from weight
+  decay) followed by a pre-norm :class:`~visattn.nn.layers.MixerBlock` (LayerNorm eps 1e-6, MLP ratio 3).
   The mixer of stages 0-2 is bi-level routing attention (``"biformer"``: 7x7 regions, the
   ``topks[i]`` best-routed regions per query region, 32-channel heads, a 5x5 depthwise LCE on V);
   in the last stage it is global attention with 8 heads, no qkv bias and a 5x5 depthwise conv on
@@ -102,7 +103,7 @@ class BiFormer(Backbone):
 
         def block(i: int, p: float) -> nn.Module:
             return nn.Sequential(OrderedDict(
-                pos_embed=ConvPosEnc(dims[i], 3),
+                cpe=ConvPosEnc(dims[i], 3),
                 block=MixerBlock(dims[i], *mixer(i), mlp_ratio=mlp_ratio, norm_layer=_layer_norm, drop_path=p)))
 
         def stage(i: int) -> Stage:
@@ -122,7 +123,7 @@ _OFFICIAL_RULES = (
     (r"^downsample_layers\.0\.(.+)$", r"stem.\1"),
     (r"^downsample_layers\.(\d+)\.0\.(.+)$", r"stages.\1.downsample.conv.\2"),
     (r"^downsample_layers\.(\d+)\.1\.(.+)$", r"stages.\1.downsample.norm.\2"),
-    (_BLOCK + r"pos_embed\.(.+)$", r"stages.\1.blocks.\2.pos_embed.proj.\3"),
+    (_BLOCK + r"pos_embed\.(.+)$", r"stages.\1.blocks.\2.cpe.proj.\3"),
     (_BLOCK + r"attn\.qkv\.qkv\.(.+)$", r"stages.\1.blocks.\2.block.attn.qkv.\3"),  # routed attention
     (_BLOCK + r"attn\.wo\.(.+)$", r"stages.\1.blocks.\2.block.attn.proj.\3"),
     (_BLOCK + r"attn\.lepe\.(.+)$", lambda m: f"stages.{m[1]}.blocks.{m[2]}.block.attn.{_lepe_name(m[1])}.{m[3]}"),
@@ -143,7 +144,7 @@ def biformer_from_official(state_dict) -> dict[str, torch.Tensor]:
     """Rename an official BiFormer state dict (rayleizhu/BiFormer, ``models/biformer.py``) for :class:`BiFormer`.
 
     ``downsample_layers.0`` is the stem, ``downsample_layers.i`` stage ``i``'s downsampler; each
-    block's ``pos_embed`` is our ``pos_embed`` and the rest our ``block`` (``attn.qkv.qkv`` ->
+    block's ``pos_embed`` is our ``cpe`` and the rest our ``block`` (``attn.qkv.qkv`` ->
     ``attn.qkv``, ``attn.wo`` -> ``attn.proj``, ``mlp.0/3`` -> ``mlp.fc1/2``); the segmentation
     backbone's ``extra_norms.i`` are the per-output norms. For the default four-stage layout (the
     last stage global). Raises ``KeyError`` for keys outside that layout.

@@ -12,9 +12,9 @@ Layout, as the official ``van_b0`` ... ``van_b3`` (Visual-Attention-Network/VAN-
 
 The 1x1 convolutions are ``nn.Linear`` on channels-last maps (same parameters). Every convolution
 is zero-padded to "same", so any input size works; the stem and the downsamplers round up
-(``ceil(H / 4)``, then ``ceil(h / 2)``). With ``features_only`` the stages' normalized maps are
-returned, as VAN's detection and segmentation backbones use them. VAN has no window (its large
-kernel attention is a convolution), hence no ``mixer="na"`` switch.
+(``ceil(H / 4)``, then ``ceil(h / 2)``). With ``features_only`` the stages' outputs are returned
+after their LayerNorm, which the official model applies inside every stage. VAN has no window
+(its large kernel attention is a convolution), hence no ``mixer="na"`` switch.
 
 The official checkpoints load with ``create_model("van_b0", pretrained=True)`` (or
 ``checkpoint_path=``), mapped by :func:`van_from_official`.
