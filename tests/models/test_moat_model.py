@@ -25,7 +25,8 @@ def test_params_match_the_official_model_and_the_paper(name: str) -> None:
     assert params == OFFICIAL_PARAMS[name] and round(params / 1e6, 1) == row.paper_params_m
     # MOAT's FLOPs are TensorFlow's profiler count halved (the official test): every float op of the
     # graph, elementwise ones (BatchNorm, GELU, softmax, residual adds) included. Ours are fvcore's
-    # MACs, which leave those out: up to 2% fewer than the printed value (+-0.05) allows, never more.
+    # MACs, which leave those out: never above the printed value's rounding interval (+-0.05), at most
+    # 2% below it.
     assert gmacs <= row.paper_gmacs + 0.05 and 1.02 * gmacs >= row.paper_gmacs - 0.05, f"{name}: {gmacs:.3f} GMACs"
 
 

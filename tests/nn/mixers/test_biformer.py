@@ -77,7 +77,7 @@ def test_generic_properties(H, W):
     check_all(BiLevelRoutingAttention(32, 4, n_win=4, topk=4), torch.randn(2, H, W, 32))
 
 
-@pytest.mark.parametrize("H,W,n_win", [(15, 14, 7), (5, 3, 4), (1, 1, 7), (9, 12, 4)])
+@pytest.mark.parametrize("H,W,n_win", [(11, 6, 5), (5, 3, 4), (1, 1, 7), (9, 12, 4)])
 def test_any_size_pads_like_biformer(H, W, n_win):
     """A map n_win does not divide is zero-padded at the bottom/right, attended whole and cropped,
     as BiFormer's code does (auto_pad): the region loop on the padded map, cut back to H x W."""
