@@ -15,28 +15,38 @@ import sys
 from .backbone import Backbone, Stage, drop_path_rates
 from .convert import convert_official_state_dict, convert_timm_state_dict, load_official_checkpoint
 # Importing a family registers its variants.
+from .biformer import BiFormer
 from .convit import ConViT
+from .cswin import CSWin
 from .davit import DaViT
 from .focalnet import FocalNet
 from .halonet import HaloNet
+from .hornet import HorNet
 from .maxvit import MaxViT
+from .moat import MOAT
 from .nat import NAT, NAT_CONFIGS, NATConfig, dinat_dilations
 from .swin import Swin
+from .van import VAN
 from .registry import create_model, list_models, model_info, register_model
 from .timm_hook import register_timm
 
 __all__ = [
     "Backbone",
+    "BiFormer",
+    "CSWin",
     "ConViT",
     "DaViT",
     "FocalNet",
     "HaloNet",
+    "HorNet",
+    "MOAT",
     "MaxViT",
     "NAT",
     "NAT_CONFIGS",
     "NATConfig",
     "Stage",
     "Swin",
+    "VAN",
     "convert_official_state_dict",
     "convert_timm_state_dict",
     "create_model",

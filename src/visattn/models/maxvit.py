@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -75,12 +75,15 @@ MAXVIT_CONFIGS: dict[str, MaxViTConfig] = {
 
 class MaxViTStem(nn.Module):
     """3x3 stride-2 conv (TF "SAME" padding) + BatchNorm + GELU, then a 3x3 conv:
-    ``[B, C_in, H, W] -> [B, ceil(H/2), ceil(W/2), C]`` (channels-first in, channels-last out)."""
+    ``[B, C_in, H, W] -> [B, ceil(H/2), ceil(W/2), C]`` (channels-first in, channels-last out).
 
-    def __init__(self, in_chans: int, dim: int) -> None:
+    ``act_layer``: MaxViT's tanh-approximated GELU by default; MOAT's stem is the same with the exact one.
+    """
+
+    def __init__(self, in_chans: int, dim: int, act_layer: Callable[[], nn.Module] = _gelu_tanh) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim, 3, stride=2)
-        self.norm1 = nn.Sequential(nn.BatchNorm2d(dim, eps=_BN_EPS), _gelu_tanh())
+        self.norm1 = nn.Sequential(nn.BatchNorm2d(dim, eps=_BN_EPS), act_layer())
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -77,24 +77,25 @@ def test_generic_properties(H, W):
     check_all(BiLevelRoutingAttention(32, 4, n_win=4, topk=4), torch.randn(2, H, W, 32))
 
 
-@pytest.mark.parametrize("H,W", [(15, 14), (5, 3)])
-def test_any_size_is_biformers_zero_padding_then_crop(H, W):
-    """BiFormer's auto_pad: pad the map to a multiple of n_win, attend, crop (official code)."""
+@pytest.mark.parametrize("H,W,n_win", [(11, 6, 5), (5, 3, 4), (1, 1, 7), (9, 12, 4)])
+def test_any_size_pads_like_biformer(H, W, n_win):
+    """A map n_win does not divide is zero-padded at the bottom/right, attended whole and cropped,
+    as BiFormer's code does (auto_pad): the region loop on the padded map, cut back to H x W."""
     torch.manual_seed(0)
-    m = BiLevelRoutingAttention(16, 2, n_win=7 if H > 7 else 2, topk=3).double().eval()
+    m = BiLevelRoutingAttention(16, 2, n_win=n_win, topk=3).double().eval()
     x = torch.randn(2, H, W, 16, dtype=torch.double)
-    S = m.n_win
-    padded = F.pad(x, (0, 0, 0, -W % S, 0, -H % S))
+    padded = F.pad(x, (0, 0, 0, (-W) % n_win, 0, (-H) % n_win))
     with torch.no_grad():
         torch.testing.assert_close(m(x), bra_loop(m, padded)[:, :H, :W])
+    check_all(m, x)
 
 
-def test_bad_topk_raises_naming_the_constraint():
+def test_topk_out_of_range_raises():
     with pytest.raises(ValueError, match="topk=50"):
         BiLevelRoutingAttention(16, 2, n_win=7, topk=50)
 
 
 def test_param_count_closed_form():
-    """qkv 3C^2 (no bias, BiFormer's default), LCE depthwise 5x5: 25C + C, proj C^2 + C."""
+    """qkv 3C^2 + 3C (with bias, as BiFormer's code), LCE depthwise 5x5: 25C + C, proj C^2 + C."""
     C = 96
-    assert count_params(BiLevelRoutingAttention(C, 3)) == 3 * C * C + 26 * C + C * C + C
+    assert count_params(BiLevelRoutingAttention(C, 3)) == 3 * C * C + 3 * C + 26 * C + C * C + C

@@ -105,3 +105,19 @@ def test_bad_head_count_and_layout_raise_clear_errors(name):
     m = visattn.create_attn(name, 32, **({"num_heads": 2} if name != "ccnet" else {}))
     with pytest.raises(ValueError, match=r"channels-last input \[B, H, W, 32\]"):
         m(torch.randn(1, 32, 7, 7))
+
+
+@pytest.mark.parametrize("size", [(9, 11), (5, 3), (1, 1)])
+@pytest.mark.parametrize("name", visattn.list_attn("channels_last"))
+def test_every_registered_mixer_takes_any_input_size(name, size):
+    """Every channels-last mixer in the registry, at its bench kwargs (a 3x3 window where the
+    constructor needs one), keeps the shape of an odd or single-token map with finite values."""
+    torch.manual_seed(0)
+    kw = attn_info(name).get("bench_kwargs") or (dict(num_heads=4, kernel_size=3) if name.startswith("na") else {})
+    m = visattn.create_attn(name, 96, **kw).eval()
+    shape = (2, *size, 96) if name != "na1d" else (2, size[0], 96)
+    shape = (2, *size, 3, 96) if name == "na3d" else shape
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = m(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()

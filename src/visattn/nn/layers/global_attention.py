@@ -23,10 +23,15 @@ class GlobalAttention2D(QKVMixer):
                  proj_drop: float = 0.0) -> None:
         super().__init__(dim, num_heads, qkv_bias, None, attn_drop, proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W = check_input(self, x, self.dim)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of heads-last ``q, k, v [B, H, W, heads, D]`` over all tokens: ``[B, H, W, heads, D]``."""
+        B, H, W = q.shape[:3]
         # [B, H, W, heads, D] -> [B, heads, H*W, D], SDPA's layout
-        q, k, v = (t.reshape(B, H * W, self.num_heads, self.head_dim).transpose(1, 2) for t in self._qkv(x))
+        q, k, v = (t.reshape(B, H * W, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
                                              scale=self.scale)
-        return self._out(out.transpose(1, 2).reshape(B, H, W, self.num_heads, self.head_dim))
+        return out.transpose(1, 2).reshape(B, H, W, self.num_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, self.dim)
+        return self._out(self.attend(*self._qkv(x)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import check_heads, check_input, dense_softmax_attention
@@ -26,14 +27,18 @@ class BiLevelRoutingAttention(nn.Module):
     ``A_r = Q_r K_r^T`` picks ``I_r = topk(A_r)`` per region (shared by all heads, no gradient
     through the choice); ``O = Attention(Q, gather(K, I_r), gather(V, I_r)) + DWConv5x5(V)``.
 
-    Readings / differences: the token-attention scale is ``head_dim ** -0.5`` (BiFormer's code uses
-    ``dim ** -0.5``; pass ``qk_scale`` to reproduce it). Any input size: where ``n_win`` regions per
-    side do not divide the map, it is zero-padded at the bottom/right to a multiple and the output
-    cropped back, as BiFormer's code does (``auto_pad``). Cost per query is ``topk * H * W / S^2``
-    keys plus the ``S^4`` routing matrix.
+    Any input size: where ``n_win`` does not divide a side, the map is zero-padded at the bottom and
+    right to the next multiple, as BiFormer's code does (``auto_pad``): the padded tokens go through
+    ``qkv``, the region means, the routing, the attention and the LCE like real ones, and their
+    outputs are cropped. A map smaller than ``n_win`` pads up to ``n_win`` (regions of one token).
+
+    ``qkv`` has a bias, as in BiFormer's code. Reading: the token-attention scale is
+    ``head_dim ** -0.5`` (BiFormer's code uses ``dim ** -0.5``; :class:`~visattn.models.BiFormer`
+    passes ``qk_scale`` to reproduce it). Cost per query is ``topk * H * W / S^2`` keys plus the
+    ``S^4`` routing matrix.
     """
 
-    def __init__(self, dim: int, num_heads: int, n_win: int = 7, topk: int = 4, qkv_bias: bool = False,
+    def __init__(self, dim: int, num_heads: int, n_win: int = 7, topk: int = 4, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, side_dwconv: int = 5, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
         super().__init__()
@@ -56,10 +61,9 @@ class BiLevelRoutingAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H_in, W_in = check_input(self, x, self.dim)
         S, C = self.n_win, self.dim
-        pad_h, pad_w = -H_in % S, -W_in % S
-        if pad_h or pad_w:
-            x = nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        H, W = H_in + pad_h, W_in + pad_w
+        if H_in % S or W_in % S:  # zero tokens at the bottom/right, up to multiples of S
+            x = F.pad(x, (0, 0, 0, (-W_in) % S, 0, (-H_in) % S))
+        H, W = x.shape[1:3]
         rh, rw = H // S, W // S
         n, R = rh * rw, S * S
         q, k, v = self.qkv(x).chunk(3, dim=-1)
