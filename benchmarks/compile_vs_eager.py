@@ -26,9 +26,13 @@ import textwrap
 import time
 from typing import Callable
 
-import torch
+# A private inductor cache: compile times are then cold, and a run against another checkout never
+# reuses graphs compiled against this one's operator schemas.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="visattn-cve-inductor-"))
 
-import visattn
+import torch  # noqa: E402
+
+import visattn  # noqa: E402
 from visattn.bench.measure import Timing, machine_info, time_interleaved
 
 
