@@ -52,12 +52,9 @@ def test_each_backward_path_matches_the_oracle(case, dtype, backward_path) -> No
     run_parity("cpu", case, dtype)
 
 
-# The kernels walk same-grid, non-wrapping axes (cross-grid and periodic calls go to the torch backend).
-SAME_GRID_FEATURE_CASES = [c for c in FEATURE_CASES if not c.key_spatial and not c.na.get("periodic")]
-
-
+# Every feature case, cross-grid keys and periodic axes included: the kernels serve them all.
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", SAME_GRID_FEATURE_CASES, ids=str)
+@pytest.mark.parametrize("case", FEATURE_CASES, ids=str)
 def test_features_through_each_backward_path(case: FeatureCase, dtype, backward_path) -> None:
     """rpb, attn_bias, key_padding_mask and the returned weights inside the fused kernels, through
     both backward paths: out, LSE, weights, and the gradients of q, k, v, rpb and attn_bias (those
@@ -67,7 +64,7 @@ def test_features_through_each_backward_path(case: FeatureCase, dtype, backward_
 
 
 def _feature_problem(case: FeatureCase, dtype: torch.dtype = torch.float32) -> Problem:
-    spec = make_spec("t", case.spatial, **case.na)
+    spec = make_spec("t", case.spatial, **case.na, key_spatial=case.key_spatial or None)
     return Problem(spec=spec, batch=case.batch, heads=case.heads, heads_kv=case.heads_kv, dim=case.dim,
                    dim_v=case.dim_v, dtype=dtype, device=torch.device("cpu"), scale=1.0, has_rpb=case.rpb,
                    has_attn_bias=case.bias, has_key_padding_mask=bool(case.mask), return_attn=True)

@@ -10,7 +10,11 @@ converted to float32 (one copy per input: no CPU here has a float16 dot product 
 float64 goes to the ``torch`` backend. Any head dim (dims that are not multiples of the kernel's
 vector width of 8 are zero-padded here, which changes no dot product); ranks 1-3, per-axis
 kernel/stride/dilation/causal, GQA, ``D_v != D``, relative positional bias, ``attn_bias`` (with
-their gradients), ``key_padding_mask`` and ``return_attn`` (with the weights' gradient). Threads
+their gradients), ``key_padding_mask`` and ``return_attn`` (with the weights' gradient), all of them
+also with keys on another grid than the queries (cross-grid) and on periodic axes: the kernels index
+queries and keys on separate grids, and a periodic problem is run as a cross-grid one on the virtual
+key grid of :func:`visattn.spec.axis_windows`, onto which k, v and the mask are gathered here (one
+O(N) copy; the gradients of k and v are summed back with ``index_add_``). Threads
 follow ``torch.get_num_threads()``, on torch's own OpenMP pool where it can be found; ctypes releases
 the GIL during the call.
 """
@@ -24,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from ...spec import NASpec
-from ..base import Backend, Extras, Grads, Problem, Result, refuse_general_geometry
+from ..base import Backend, Extras, Grads, Problem, Result
 from . import build
-from .geometry import colour_chunks, tables
+from .geometry import colour_chunks, key_grid, key_sources, tables
 
 #: The kernel's vector width: head dims are padded to multiples of it.
 _VEC = 8
@@ -49,8 +53,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _l2p(spec: NASpec) -> int:
-    """Padded last axis of the bf16 layout copies (a chunk of 8 lanes may start at its last index)."""
-    return _padded(spec.spatial[-1]) + _VEC
+    """Padded last axis of the bf16 layout copies (a chunk of 8 lanes may start at its last index), one
+    length for the copies of both grids (the query grid's and the kernels' key grid's)."""
+    return _padded(max(spec.spatial[-1], key_grid(spec)[-1])) + _VEC
 
 
 #: Scratch reused across calls, per thread (the kernel fills it completely on every call; concurrent
@@ -73,13 +78,14 @@ def _scratch(nbytes: int) -> torch.Tensor:
 def _copies(p: Problem, names: tuple[str, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             extra_floats: int = 0) -> tuple[dict, Optional[torch.Tensor]]:
     """Scratch for the bf16 layout copies ``names`` (kt, vt, kp, vp of k/v; qt, qp of q; dot, dop of
-    dout: see na_cpu.c): ``lines * heads * l2p * dim`` bf16 each, filled by the kernel; plus
-    ``extra_floats`` float32 (or ``None``). All from this thread's workspace, 64-byte aligned."""
-    lines = q.shape[0] * q.shape[1] * q.shape[2]
+    dout: see na_cpu.c): ``lines * heads * l2p * dim`` bf16 each (lines of the query grid for q and
+    dout, of the key grid for k and v), filled by the kernel; plus ``extra_floats`` float32 (or
+    ``None``). All from this thread's workspace, 64-byte aligned."""
+    qlines, klines = q.shape[0] * q.shape[1] * q.shape[2], k.shape[0] * k.shape[1] * k.shape[2]
     l2p = _l2p(p.spec)
-    size = {"k": (k.shape[4], k.shape[5]), "v": (v.shape[4], v.shape[5]), "q": (q.shape[4], q.shape[5]),
-            "d": (q.shape[4], v.shape[5])}
-    nbytes = [-(-2 * lines * size[n[0]][0] * l2p * size[n[0]][1] // 64) * 64 for n in names]
+    size = {"k": (klines, k.shape[4], k.shape[5]), "v": (klines, v.shape[4], v.shape[5]),
+            "q": (qlines, q.shape[4], q.shape[5]), "d": (qlines, q.shape[4], v.shape[5])}
+    nbytes = [-(-2 * size[n[0]][0] * size[n[0]][1] * l2p * size[n[0]][2] // 64) * 64 for n in names]
     buf = _scratch(sum(nbytes) + 4 * extra_floats)
     out, at = {}, 0
     for n, b in zip(names, nbytes):
@@ -103,13 +109,13 @@ def _template(spec: NASpec, shapes: tuple, dt: int, scale: float, rpb_shape: Opt
     if args is None:
         if len(_TEMPLATES) > 256:
             _TEMPLATES.clear()
-        tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi, sof: int64 [3, Lmax] (cached per spec, kept alive)
-        (B, L0, L1, L2, H, D), (_, _, _, _, Hk, _), (*_, Dv) = shapes
+        tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi, sof, kpos: int64 [3, Lmax] (cached per spec, kept alive)
+        (B, L0, L1, L2, H, D), (_, M0, M1, M2, Hk, _), (*_, Dv) = shapes
         args = build.Args()
-        for name, t in zip(("pos", "lo", "hi", "rof", "qlo", "qhi", "sof"), tabs):
+        for name, t in zip(("pos", "lo", "hi", "rof", "qlo", "qhi", "sof", "kpos"), tabs):
             setattr(args, name, t.data_ptr())
-        for name, value in zip(("lmax", "B", "L0", "L1", "L2", "H", "Hk", "D", "Dv"),
-                               (tabs[0].shape[1], B, L0, L1, L2, H, Hk, D, Dv)):
+        for name, value in zip(("lmax", "B", "L0", "L1", "L2", "M0", "M1", "M2", "H", "Hk", "D", "Dv"),
+                               (tabs[0].shape[1], B, L0, L1, L2, M0, M1, M2, H, Hk, D, Dv)):
             setattr(args, name, value)
         args.R0, args.R1, args.R2 = rpb_shape[1:] if rpb_shape is not None else (1, 1, 1)
         args.K0, args.K1, args.K2 = (1,) * (3 - spec.rank) + spec.kernel_size
@@ -161,18 +167,43 @@ def _padded(dim: int) -> int:
     return -(-dim // _VEC) * _VEC
 
 
-def _kernel_view(t: torch.Tensor, p: Problem, dim: int) -> torch.Tensor:
+def _kernel_view(t: torch.Tensor, p: Problem, dim: int, keys: bool = False) -> torch.Tensor:
     """``t [B, *S, heads, d]`` as the kernel's contiguous ``[B, L0, L1, L2, heads, dim]`` in the compute
     dtype (leading axes of length 1 for rank < 3; the head dim zero-padded to ``dim``). No copy for a
-    contiguous input of the compute dtype whose head dim is a multiple of 8."""
+    contiguous input of the compute dtype whose head dim is a multiple of 8.
+
+    ``keys``: ``t`` is a key-side tensor ``[B, *Sk, heads, d]`` (``Sk = spec.key_spatial``), returned on
+    the kernels' key grid ``[B, M0, M1, M2, heads, dim]`` (:func:`.geometry.key_grid`): gathered onto the
+    virtual grid when an axis is periodic."""
     cdt = compute_dtype(p.dtype)
     if t.dtype != cdt:
         t = t.to(cdt)
     if t.shape[-1] != dim:
         t = F.pad(t, (0, dim - t.shape[-1]))
-    shape3 = (p.batch, *(1,) * (3 - p.spec.rank), *p.spec.spatial, *t.shape[-2:])
+    lead = (p.batch, *(1,) * (3 - p.spec.rank))
+    if keys:
+        src = key_sources(p.spec)
+        if src is not None:  # one gather straight into the kernel's layout
+            flat = t.reshape(p.batch, p.spec.num_keys, *t.shape[-2:])
+            return flat.index_select(1, src).view(*lead, *key_grid(p.spec), *t.shape[-2:])
+        shape3 = (*lead, *p.spec.key_spatial, *t.shape[-2:])
+    else:
+        shape3 = (*lead, *p.spec.spatial, *t.shape[-2:])
     return t.view(shape3) if t.is_contiguous() else t.reshape(shape3).contiguous()
 
+
+def _key_grad(g: torch.Tensor, p: Problem, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """The kernel's key-side gradient ``g [B, M0, M1, M2, heads, dim']`` as the gradient of ``like
+    [B, *Sk, heads, dim]``: the head-dim padding dropped and, on periodic axes, the virtual grid's
+    copies of each key summed back into it (the adjoint of the gather in :func:`_kernel_view`)."""
+    heads = g.shape[4]
+    src = key_sources(p.spec)
+    if src is not None:
+        flat = g.reshape(p.batch, -1, heads, g.shape[-1])[..., :dim].float()
+        g = torch.zeros(p.batch, p.spec.num_keys, heads, dim, dtype=torch.float32).index_add_(1, src, flat)
+    else:
+        g = g[..., :dim]
+    return g.reshape(p.batch, *p.spec.key_spatial, heads, dim).to(like.dtype)
 
 def _bias_view(rpb: Optional[torch.Tensor], p: Problem) -> Optional[torch.Tensor]:
     """The bias table as ``[H, R0, R1, R2]`` float32 (``None`` without one)."""
@@ -205,9 +236,15 @@ def _slots_view(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float().contiguous()
 
 
-def _mask_view(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``key_padding_mask [B, *S]`` as contiguous bytes, one per token (nonzero: ignore the key)."""
-    return None if mask is None else mask.contiguous().view(torch.uint8)
+def _mask_view(mask: Optional[torch.Tensor], p: Problem) -> Optional[torch.Tensor]:
+    """``key_padding_mask [B, *Sk]`` as contiguous bytes, one per token of the kernels' key grid
+    (nonzero: ignore the key; gathered onto the virtual grid when an axis is periodic)."""
+    if mask is None:
+        return None
+    src = key_sources(p.spec)
+    if src is not None:
+        mask = mask.reshape(p.batch, p.spec.num_keys).index_select(1, src)
+    return mask.contiguous().view(torch.uint8)
 
 
 class CpuBackend(Backend):
@@ -240,14 +277,14 @@ class CpuBackend(Backend):
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return (f"dtype {p.dtype} is not supported (float32, bfloat16; float16 computed in float32; float64 goes "
                     f"to the torch backend)")
-        return refuse_general_geometry(p)
+        return None  # every geometry: same-grid, cross-grid and periodic axes
 
     def priority(self, p: Problem) -> float:
         return 20.0 if p.spec.window_size <= _MAX_WINDOW else -1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras: Extras) -> Result:
         d, dv = _padded(p.dim), _padded(p.dim_v)
-        q3, k3, v3 = _kernel_view(q, p, d), _kernel_view(k, p, d), _kernel_view(v, p, dv)
+        q3, k3, v3 = _kernel_view(q, p, d), _kernel_view(k, p, d, keys=True), _kernel_view(v, p, dv, keys=True)
         rpb = _bias_view(extras.rpb, p)
         out = q3.new_empty(*q3.shape[:-1], dv)
         lse = torch.empty(q3.shape[:-1], dtype=torch.float32)
@@ -256,7 +293,7 @@ class CpuBackend(Backend):
                 if p.return_attn else None)
         copies = _copies(p, ("kt", "vp"), q3, k3, v3)[0] if q3.dtype == torch.bfloat16 else {}
         build.run(_args(q3, k3, v3, rpb, p.spec, p.scale, out=out, lse=lse, attn=attn,
-                        ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask), **copies),
+                        ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask, p), **copies),
                   build.FORWARD)
         out = out[..., : p.dim_v].reshape(*lead, p.dim_v)
         return Result(out.to(q.dtype), lse.reshape(lead), attn.to(q.dtype) if attn is not None else None)
@@ -265,7 +302,7 @@ class CpuBackend(Backend):
                  dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras,
                  attn: Optional[torch.Tensor] = None, dattn: Optional[torch.Tensor] = None) -> Grads:
         d, dv = _padded(p.dim), _padded(p.dim_v)
-        q3, k3, v3 = _kernel_view(q, p, d), _kernel_view(k, p, d), _kernel_view(v, p, dv)
+        q3, k3, v3 = _kernel_view(q, p, d), _kernel_view(k, p, d, keys=True), _kernel_view(v, p, dv, keys=True)
         out3, dout3 = _kernel_view(out, p, dv), _kernel_view(dout, p, dv)
         lse3 = lse.float().contiguous()
         dattn3 = _slots_view(dattn)
@@ -297,15 +334,15 @@ class CpuBackend(Backend):
                if extras.attn_bias is not None else None)
         args = _args(q3, k3, v3, rpb, p.spec, p.scale, plan[:2] if plan else (0, 0), out=out3, lse=lse3, dout=dout3,
                      dlse=dlse3, dq=dq, dk=dk, dv=dv_, dq_out=dq_out, drpb=drpb, nlse_t=side[0], delta_t=side[1],
-                     ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask), dattn=dattn3,
+                     ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask, p), dattn=dattn3,
                      dab=dab, **copies)
         build.run(args, build.BACKWARD)
         shape = (p.batch, *p.spec.spatial)
         dq = dq_out if bf16 else dq
         return Grads(
             dq=dq[..., : p.dim].reshape(*shape, p.heads, p.dim).to(q.dtype),
-            dk=dk[..., : p.dim].reshape(*shape, k.shape[-2], p.dim).to(k.dtype),
-            dv=dv_[..., : p.dim_v].reshape(*shape, v.shape[-2], p.dim_v).to(v.dtype),
+            dk=_key_grad(dk, p, p.dim, k),
+            dv=_key_grad(dv_, p, p.dim_v, v),
             drpb=drpb.sum(0).reshape(extras.rpb.shape).to(extras.rpb.dtype) if drpb is not None else None,
             dattn_bias=dab.to(extras.attn_bias.dtype) if dab is not None else None,
         )

@@ -4,6 +4,12 @@ the fused backward, all derived from :func:`visattn.spec.axis_windows`.
 Along an axis with dilation ``d`` the group-major indices ``i`` enumerate dilation group 0, then
 group 1, ...; ``pos[i]`` is the coordinate index ``i`` stands for. A query's keys are then one
 contiguous run ``[lo[i], hi[i]]`` of indices on every axis, so the kernels never see dilation.
+
+Queries and keys are indexed separately: query indices run over the query grid (``spec.spatial``),
+key indices over the kernel's key grid (:func:`key_grid`), which is the query grid for a plain
+problem, the key grid of a cross-grid one, and, on a periodic axis, the virtual grid of
+:func:`visattn.spec.axis_windows` (the axis padded circularly), onto which the backend gathers the
+keys with :func:`key_sources` so that a periodic problem runs as a cross-grid one.
 """
 
 from __future__ import annotations
@@ -14,48 +20,81 @@ import torch
 
 from ...spec import NASpec, axis_windows, plain_tensors
 
-__all__ = ["axis_tables", "colour_chunks", "tables"]
+__all__ = ["axis_tables", "colour_chunks", "key_grid", "key_sources", "tables"]
+
+
+def key_grid(spec: NASpec) -> tuple[int, ...]:
+    """The key grid the kernels walk: ``spec.key_spatial``, except that a periodic axis of length
+    ``L`` becomes its virtual grid of ``L + d * (k - 1)`` coordinates (``d``, ``k``: effective)."""
+    return tuple(Lk + d * (k - 1) if p else Lk for Lk, k, d, p in
+                 zip(spec.key_spatial, spec.kernel_size, spec.dilation, spec.periodic))
+
+
+@lru_cache(maxsize=64)
+@plain_tensors()
+def key_sources(spec: NASpec) -> torch.Tensor | None:
+    """``[prod(key_grid(spec))]`` int64: the real key token (flat over ``spec.key_spatial``) behind each
+    token of the kernel's key grid, or ``None`` when that grid is the real one (no periodic axis)."""
+    if not any(spec.periodic):
+        return None
+    flat = torch.zeros((), dtype=torch.int64)
+    for w, Lk in zip(spec.windows(), spec.key_spatial):
+        coord = w.key_coord(torch.arange(w.key_length))  # virtual -> real coordinate
+        flat = (flat[..., None] * Lk + coord).reshape(-1) if flat.dim() else coord
+    return flat
 
 
 @lru_cache(maxsize=256)
 @plain_tensors()
-def axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool,
-                requested: int) -> tuple[torch.Tensor, ...]:
-    """Per-axis tables in group-major order, int64 ``[L]`` each: ``(pos, lo, hi, rof, qlo, qhi, sof)``.
+def axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool, requested: int,
+                key_length: int | None = None, periodic: bool = False) -> tuple[torch.Tensor, ...]:
+    """Per-axis tables in group-major order: ``(pos, lo, hi, rof, qlo, qhi, sof, kpos)``, int64.
 
-    ``pos[i]``: the coordinate of index ``i``; ``lo[i]..hi[i]``: its keys' indices; ``rof[i]``: the
-    offset that turns a key index into the query's relative-position (bias table) index;
-    ``qlo[j]..qhi[j]``: the indices of the queries that see key ``j``; ``sof[i]``: the offset that
-    turns a key index into the query's neighbourhood slot along this axis (``key - sof[i]`` in
-    ``0..kernel-1``; the slot order of ``attn_bias`` and of the returned weights).
+    Indexed by query index ``i`` (``[L]``, ``L = length``): ``pos[i]``, its coordinate;
+    ``lo[i]..hi[i]``, its keys' indices; ``rof[i]``, the offset that turns a key index into the query's
+    relative-position (bias table) index; ``sof[i]``, the offset that turns a key index into the query's
+    neighbourhood slot along this axis (``key - sof[i]`` in ``0..kernel-1``; the slot order of
+    ``attn_bias`` and of the returned weights). Indexed by key index ``j`` (``[Lk]``, ``Lk`` the key
+    grid's length: ``key_length``, or the virtual length of a periodic axis): ``qlo[j]..qhi[j]``, the
+    indices of the queries that see key ``j`` (``qlo > qhi`` when none does: cross-grid keys between
+    windows); ``kpos[j]``, the key's coordinate on the key grid.
     """
-    w = axis_windows(length, kernel, stride, dilation, causal)
-    sizes = torch.bincount(w.group, minlength=dilation)
-    first = torch.cumsum(sizes, 0) - sizes  # first index of each group
-    offset = first[w.group]
-    pos = torch.argsort(w.group * length + w.pos, stable=True)  # index -> coordinate
+    w = axis_windows(length, kernel, stride, dilation, causal, key_length, periodic)
+    nk = w.key_length
+    # Key indices: the key grid's coordinates in group-major order (group y % d, then y // d).
+    kcoord = torch.arange(nk)
+    sizes = torch.bincount(kcoord % dilation, minlength=dilation)
+    first = torch.cumsum(sizes, 0) - sizes  # first key index of each group
+    kpos = torch.argsort((kcoord % dilation) * nk + kcoord // dilation, stable=True)  # key index -> coordinate
+    offset = first[w.group]  # a query's keys are in its centre's group
+    # Queries in group-major order of their centres: by group, then by coordinate (centres grow with
+    # the coordinate, several queries may share one when the keys are coarser).
+    pos = torch.argsort(w.group * length + torch.arange(length), stable=True)  # index -> coordinate
     lo = (offset + w.lo)[pos]
     hi = (offset + w.hi)[pos]
     rof = (offset + w.pos - (requested - 1))[pos]
     sof = (offset + w.base)[pos]
-    # Windows move monotonically with the query, so lo/hi are non-decreasing and the queries
-    # seeing key j are one run: those with hi >= j and lo <= j.
-    keys = torch.arange(length)
+    # Windows move monotonically with the query within a group, and groups hold disjoint, increasing
+    # key runs, so lo/hi are non-decreasing and the queries seeing key j are one run: those with
+    # hi >= j and lo <= j.
+    keys = torch.arange(nk)
     qlo = torch.searchsorted(hi, keys, side="left")
     qhi = torch.searchsorted(lo, keys, side="right") - 1
-    return pos, lo, hi, rof, qlo, qhi, sof
+    return pos, lo, hi, rof, qlo, qhi, sof, kpos
 
 
 @lru_cache(maxsize=64)
 @plain_tensors()
 def tables(spec: NASpec) -> list[torch.Tensor]:
-    """Rank-3 padded tables ``[pos, lo, hi, rof, qlo, qhi, sof]``, each int64 ``[3, Lmax]`` (the leading
-    virtual axes of a rank-1 or rank-2 problem have length 1: all zeros)."""
-    axes = [axis_tables(L, k, s, d, c, rk) for (L, k, s, d, c), rk in zip(spec.axes(), spec.requested_kernel_size)]
+    """Rank-3 padded tables ``[pos, lo, hi, rof, qlo, qhi, sof, kpos]``, each int64 ``[3, Lmax]``
+    (``Lmax``: the longest axis of the query grid and the kernels' key grid; the leading virtual axes
+    of a rank-1 or rank-2 problem have length 1: all zeros)."""
+    axes = [axis_tables(L, k, s, d, c, rk, Lk, p) for (L, k, s, d, c), rk, Lk, p in
+            zip(spec.axes(), spec.requested_kernel_size, spec.key_spatial, spec.periodic)]
     pad = 3 - len(axes)
-    lmax = max(spec.spatial)
+    lmax = max(max(spec.spatial), max(key_grid(spec)))
     stacked = []
-    for field in range(7):
+    for field in range(8):
         t = torch.zeros((3, lmax), dtype=torch.int64)
         for a, ax in enumerate(axes):
             t[pad + a, : len(ax[field])] = ax[field]
@@ -75,7 +114,7 @@ def colour_chunks(spec: NASpec) -> tuple[int, int, int]:
     runs go in parallel, then all odd ones. The axis giving the most runs wins.
     """
     qlo, qhi = tables(spec)[4:6]
-    shape = (1,) * (3 - spec.rank) + spec.spatial
+    shape = (1,) * (3 - spec.rank) + key_grid(spec)  # the key pass walks the key grid
     best = (0, shape[0], 1)
     for a, length in enumerate(shape):
         if a == 2:  # units are the kernels' key pairs (2i, 2i + 1)

@@ -4,10 +4,12 @@
  * (-O3 -march=native) and loaded with ctypes: no Python or PyTorch headers, no C++ ABI.
  *
  * Geometry (the tables of geometry.py): every tensor is the contiguous heads-last
- * [B, L0, L1, L2, heads, dim] one, seen as rows of `dim` elements (row of token t, head h is
- * t*heads + h). Each axis is walked in group-major order (dilation group 0, then 1, ...): pos[a][i] is
- * the coordinate of index i and a query's keys are the run lo[a][i]..hi[a][i] on every axis, so
- * dilation never appears in the loops. qlo/qhi are the inverse runs (the queries seeing a key); key
+ * [B, L0, L1, L2, heads, dim] one (queries, outputs) or [B, M0, M1, M2, heads, dim] (keys, values: the
+ * key grid, the query grid unless cross-grid), seen as rows of `dim` elements (row of token t, head h
+ * is t*heads + h). Each axis is walked in group-major order (dilation group 0, then 1, ...): pos[a][i]
+ * is the coordinate of query index i, kpos[a][j] that of key index j, and a query's keys are the run
+ * lo[a][i]..hi[a][i] of key indices on every axis, so dilation never appears in the loops. qlo/qhi are
+ * the inverse runs (the queries seeing a key; empty, qlo > qhi, for a cross-grid key no query sees); key
  * index minus sof[a][i] is its neighbourhood slot along axis a (attn_bias and weights order).
  *
  * Work is blocked as 2 queries x 8 keys: two neighbouring queries along the last axis share all
@@ -492,14 +494,15 @@ static void scatter2(const float *w0, const float *w1, const float *a0, const fl
  * Arguments, tables, slot lists */
 
 typedef struct {
-    const void *q, *k, *v;              /* [T*H, D], [T*Hk, D], [T*Hk, Dv] of type dt */
+    const void *q, *k, *v;              /* [T*H, D], [Tk*Hk, D], [Tk*Hk, Dv] of type dt (Tk: key tokens) */
     const float *rpb;                   /* [H, R0, R1, R2], or NULL */
     const float *ab;                    /* attn_bias: element (b, t, h, slot) at b*ab_sb + t*ab_st + h*ab_sh + slot */
-    const uint8_t *kpm;                 /* key_padding_mask [T], nonzero = ignore that key; or NULL */
+    const uint8_t *kpm;                 /* key_padding_mask [Tk], nonzero = ignore that key; or NULL */
     const int64_t *pos, *lo, *hi, *rof; /* [3, lmax] each */
     const int64_t *qlo, *qhi;           /* [3, lmax]: inverse runs (backward only) */
     const int64_t *sof;                 /* [3, lmax]: key index - sof = the key's slot along the axis */
-    int64_t lmax, B, L0, L1, L2, H, Hk, D, Dv, R0, R1, R2, K0, K1, K2;
+    const int64_t *kpos;                /* [3, lmax]: coordinate of key index j on the key grid */
+    int64_t lmax, B, L0, L1, L2, M0, M1, M2, H, Hk, D, Dv, R0, R1, R2, K0, K1, K2; /* L: queries, M: keys */
     int64_t ab_sb, ab_st, ab_sh;
     float scale;
     int32_t dt;                         /* element type of q, k, v, out, dout, dk, dv, dq_out: F32 or BF16 */
@@ -511,12 +514,12 @@ typedef struct {
     const void *dout;                   /* [T*H, Dv] of type dt */
     const float *dlse;                  /* [T*H] or NULL (no gradient into the LSE) */
     float *dq;                          /* [T*H, D] float32: accumulated by the backward */
-    void *dk, *dv, *dq_out;             /* [T*Hk, D], [T*Hk, Dv], and (bf16) dq converted: of type dt */
+    void *dk, *dv, *dq_out;             /* [Tk*Hk, D], [Tk*Hk, Dv], and (bf16) dq converted: of type dt */
     float *drpb;                        /* [nthreads, H*R0*R1*R2]: one slice per thread, summed by the caller */
     float *nlse_t, *delta_t;            /* backward: -lse and delta at qt(...) (see qt), + 8 zeroed floats */
     void *kt, *vt, *qt, *dot;           /* bf16 T layout copies of k, v, q, dout (see the file comment), or NULL */
     void *kp, *vp, *qp, *dop;           /* bf16 P layout copies */
-    int64_t l2p;                        /* the copies' padded last axis: round8(L2) + 8 */
+    int64_t l2p;                        /* the copies' padded last axis: round8(max(L2, M2)) + 8 */
     int64_t split, chunk;               /* fused backward: chunks of `chunk` indices (pairs on axis 2) of axis `split`; chunk 0: two-pass */
     int32_t nthreads;
 } na_args;
@@ -526,10 +529,18 @@ typedef struct {
 static int64_t nslots_k(const na_args *A) { return A->K0 * A->K1 * A->K2; }
 static int64_t ntokens(const na_args *A) { return A->B * A->L0 * A->L1 * A->L2; }
 static int64_t nlines(const na_args *A) { return A->B * A->L0 * A->L1; }
+static int64_t nkeys(const na_args *A) { return A->B * A->M0 * A->M1 * A->M2; }
+static int64_t nklines(const na_args *A) { return A->B * A->M0 * A->M1; }
 
-/* Flat token index of (b, group-major indices i0, i1, i2). */
+/* Flat query token index of (b, group-major query indices i0, i1, i2). */
 static int64_t token(const na_args *A, int64_t b, int64_t i0, int64_t i1, int64_t i2) {
     return ((b * A->L0 + TAB(A->pos, 0, i0)) * A->L1 + TAB(A->pos, 1, i1)) * A->L2 + TAB(A->pos, 2, i2);
+}
+
+/* Flat key token index of (b, group-major key indices j0, j1, j2): the key grid (M0, M1, M2) is the
+ * query grid unless cross-grid. */
+static int64_t ktoken(const na_args *A, int64_t b, int64_t j0, int64_t j1, int64_t j2) {
+    return ((b * A->M0 + TAB(A->kpos, 0, j0)) * A->M1 + TAB(A->kpos, 1, j1)) * A->M2 + TAB(A->kpos, 2, j2);
 }
 
 static int64_t qrow(const na_args *A, int64_t b, int64_t x0, int64_t x1, int64_t x2, int64_t heads, int64_t h) {
@@ -537,9 +548,14 @@ static int64_t qrow(const na_args *A, int64_t b, int64_t x0, int64_t x1, int64_t
     return token(A, b, x0, x1, x2) * heads + h;
 }
 
-/* Whether key (b, i0, i1, i2) is masked out by key_padding_mask. */
-static int masked(const na_args *A, int64_t b, int64_t i0, int64_t i1, int64_t i2) {
-    return A->kpm && A->kpm[token(A, b, i0, i1, i2)];
+static int64_t krow(const na_args *A, int64_t b, int64_t y0, int64_t y1, int64_t y2, int64_t heads, int64_t h) {
+    CHECK(0 <= b && b < A->B && 0 <= y0 && y0 < A->M0 && 0 <= y1 && y1 < A->M1 && 0 <= y2 && y2 < A->M2);
+    return ktoken(A, b, y0, y1, y2) * heads + h;
+}
+
+/* Whether key (b, j0, j1, j2) (group-major key indices) is masked out by key_padding_mask. */
+static int masked(const na_args *A, int64_t b, int64_t j0, int64_t j1, int64_t j2) {
+    return A->kpm && A->kpm[ktoken(A, b, j0, j1, j2)];
 }
 
 /* Index of query (b, x0, x1, x2) head h (group-major indices) in the backward's -lse and delta
@@ -568,11 +584,11 @@ static int per_head_bias(const na_args *A) { return A->rpb || A->ab; }
 
 /* Offsets (elements of the copy) of a T layout chunk (64-bit quads) and of a P layout pair row. */
 static int64_t t_off(const na_args *A, int64_t line, int64_t heads, int64_t h, int64_t Q, int64_t start) {
-    CHECK(0 <= line && line < nlines(A) && 0 <= h && h < heads && 0 <= start && start + W <= A->l2p);
+    CHECK(0 <= line && line < max64(nlines(A), nklines(A)) && 0 <= h && h < heads && 0 <= start && start + W <= A->l2p);
     return ((line * heads + h) * Q) * A->l2p + start;
 }
 static int64_t p_off(const na_args *A, int64_t line, int64_t heads, int64_t h, int64_t dim, int64_t pair) {
-    CHECK(0 <= line && line < nlines(A) && 0 <= h && h < heads && 0 <= pair && 2 * pair + 2 <= A->l2p);
+    CHECK(0 <= line && line < max64(nlines(A), nklines(A)) && 0 <= h && h < heads && 0 <= pair && 2 * pair + 2 <= A->l2p);
     return (((line * heads + h) * (A->l2p / 2) + pair) * dim) * 2;
 }
 
@@ -680,9 +696,10 @@ static void scratch_free(scratch *S) { free(S->block); }
 
 /* Slots and segments one slot list may need: (longest run on axes 0, 1) x (widest union of two
  * neighbouring runs on axis 2, rounded up to a vector with lanes), rounded up to a vector, plus one
- * vector that row-wise vector stores may overrun. */
-static void max_slots(const na_args *A, const int64_t *lo, const int64_t *hi, int64_t *cap, int64_t *segcap) {
-    const int64_t L[3] = {A->L0, A->L1, A->L2};
+ * vector that row-wise vector stores may overrun. The runs are indexed on the grid of extents L (the
+ * queries' for lo/hi, the keys' for qlo/qhi); an empty run (a key no query sees) counts as 1. */
+static void max_slots(const na_args *A, const int64_t *lo, const int64_t *hi, const int64_t L[3], int64_t *cap,
+                      int64_t *segcap) {
     int64_t m[3];
     for (int a = 0; a < 3; a++) {
         const int64_t *l = lo + a * A->lmax, *h = hi + a * A->lmax;
@@ -703,10 +720,10 @@ static void max_slots(const na_args *A, const int64_t *lo, const int64_t *hi, in
  * (0 for u >= nu). (The key side's counterpart is key_template, cached per key pair.) */
 static void axis2_template(const na_args *A, scratch *S, int64_t ulo, int64_t nu, int64_t nub, int64_t heads,
                            int64_t head, const int64_t pair[2]) {
-    const int64_t *pos2 = A->pos + 2 * A->lmax, *lo2 = A->lo + 2 * A->lmax, *hi2 = A->hi + 2 * A->lmax;
+    const int64_t *pos2 = A->kpos + 2 * A->lmax, *lo2 = A->lo + 2 * A->lmax, *hi2 = A->hi + 2 * A->lmax;
     for (int64_t u = 0; u < nub; u++) {
         const int64_t a2 = ulo + (u < nu ? u : nu - 1);
-        CHECK(u < S->cap && 0 <= a2 && a2 < A->L2 && 0 <= pos2[a2] && pos2[a2] < A->L2);
+        CHECK(u < S->cap && 0 <= a2 && a2 < A->M2 && 0 <= pos2[a2] && pos2[a2] < A->M2);
         S->col[u] = pos2[a2] * heads + head;
         S->a2[u] = a2;
         for (int i = 0; i < 2; i++)
@@ -718,8 +735,9 @@ static void axis2_template(const na_args *A, scratch *S, int64_t ulo, int64_t nu
  * or slot index (weight 0: they add nothing anywhere); returns the padded count. Rows are not padded
  * one by one: for k = 5 that would be 8 slots for a 6-key union, for k = 3 8 for 4. */
 static int64_t pad_slots(slots_t *T, float *dl, int64_t n) {
+    if (n == 0) return 0; /* a key pair no query sees (cross-grid): nothing to pad, nothing to copy */
     const int64_t np = round8(n), cap = T->cap;
-    CHECK(n >= 1 && np <= cap);
+    CHECK(np <= cap);
     for (int64_t j = n; j < np; j++) {
         T->row[j] = T->row[n - 1];
         T->bias[j] = T->bias[cap + j] = NEG;
@@ -754,14 +772,14 @@ static void query_slots(const na_args *A, scratch *S, slots_t *T, int64_t b, int
     int64_t n = 0, nseg = 0;
     for (int64_t a0 = TAB(A->lo, 0, x0); a0 <= TAB(A->hi, 0, x0); a0++) {
         for (int64_t a1 = TAB(A->lo, 1, x1); a1 <= TAB(A->hi, 1, x1); a1++) {
-            const int64_t base = ((b * A->L0 + TAB(A->pos, 0, a0)) * A->L1 + TAB(A->pos, 1, a1)) * A->L2 * A->Hk;
-            CHECK(0 <= a0 && a0 < A->L0 && 0 <= a1 && a1 < A->L1 && n + nub <= cap && nseg < T->segcap);
+            const int64_t base = ((b * A->M0 + TAB(A->kpos, 0, a0)) * A->M1 + TAB(A->kpos, 1, a1)) * A->M2 * A->Hk;
+            CHECK(0 <= a0 && a0 < A->M0 && 0 <= a1 && a1 < A->M1 && n + nub <= cap && nseg < T->segcap);
             const int64_t r01 = ((a0 - TAB(A->rof, 0, x0)) * A->R1 + a1 - TAB(A->rof, 1, x1)) * A->R2;
             const int64_t s01 = ((a0 - TAB(A->sof, 0, x0)) * A->K1 + a1 - TAB(A->sof, 1, x1)) * A->K2;
             seg_t *g = &T->seg[nseg++];
             g->at = n;
             g->len = nu;
-            g->line = (b * A->L0 + a0) * A->L1 + a1;
+            g->line = (b * A->M0 + a0) * A->M1 + a1; /* a key line: the kt, vt, kp, vp copies */
             g->start = ulo;
             for (int i = 0; i < 2; i++) {
                 g->rb[i] = r01 + ulo - rof2[i];
@@ -770,7 +788,7 @@ static void query_slots(const na_args *A, scratch *S, slots_t *T, int64_t b, int
             if (need & NEED_ROWS)
                 for (int64_t u = 0; u < nub; u++) {
                     T->row[n + u] = base + S->col[u];
-                    CHECK(0 <= T->row[n + u] && T->row[n + u] + A->Hk - 1 < ntokens(A) * A->Hk);
+                    CHECK(0 <= T->row[n + u] && T->row[n + u] + A->Hk - 1 < nkeys(A) * A->Hk);
                 }
             /* ok: inside the pair's window and not masked; vector stores past nu are overwritten by
              * the next row (or padding) */
@@ -1122,8 +1140,13 @@ static void pscatter(const slots_t *T, const float *w0, const float *w1, float f
 /* ------------------------------------------------------------------------------------------------
  * Layout copies (bf16, prep phase): items are (line, head) of the source */
 
-/* Source row of the token at group-major (line, last-axis index i), head h. */
-static int64_t src_row(const na_args *A, int64_t line, int64_t i, int64_t heads, int64_t h) {
+/* Source row of the token at group-major (line, last-axis index i), head h, of the query grid (key = 0)
+ * or of the key grid (key = 1). */
+static int64_t src_row(const na_args *A, int key, int64_t line, int64_t i, int64_t heads, int64_t h) {
+    if (key) {
+        const int64_t j1 = line % A->M1, j0 = line / A->M1 % A->M0, b = line / A->M1 / A->M0;
+        return ktoken(A, b, j0, j1, i) * heads + h;
+    }
     const int64_t i1 = line % A->L1, i0 = line / A->L1 % A->L0, b = line / A->L1 / A->L0;
     return token(A, b, i0, i1, i) * heads + h;
 }
@@ -1146,10 +1169,10 @@ static inline void transpose4q(v4q r[4]) {
 }
 
 /* T layout: dst[((line * heads + h) * Q + w) * l2p + i] = quad w (features 4w .. 4w + 3) of the token
- * at index i of the line, head h; 0 for i >= L2. */
-static void t_copy(const na_args *A, const void *src, int64_t heads, int64_t dim, void *dst, int64_t begin,
+ * at index i of the line, head h; 0 for i >= L2 (M2 for a tensor of the key grid: key = 1). */
+static void t_copy(const na_args *A, int key, const void *src, int64_t heads, int64_t dim, void *dst, int64_t begin,
                    int64_t end) {
-    const int64_t Q = dim / 4, l2p = A->l2p, L2 = A->L2;
+    const int64_t Q = dim / 4, l2p = A->l2p, L2 = key ? A->M2 : A->L2;
     const uint64_t *S = src;
     for (int64_t item = begin; item < end; item++) {
         const int64_t line = item / heads, h = item % heads;
@@ -1157,7 +1180,7 @@ static void t_copy(const na_args *A, const void *src, int64_t heads, int64_t dim
         int64_t i = 0;
         for (; i + 4 <= L2; i += 4) {
             const uint64_t *rows[4];
-            for (int t = 0; t < 4; t++) rows[t] = S + src_row(A, line, i + t, heads, h) * Q;
+            for (int t = 0; t < 4; t++) rows[t] = S + src_row(A, key, line, i + t, heads, h) * Q;
             int64_t w = 0;
             for (; w + 4 <= Q; w += 4) {
                 v4q r[4];
@@ -1169,7 +1192,7 @@ static void t_copy(const na_args *A, const void *src, int64_t heads, int64_t dim
                 for (int t = 0; t < 4; t++) D[w * l2p + i + t] = rows[t][w];
         }
         for (; i < L2; i++) {
-            const uint64_t *row = S + src_row(A, line, i, heads, h) * Q;
+            const uint64_t *row = S + src_row(A, key, line, i, heads, h) * Q;
             for (int64_t w = 0; w < Q; w++) D[w * l2p + i] = row[w];
         }
         for (int64_t w = 0; w < Q; w++) memset(D + w * l2p + L2, 0, sizeof(uint64_t) * (l2p - L2));
@@ -1177,17 +1200,18 @@ static void t_copy(const na_args *A, const void *src, int64_t heads, int64_t dim
 }
 
 /* P layout: dst[(((line * heads + h) * (l2p / 2) + m) * dim + c) * 2 + e] = element c of the token at
- * index 2m + e, head h; 0 for indices >= L2. */
-static void p_copy(const na_args *A, const void *src, int64_t heads, int64_t dim, void *dst, int64_t begin,
+ * index 2m + e, head h; 0 for indices >= L2 (M2 for the key grid: key = 1). */
+static void p_copy(const na_args *A, int key, const void *src, int64_t heads, int64_t dim, void *dst, int64_t begin,
                    int64_t end) {
     const bf16 *S = src;
+    const int64_t L2 = key ? A->M2 : A->L2;
     const v8h zero = {0};
     for (int64_t item = begin; item < end; item++) {
         const int64_t line = item / heads, h = item % heads;
         for (int64_t m = 0; m < A->l2p / 2; m++) {
             uint32_t *D = (uint32_t *)dst + (((line * heads + h) * (A->l2p / 2) + m) * dim);
-            const bf16 *r0 = 2 * m < A->L2 ? S + src_row(A, line, 2 * m, heads, h) * dim : NULL;
-            const bf16 *r1 = 2 * m + 1 < A->L2 ? S + src_row(A, line, 2 * m + 1, heads, h) * dim : NULL;
+            const bf16 *r0 = 2 * m < L2 ? S + src_row(A, key, line, 2 * m, heads, h) * dim : NULL;
+            const bf16 *r1 = 2 * m + 1 < L2 ? S + src_row(A, key, line, 2 * m + 1, heads, h) * dim : NULL;
             for (int64_t c = 0; c < dim; c += W)
                 *(v8uu *)(D + c) = pairs(r0 ? ld8h(r0 + c) : zero, r1 ? ld8h(r1 + c) : zero);
         }
@@ -1367,10 +1391,11 @@ static void key_template(const na_args *A, scratch *S, const int64_t y2[2], int6
                          const int32_t **pos, const int32_t **in) {
     const int64_t p = y2[0] / 2, tc = S->tcap;
     const int64_t *pos2 = A->pos + 2 * A->lmax, *lo2 = A->lo + 2 * A->lmax, *hi2 = A->hi + 2 * A->lmax;
-    CHECK(0 <= p && p < (A->L2 + 1) / 2);
+    CHECK(0 <= p && p < (A->M2 + 1) / 2);
     if (!S->kdone[p]) {
-        const int64_t lo = TAB(A->qlo, 2, y2[0]), n = TAB(A->qhi, 2, y2[1]) - lo + 1, nb = round8(n);
-        CHECK(n >= 1 && nb <= tc);
+        /* n = 0: no query sees either key (cross-grid keys between the queries' windows) */
+        const int64_t lo = TAB(A->qlo, 2, y2[0]), n = max64(TAB(A->qhi, 2, y2[1]) - lo + 1, 0), nb = round8(n);
+        CHECK(nb <= tc);
         for (int64_t u = 0; u < nb; u++) {
             const int64_t a2 = lo + (u < n ? u : n - 1);
             CHECK(0 <= a2 && a2 < A->L2 && 0 <= pos2[a2] && pos2[a2] < A->L2);
@@ -1408,7 +1433,7 @@ static void key_slots(const na_args *A, scratch *S, slots_t *T, int64_t b, int64
     /* a masked key counts for no query */
     const v8i live[2] = {bci(masked(A, b, y0, y1, y2[0]) ? 0 : -1), bci(masked(A, b, y0, y1, y2[1]) ? 0 : -1)};
     int64_t n = 0, nseg = 0;
-    for (int64_t x0 = TAB(A->qlo, 0, y0); x0 <= TAB(A->qhi, 0, y0); x0++) {
+    for (int64_t x0 = TAB(A->qlo, 0, y0); x0 <= TAB(A->qhi, 0, y0) && nu > 0; x0++) {
         for (int64_t x1 = TAB(A->qlo, 1, y1); x1 <= TAB(A->qhi, 1, y1); x1++) {
             const int64_t base = ((b * A->L0 + TAB(A->pos, 0, x0)) * A->L1 + TAB(A->pos, 1, x1)) * A->L2 * A->H;
             const int64_t t0 = qt(A, b, x0, x1, h, ulo);
@@ -1499,7 +1524,7 @@ static inline __attribute__((always_inline)) void dkv_item_dt(const int dt, cons
     const int64_t cap = T->cap;
     float *s0 = S->s, *s1 = S->s + cap, *p0 = S->dp, *p1 = S->dp + cap;
     const int two = y2[1] != y2[0];
-    const int64_t r0 = qrow(A, b, y0, y1, y2[0], A->Hk, hk), r1 = qrow(A, b, y0, y1, y2[1], A->Hk, hk);
+    const int64_t r0 = krow(A, b, y0, y1, y2[0], A->Hk, hk), r1 = krow(A, b, y0, y1, y2[1], A->Hk, hk);
     float *gk0 = S->acc, *gk1 = S->acc + D, *gv0 = S->acc + 2 * D, *gv1 = S->acc + 2 * D + Dv;
     memset(S->acc, 0, sizeof(float) * 2 * (D + Dv));
     if (dt == BF16 && fused) { /* the key pair interleaved, for the dQ dot products */
@@ -1568,17 +1593,17 @@ static void dkv_item(const na_args *A, scratch *S, int64_t b, int64_t y0, int64_
 /* Work item -> (b, i0, i1, pair of indices along axis 2, kv head), kv head fastest. */
 static void unravel_key(const na_args *A, int64_t item, int64_t *b, int64_t *i0, int64_t *i1, int64_t i2[2],
                         int64_t *hk) {
-    const int64_t npair = (A->L2 + 1) / 2;
+    const int64_t npair = (A->M2 + 1) / 2;
     *hk = item % A->Hk;
     item /= A->Hk;
     const int64_t p = item % npair;
     item /= npair;
-    *i1 = item % A->L1;
-    item /= A->L1;
-    *i0 = item % A->L0;
-    *b = item / A->L0;
+    *i1 = item % A->M1;
+    item /= A->M1;
+    *i0 = item % A->M0;
+    *b = item / A->M0;
     i2[0] = 2 * p;
-    i2[1] = 2 * p + 1 < A->L2 ? 2 * p + 1 : 2 * p;
+    i2[1] = 2 * p + 1 < A->M2 ? 2 * p + 1 : 2 * p;
 }
 
 static void backward_dkv_items(const na_args *A, scratch *S, int64_t begin, int64_t end) {
@@ -1590,7 +1615,7 @@ static void backward_dkv_items(const na_args *A, scratch *S, int64_t begin, int6
 }
 
 static int64_t split_length(const na_args *A) {
-    return A->split == 2 ? (A->L2 + 1) / 2 : A->split == 1 ? A->L1 : A->L0;
+    return A->split == 2 ? (A->M2 + 1) / 2 : A->split == 1 ? A->M1 : A->M0; /* an axis of the key grid */
 }
 
 static int64_t fused_units(const na_args *A, int colour) {
@@ -1632,17 +1657,17 @@ static void fused_share(const na_args *A, int colour, int tid, int nt, int64_t *
  * rows (and dK/dV rows), so the threads need no atomics, and each dQ row sums its terms in the same
  * order whatever the thread count. Needs the prologue first (delta, dq zeroed). */
 static void backward_fused_units(const na_args *A, scratch *S, float *drpb, int colour, int64_t begin, int64_t end) {
-    const int64_t npair = (A->L2 + 1) / 2;
+    const int64_t npair = (A->M2 + 1) / 2;
     for (int64_t unit = begin; unit < end; unit++) {
         const int64_t hk = unit % A->Hk, b = unit / (fused_units(A, colour) / A->B);
-        int64_t lo[3] = {0, 0, 0}, hi[3] = {A->L0, A->L1, npair}, first;
+        int64_t lo[3] = {0, 0, 0}, hi[3] = {A->M0, A->M1, npair}, first;
         const int64_t len = unit_chunk(A, colour, unit, &first);
         lo[A->split] = first;
         hi[A->split] = first + len;
         for (int64_t y0 = lo[0]; y0 < hi[0]; y0++)
             for (int64_t y1 = lo[1]; y1 < hi[1]; y1++)
                 for (int64_t p = lo[2]; p < hi[2]; p++) {
-                    const int64_t y2[2] = {2 * p, 2 * p + 1 < A->L2 ? 2 * p + 1 : 2 * p};
+                    const int64_t y2[2] = {2 * p, 2 * p + 1 < A->M2 ? 2 * p + 1 : 2 * p};
                     dkv_item(A, S, b, y0, y1, y2, hk, 1, drpb);
                 }
     }
@@ -1729,14 +1754,14 @@ static float *drpb_slice(const na_args *A, int tid) {
 static void do_work(const na_args *A, scratch *S, float *drpb, int kind, int64_t begin, int64_t end) {
     const int64_t D = A->D, Dv = A->Dv;
     switch (kind) {
-        case W_KT: t_copy(A, A->k, A->Hk, D, A->kt, begin, end); break;
-        case W_VT: t_copy(A, A->v, A->Hk, Dv, A->vt, begin, end); break;
-        case W_QT: t_copy(A, A->q, A->H, D, A->qt, begin, end); break;
-        case W_DOT: t_copy(A, A->dout, A->H, Dv, A->dot, begin, end); break;
-        case W_KP: p_copy(A, A->k, A->Hk, D, A->kp, begin, end); break;
-        case W_VP: p_copy(A, A->v, A->Hk, Dv, A->vp, begin, end); break;
-        case W_QP: p_copy(A, A->q, A->H, D, A->qp, begin, end); break;
-        case W_DOP: p_copy(A, A->dout, A->H, Dv, A->dop, begin, end); break;
+        case W_KT: t_copy(A, 1, A->k, A->Hk, D, A->kt, begin, end); break;
+        case W_VT: t_copy(A, 1, A->v, A->Hk, Dv, A->vt, begin, end); break;
+        case W_QT: t_copy(A, 0, A->q, A->H, D, A->qt, begin, end); break;
+        case W_DOT: t_copy(A, 0, A->dout, A->H, Dv, A->dot, begin, end); break;
+        case W_KP: p_copy(A, 1, A->k, A->Hk, D, A->kp, begin, end); break;
+        case W_VP: p_copy(A, 1, A->v, A->Hk, Dv, A->vp, begin, end); break;
+        case W_QP: p_copy(A, 0, A->q, A->H, D, A->qp, begin, end); break;
+        case W_DOP: p_copy(A, 0, A->dout, A->H, Dv, A->dop, begin, end); break;
         case W_DELTA: delta_lines(A, begin, end); break;
         case W_FWD: forward_items(A, S, begin, end); break;
         case W_DQ: backward_dq_items(A, S, drpb, begin, end); break;
@@ -1760,8 +1785,8 @@ static void run_phase(job *J, scratch *S, const work_t *w, int nw) {
 /* round8 of the widest union of queries seeing two neighbouring keys on axis 2. */
 static int64_t key_template_cap(const na_args *A) {
     int64_t m = 1;
-    for (int64_t j = 0; j < A->L2; j++) {
-        const int64_t j1 = j + 1 < A->L2 ? j + 1 : j;
+    for (int64_t j = 0; j < A->M2; j++) {
+        const int64_t j1 = j + 1 < A->M2 ? j + 1 : j;
         m = max64(m, TAB(A->qhi, 2, j1) - TAB(A->qlo, 2, j) + 1);
     }
     return round8(m);
@@ -1770,22 +1795,23 @@ static int64_t key_template_cap(const na_args *A) {
 static void *run_job(void *arg) {
     job *J = arg;
     const na_args *A = J->A;
-    const int64_t lines = nlines(A), bf = A->dt == BF16, fused = A->chunk > 0;
+    const int64_t lines = nlines(A), klines = nklines(A), bf = A->dt == BF16, fused = A->chunk > 0;
+    const int64_t qext[3] = {A->L0, A->L1, A->L2}, kext[3] = {A->M0, A->M1, A->M2};
     scratch S;
     int64_t cap, segcap, cap2 = 0, segcap2, npair = 0, tcap = 0;
-    max_slots(A, A->lo, A->hi, &cap, &segcap);
+    max_slots(A, A->lo, A->hi, qext, &cap, &segcap);
     if (J->pass == 1) { /* both sides */
-        max_slots(A, A->qlo, A->qhi, &cap2, &segcap2);
+        max_slots(A, A->qlo, A->qhi, kext, &cap2, &segcap2);
         cap = max64(cap, cap2);
         segcap = max64(segcap, segcap2);
-        npair = (A->L2 + 1) / 2;
+        npair = (A->M2 + 1) / 2;
         tcap = key_template_cap(A);
     }
     J->status = scratch_init(&S, cap, segcap, A->D, A->Dv, npair, tcap) ? 0 : 1;
     if (J->status) S.block = NULL;
     if (J->pass == 0) {
         if (bf) {
-            const work_t prep[] = {{W_KT, lines * A->Hk}, {W_VP, lines * A->Hk}};
+            const work_t prep[] = {{W_KT, klines * A->Hk}, {W_VP, klines * A->Hk}};
             run_phase(J, &S, prep, 2);
             sync_threads(J);
         }
@@ -1796,8 +1822,8 @@ static void *run_job(void *arg) {
         const work_t pro[] = {{W_DELTA, lines * H},
                               {W_QT, bf ? lines * H : 0}, {W_DOT, bf ? lines * H : 0},
                               {W_QP, bf ? lines * H : 0}, {W_DOP, bf ? lines * H : 0},
-                              {W_KT, bf && !fused ? lines * Hk : 0}, {W_VT, bf && !fused ? lines * Hk : 0},
-                              {W_KP, bf && !fused ? lines * Hk : 0}};
+                              {W_KT, bf && !fused ? klines * Hk : 0}, {W_VT, bf && !fused ? klines * Hk : 0},
+                              {W_KP, bf && !fused ? klines * Hk : 0}};
         run_phase(J, &S, pro, 8);
         sync_threads(J);
         if (fused) {
@@ -1808,7 +1834,7 @@ static void *run_job(void *arg) {
                 sync_threads(J);
             }
         } else {
-            const work_t two[] = {{W_DQ, query_items(A)}, {W_DKV, lines * ((A->L2 + 1) / 2) * Hk}};
+            const work_t two[] = {{W_DQ, query_items(A)}, {W_DKV, klines * ((A->M2 + 1) / 2) * Hk}};
             run_phase(J, &S, two, 2);
             sync_threads(J);
         }
