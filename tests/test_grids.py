@@ -104,14 +104,18 @@ def test_refused_combinations_say_why() -> None:
         na2d(q, k[:, :, :0], k[:, :, :0], 3)
 
 
-def test_fused_cpu_backend_declines_and_automatic_selection_routes_around() -> None:
-    from visattn.backends import why_not
+def test_fused_cpu_backend_serves_cross_grid_and_periodic_calls() -> None:
+    """The fused C kernels index keys on their own grid (cross-grid) and run periodic axes on the
+    virtual key grid; automatic selection picks them for both, and they match the reference."""
+    from brute import problem_for
+    from visattn.backends import select_backend, why_not
 
     if why_not("cpu") is not None:
         pytest.skip(why_not("cpu"))
     q, k = torch.randn(1, 8, 9, 2, 8), torch.randn(1, 4, 5, 2, 8)
-    with pytest.raises(ValueError, match=r"backend='cpu' cannot serve this call: keys on another grid"):
-        na2d(q, k, k, 3, backend="cpu")
-    with pytest.raises(ValueError, match=r"backend='cpu' cannot serve this call: periodic axes"):
-        na2d(q, q, q, 3, periodic=True, backend="cpu")
-    torch.testing.assert_close(na2d(q, k, k, 3), na2d(q, k, k, 3, backend="reference"), atol=1e-5, rtol=1e-5)
+    for kk, kw in ((k, {}), (torch.randn(1, 17, 12, 2, 8), dict(dilation=(2, 1))), (q, dict(periodic=True)),
+                   (q, dict(periodic=(False, True), dilation=2))):
+        assert why_not("cpu", problem_for(q, kk, kk, kernel_size=3, **kw)) is None
+        assert select_backend(problem_for(q, kk, kk, kernel_size=3, **kw)).name == "cpu"
+        torch.testing.assert_close(na2d(q, kk, kk, 3, backend="cpu", **kw), na2d(q, kk, kk, 3, backend="reference", **kw),
+                                   atol=1e-5, rtol=1e-5)
