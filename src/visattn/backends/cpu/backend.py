@@ -13,14 +13,16 @@ kernel/stride/dilation/causal, GQA, ``D_v != D``, relative positional bias, ``at
 their gradients), ``key_padding_mask`` and ``return_attn`` (with the weights' gradient), all of them
 also with keys on another grid than the queries (cross-grid) and on periodic axes: the kernels index
 queries and keys on separate grids, and a periodic problem is run as a cross-grid one on the virtual
-key grid of :func:`visattn.spec.axis_windows`, onto which k, v and the mask are gathered here (one
-O(N) copy; the gradients of k and v are summed back with ``index_add_``). Threads
+key grid of :func:`visattn.spec.axis_windows` (the axis padded circularly), whose keys the kernels
+read from the real k, v and mask in place; the gradients of a key's virtual copies are summed by the
+kernel's last phase. Threads
 follow ``torch.get_num_threads()``, on torch's own OpenMP pool where it can be found; ctypes releases
 the GIL during the call.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Optional
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from ...spec import NASpec
 from ..base import Backend, Extras, Grads, Problem, Result
 from . import build
-from .geometry import colour_chunks, key_grid, key_sources, tables
+from .geometry import colour_chunks, key_grid, periodic_offsets, tables
 
 #: The kernel's vector width: head dims are padded to multiples of it.
 _VEC = 8
@@ -81,7 +83,8 @@ def _copies(p: Problem, names: tuple[str, ...], q: torch.Tensor, k: torch.Tensor
     dout: see na_cpu.c): ``lines * heads * l2p * dim`` bf16 each (lines of the query grid for q and
     dout, of the key grid for k and v), filled by the kernel; plus ``extra_floats`` float32 (or
     ``None``). All from this thread's workspace, 64-byte aligned."""
-    qlines, klines = q.shape[0] * q.shape[1] * q.shape[2], k.shape[0] * k.shape[1] * k.shape[2]
+    grid = (1,) * (3 - p.spec.rank) + key_grid(p.spec)  # the copies of k and v are laid out on the key grid
+    qlines, klines = q.shape[0] * q.shape[1] * q.shape[2], k.shape[0] * grid[0] * grid[1]
     l2p = _l2p(p.spec)
     size = {"k": (klines, k.shape[4], k.shape[5]), "v": (klines, v.shape[4], v.shape[5]),
             "q": (qlines, q.shape[4], q.shape[5]), "d": (qlines, q.shape[4], v.shape[5])}
@@ -109,13 +112,16 @@ def _template(spec: NASpec, shapes: tuple, dt: int, scale: float, rpb_shape: Opt
     if args is None:
         if len(_TEMPLATES) > 256:
             _TEMPLATES.clear()
-        tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi, sof, kpos: int64 [3, Lmax] (cached per spec, kept alive)
-        (B, L0, L1, L2, H, D), (_, M0, M1, M2, Hk, _), (*_, Dv) = shapes
+        tabs = tables(spec)  # pos, lo, hi, rof, qlo, qhi, sof, kpos, ksrc: int64 [3, Lmax] (cached, kept alive)
+        (B, L0, L1, L2, H, D), (_, N0, N1, N2, Hk, _), (*_, Dv) = shapes
+        pad = (1,) * (3 - spec.rank)
+        (M0, M1, M2), (kb0, kb1, kb2) = pad + key_grid(spec), (0,) * (3 - spec.rank) + periodic_offsets(spec)
         args = build.Args()
-        for name, t in zip(("pos", "lo", "hi", "rof", "qlo", "qhi", "sof", "kpos"), tabs):
+        for name, t in zip(("pos", "lo", "hi", "rof", "qlo", "qhi", "sof", "kpos", "ksrc"), tabs):
             setattr(args, name, t.data_ptr())
-        for name, value in zip(("lmax", "B", "L0", "L1", "L2", "M0", "M1", "M2", "H", "Hk", "D", "Dv"),
-                               (tabs[0].shape[1], B, L0, L1, L2, M0, M1, M2, H, Hk, D, Dv)):
+        for name, value in zip(("lmax", "B", "L0", "L1", "L2", "M0", "M1", "M2", "N0", "N1", "N2", "kb0", "kb1", "kb2",
+                                "H", "Hk", "D", "Dv"),
+                               (tabs[0].shape[1], B, L0, L1, L2, M0, M1, M2, N0, N1, N2, kb0, kb1, kb2, H, Hk, D, Dv)):
             setattr(args, name, value)
         args.R0, args.R1, args.R2 = rpb_shape[1:] if rpb_shape is not None else (1, 1, 1)
         args.K0, args.K1, args.K2 = (1,) * (3 - spec.rank) + spec.kernel_size
@@ -170,40 +176,16 @@ def _padded(dim: int) -> int:
 def _kernel_view(t: torch.Tensor, p: Problem, dim: int, keys: bool = False) -> torch.Tensor:
     """``t [B, *S, heads, d]`` as the kernel's contiguous ``[B, L0, L1, L2, heads, dim]`` in the compute
     dtype (leading axes of length 1 for rank < 3; the head dim zero-padded to ``dim``). No copy for a
-    contiguous input of the compute dtype whose head dim is a multiple of 8.
-
-    ``keys``: ``t`` is a key-side tensor ``[B, *Sk, heads, d]`` (``Sk = spec.key_spatial``), returned on
-    the kernels' key grid ``[B, M0, M1, M2, heads, dim]`` (:func:`.geometry.key_grid`): gathered onto the
-    virtual grid when an axis is periodic."""
+    contiguous input of the compute dtype whose head dim is a multiple of 8. ``keys``: ``t`` is on the
+    keys' grid (``spec.key_spatial``)."""
     cdt = compute_dtype(p.dtype)
     if t.dtype != cdt:
         t = t.to(cdt)
     if t.shape[-1] != dim:
         t = F.pad(t, (0, dim - t.shape[-1]))
-    lead = (p.batch, *(1,) * (3 - p.spec.rank))
-    if keys:
-        src = key_sources(p.spec)
-        if src is not None:  # one gather straight into the kernel's layout
-            flat = t.reshape(p.batch, p.spec.num_keys, *t.shape[-2:])
-            return flat.index_select(1, src).view(*lead, *key_grid(p.spec), *t.shape[-2:])
-        shape3 = (*lead, *p.spec.key_spatial, *t.shape[-2:])
-    else:
-        shape3 = (*lead, *p.spec.spatial, *t.shape[-2:])
+    shape3 = (p.batch, *(1,) * (3 - p.spec.rank), *(p.spec.key_spatial if keys else p.spec.spatial), *t.shape[-2:])
     return t.view(shape3) if t.is_contiguous() else t.reshape(shape3).contiguous()
 
-
-def _key_grad(g: torch.Tensor, p: Problem, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """The kernel's key-side gradient ``g [B, M0, M1, M2, heads, dim']`` as the gradient of ``like
-    [B, *Sk, heads, dim]``: the head-dim padding dropped and, on periodic axes, the virtual grid's
-    copies of each key summed back into it (the adjoint of the gather in :func:`_kernel_view`)."""
-    heads = g.shape[4]
-    src = key_sources(p.spec)
-    if src is not None:
-        flat = g.reshape(p.batch, -1, heads, g.shape[-1])[..., :dim].float()
-        g = torch.zeros(p.batch, p.spec.num_keys, heads, dim, dtype=torch.float32).index_add_(1, src, flat)
-    else:
-        g = g[..., :dim]
-    return g.reshape(p.batch, *p.spec.key_spatial, heads, dim).to(like.dtype)
 
 def _bias_view(rpb: Optional[torch.Tensor], p: Problem) -> Optional[torch.Tensor]:
     """The bias table as ``[H, R0, R1, R2]`` float32 (``None`` without one)."""
@@ -236,15 +218,9 @@ def _slots_view(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float().contiguous()
 
 
-def _mask_view(mask: Optional[torch.Tensor], p: Problem) -> Optional[torch.Tensor]:
-    """``key_padding_mask [B, *Sk]`` as contiguous bytes, one per token of the kernels' key grid
-    (nonzero: ignore the key; gathered onto the virtual grid when an axis is periodic)."""
-    if mask is None:
-        return None
-    src = key_sources(p.spec)
-    if src is not None:
-        mask = mask.reshape(p.batch, p.spec.num_keys).index_select(1, src)
-    return mask.contiguous().view(torch.uint8)
+def _mask_view(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``key_padding_mask [B, *Sk]`` as contiguous bytes, one per key token (nonzero: ignore the key)."""
+    return None if mask is None else mask.contiguous().view(torch.uint8)
 
 
 class CpuBackend(Backend):
@@ -293,7 +269,7 @@ class CpuBackend(Backend):
                 if p.return_attn else None)
         copies = _copies(p, ("kt", "vp"), q3, k3, v3)[0] if q3.dtype == torch.bfloat16 else {}
         build.run(_args(q3, k3, v3, rpb, p.spec, p.scale, out=out, lse=lse, attn=attn,
-                        ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask, p), **copies),
+                        ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask), **copies),
                   build.FORWARD)
         out = out[..., : p.dim_v].reshape(*lead, p.dim_v)
         return Result(out.to(q.dtype), lse.reshape(lead), attn.to(q.dtype) if attn is not None else None)
@@ -318,31 +294,46 @@ class CpuBackend(Backend):
         plan = _fused_plan(p.spec, p.batch, k3.shape[4])
         # Scratch: bf16 layout copies (key side: q, dout; two-pass dQ side: k, v); -lse and delta per
         # query, laid out so that a key's queries are consecutive (see qt in na_cpu.c), plus a vector
-        # of zeros that padding slots may read; for bf16, dq's float32 accumulator.
+        # of zeros that padding slots may read; for bf16, dq's float32 accumulator; with periodic axes,
+        # dk and dv on the virtual key grid (each copy of a real key has its own row, so the key pass
+        # needs no atomics; the kernel's last phase sums the copies into dk, dv: dkf, dvf).
         names = (("qt", "dot", "qp", "dop") + (() if plan else ("kt", "vt", "kp"))) if bf16 else ()
         nside = 2 * (lse3.numel() + 8)
-        copies, floats = _copies(p, names, q3, k3, v3, extra_floats=nside + (q3.numel() if bf16 else 0))
+        ndq = q3.numel() if bf16 else 0
+        grid = (p.batch, *(1,) * (3 - p.spec.rank), *key_grid(p.spec), k3.shape[4])
+        periodic = any(p.spec.periodic)
+        # element counts of the virtual dk, dv in float32 units (bf16: half), rounded to 64 bytes
+        nfold = [-(-math.prod(grid) * n * k3.element_size() // 64) * 16 if periodic else 0
+                 for n in (k3.shape[5], v3.shape[5])]
+        copies, floats = _copies(p, names, q3, k3, v3, extra_floats=nside + ndq + 16 + sum(nfold))
         side = floats[:nside].view(2, -1)
         side[:, -8:] = 0
         # dq accumulated in float32 (zeroed by the kernel); bf16: converted into dq_out at the end
-        dq = floats[nside:].view(q3.shape) if bf16 else torch.empty(q3.shape, dtype=torch.float32)
+        dq = floats[nside:nside + ndq].view(q3.shape) if bf16 else torch.empty(q3.shape, dtype=torch.float32)
         dq_out = torch.empty_like(q3) if bf16 else None
         dk, dv_ = torch.empty_like(k3), torch.empty_like(v3)
+        folded = {}
+        if periodic:
+            at = nside + ndq + 15 - (nside + ndq + 15) % 16  # 64-byte aligned (the workspace is)
+            folded = {"dkf": dk, "dvf": dv_}
+            dk, dv_ = (floats[at0: at0 + n].view(k3.dtype)[: math.prod(grid) * dim].view(*grid, dim)
+                       for at0, n, dim in ((at, nfold[0], k3.shape[5]), (at + nfold[0], nfold[1], v3.shape[5])))
         # One bias-gradient slice per thread (no races, deterministic for a given thread count).
         drpb = torch.zeros(_threads(), *rpb.shape, dtype=torch.float32) if rpb is not None else None
         dab = (torch.empty(*extras.attn_bias.shape, dtype=torch.float32)  # rows zeroed by the kernel
                if extras.attn_bias is not None else None)
         args = _args(q3, k3, v3, rpb, p.spec, p.scale, plan[:2] if plan else (0, 0), out=out3, lse=lse3, dout=dout3,
                      dlse=dlse3, dq=dq, dk=dk, dv=dv_, dq_out=dq_out, drpb=drpb, nlse_t=side[0], delta_t=side[1],
-                     ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask, p), dattn=dattn3,
-                     dab=dab, **copies)
+                     ab=_attn_bias_view(extras.attn_bias, p), kpm=_mask_view(extras.key_padding_mask), dattn=dattn3,
+                     dab=dab, **folded, **copies)
         build.run(args, build.BACKWARD)
         shape = (p.batch, *p.spec.spatial)
         dq = dq_out if bf16 else dq
+        dk, dv_ = folded.get("dkf", dk), folded.get("dvf", dv_)
         return Grads(
             dq=dq[..., : p.dim].reshape(*shape, p.heads, p.dim).to(q.dtype),
-            dk=_key_grad(dk, p, p.dim, k),
-            dv=_key_grad(dv_, p, p.dim_v, v),
+            dk=dk[..., : p.dim].reshape(p.batch, *p.spec.key_spatial, k.shape[-2], p.dim).to(k.dtype),
+            dv=dv_[..., : p.dim_v].reshape(p.batch, *p.spec.key_spatial, v.shape[-2], p.dim_v).to(v.dtype),
             drpb=drpb.sum(0).reshape(extras.rpb.shape).to(extras.rpb.dtype) if drpb is not None else None,
             dattn_bias=dab.to(extras.attn_bias.dtype) if dab is not None else None,
         )

@@ -8,8 +8,9 @@ contiguous run ``[lo[i], hi[i]]`` of indices on every axis, so the kernels never
 Queries and keys are indexed separately: query indices run over the query grid (``spec.spatial``),
 key indices over the kernel's key grid (:func:`key_grid`), which is the query grid for a plain
 problem, the key grid of a cross-grid one, and, on a periodic axis, the virtual grid of
-:func:`visattn.spec.axis_windows` (the axis padded circularly), onto which the backend gathers the
-keys with :func:`key_sources` so that a periodic problem runs as a cross-grid one.
+:func:`visattn.spec.axis_windows` (the axis padded circularly), so that a periodic problem runs as a
+cross-grid one; ``ksrc`` maps a key index to the real key it stands for, which the kernels read in
+place (no gathered copy of k and v).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from ...spec import NASpec, axis_windows, plain_tensors
 
-__all__ = ["axis_tables", "colour_chunks", "key_grid", "key_sources", "tables"]
+__all__ = ["axis_tables", "colour_chunks", "key_grid", "periodic_offsets", "tables"]
 
 
 def key_grid(spec: NASpec) -> tuple[int, ...]:
@@ -30,25 +31,17 @@ def key_grid(spec: NASpec) -> tuple[int, ...]:
                  zip(spec.key_spatial, spec.kernel_size, spec.dilation, spec.periodic))
 
 
-@lru_cache(maxsize=64)
-@plain_tensors()
-def key_sources(spec: NASpec) -> torch.Tensor | None:
-    """``[prod(key_grid(spec))]`` int64: the real key token (flat over ``spec.key_spatial``) behind each
-    token of the kernel's key grid, or ``None`` when that grid is the real one (no periodic axis)."""
-    if not any(spec.periodic):
-        return None
-    flat = torch.zeros((), dtype=torch.int64)
-    for w, Lk in zip(spec.windows(), spec.key_spatial):
-        coord = w.key_coord(torch.arange(w.key_length))  # virtual -> real coordinate
-        flat = (flat[..., None] * Lk + coord).reshape(-1) if flat.dim() else coord
-    return flat
+def periodic_offsets(spec: NASpec) -> tuple[int, ...]:
+    """Per axis, the virtual key-grid coordinate of real key 0: ``d * (k // 2)`` on a periodic axis
+    (virtual coordinate ``v`` stands for real key ``(v - offset) mod L``), 0 elsewhere."""
+    return tuple(d * (k // 2) if p else 0 for k, d, p in zip(spec.kernel_size, spec.dilation, spec.periodic))
 
 
 @lru_cache(maxsize=256)
 @plain_tensors()
 def axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bool, requested: int,
                 key_length: int | None = None, periodic: bool = False) -> tuple[torch.Tensor, ...]:
-    """Per-axis tables in group-major order: ``(pos, lo, hi, rof, qlo, qhi, sof, kpos)``, int64.
+    """Per-axis tables in group-major order: ``(pos, lo, hi, rof, qlo, qhi, sof, kpos, ksrc)``, int64.
 
     Indexed by query index ``i`` (``[L]``, ``L = length``): ``pos[i]``, its coordinate;
     ``lo[i]..hi[i]``, its keys' indices; ``rof[i]``, the offset that turns a key index into the query's
@@ -57,7 +50,8 @@ def axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bo
     ``attn_bias`` and of the returned weights). Indexed by key index ``j`` (``[Lk]``, ``Lk`` the key
     grid's length: ``key_length``, or the virtual length of a periodic axis): ``qlo[j]..qhi[j]``, the
     indices of the queries that see key ``j`` (``qlo > qhi`` when none does: cross-grid keys between
-    windows); ``kpos[j]``, the key's coordinate on the key grid.
+    windows); ``kpos[j]``, the key's coordinate on the key grid; ``ksrc[j]``, the coordinate of the
+    real key it stands for (``kpos`` but on a periodic axis).
     """
     w = axis_windows(length, kernel, stride, dilation, causal, key_length, periodic)
     nk = w.key_length
@@ -80,13 +74,13 @@ def axis_tables(length: int, kernel: int, stride: int, dilation: int, causal: bo
     keys = torch.arange(nk)
     qlo = torch.searchsorted(hi, keys, side="left")
     qhi = torch.searchsorted(lo, keys, side="right") - 1
-    return pos, lo, hi, rof, qlo, qhi, sof, kpos
+    return pos, lo, hi, rof, qlo, qhi, sof, kpos, w.key_coord(kpos)
 
 
 @lru_cache(maxsize=64)
 @plain_tensors()
 def tables(spec: NASpec) -> list[torch.Tensor]:
-    """Rank-3 padded tables ``[pos, lo, hi, rof, qlo, qhi, sof, kpos]``, each int64 ``[3, Lmax]``
+    """Rank-3 padded tables ``[pos, lo, hi, rof, qlo, qhi, sof, kpos, ksrc]``, each int64 ``[3, Lmax]``
     (``Lmax``: the longest axis of the query grid and the kernels' key grid; the leading virtual axes
     of a rank-1 or rank-2 problem have length 1: all zeros)."""
     axes = [axis_tables(L, k, s, d, c, rk, Lk, p) for (L, k, s, d, c), rk, Lk, p in
@@ -94,7 +88,7 @@ def tables(spec: NASpec) -> list[torch.Tensor]:
     pad = 3 - len(axes)
     lmax = max(max(spec.spatial), max(key_grid(spec)))
     stacked = []
-    for field in range(8):
+    for field in range(9):
         t = torch.zeros((3, lmax), dtype=torch.int64)
         for a, ax in enumerate(axes):
             t[pad + a, : len(ax[field])] = ax[field]

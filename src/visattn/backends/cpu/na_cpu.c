@@ -502,7 +502,11 @@ typedef struct {
     const int64_t *qlo, *qhi;           /* [3, lmax]: inverse runs (backward only) */
     const int64_t *sof;                 /* [3, lmax]: key index - sof = the key's slot along the axis */
     const int64_t *kpos;                /* [3, lmax]: coordinate of key index j on the key grid */
-    int64_t lmax, B, L0, L1, L2, M0, M1, M2, H, Hk, D, Dv, R0, R1, R2, K0, K1, K2; /* L: queries, M: keys */
+    const int64_t *ksrc;                /* [3, lmax]: coordinate of the real key behind key index j */
+    /* L: the query grid, M: the key grid the kernels walk, N: the real keys' grid (k, v, kpm). M = N
+     * unless an axis is periodic: then M is its virtual grid, whose coordinate v stands for real key
+     * (v - kb) mod N, and the kernel reads the real keys directly (ksrc). */
+    int64_t lmax, B, L0, L1, L2, M0, M1, M2, N0, N1, N2, kb0, kb1, kb2, H, Hk, D, Dv, R0, R1, R2, K0, K1, K2;
     int64_t ab_sb, ab_st, ab_sh;
     float scale;
     int32_t dt;                         /* element type of q, k, v, out, dout, dk, dv, dq_out: F32 or BF16 */
@@ -514,7 +518,8 @@ typedef struct {
     const void *dout;                   /* [T*H, Dv] of type dt */
     const float *dlse;                  /* [T*H] or NULL (no gradient into the LSE) */
     float *dq;                          /* [T*H, D] float32: accumulated by the backward */
-    void *dk, *dv, *dq_out;             /* [Tk*Hk, D], [Tk*Hk, Dv], and (bf16) dq converted: of type dt */
+    void *dk, *dv, *dq_out;             /* [Tk*Hk, D], [Tk*Hk, Dv] on the key grid M, and (bf16) dq converted: of type dt */
+    void *dkf, *dvf;                    /* periodic: dk, dv on the real grid N (dk, dv folded), else NULL */
     float *drpb;                        /* [nthreads, H*R0*R1*R2]: one slice per thread, summed by the caller */
     float *nlse_t, *delta_t;            /* backward: -lse and delta at qt(...) (see qt), + 8 zeroed floats */
     void *kt, *vt, *qt, *dot;           /* bf16 T layout copies of k, v, q, dout (see the file comment), or NULL */
@@ -529,7 +534,7 @@ typedef struct {
 static int64_t nslots_k(const na_args *A) { return A->K0 * A->K1 * A->K2; }
 static int64_t ntokens(const na_args *A) { return A->B * A->L0 * A->L1 * A->L2; }
 static int64_t nlines(const na_args *A) { return A->B * A->L0 * A->L1; }
-static int64_t nkeys(const na_args *A) { return A->B * A->M0 * A->M1 * A->M2; }
+static int64_t nkeys(const na_args *A) { return A->B * A->N0 * A->N1 * A->N2; }
 static int64_t nklines(const na_args *A) { return A->B * A->M0 * A->M1; }
 
 /* Flat query token index of (b, group-major query indices i0, i1, i2). */
@@ -537,9 +542,13 @@ static int64_t token(const na_args *A, int64_t b, int64_t i0, int64_t i1, int64_
     return ((b * A->L0 + TAB(A->pos, 0, i0)) * A->L1 + TAB(A->pos, 1, i1)) * A->L2 + TAB(A->pos, 2, i2);
 }
 
-/* Flat key token index of (b, group-major key indices j0, j1, j2): the key grid (M0, M1, M2) is the
- * query grid unless cross-grid. */
+/* Flat index of the real key token (in k, v, kpm) behind group-major key indices (j0, j1, j2). */
 static int64_t ktoken(const na_args *A, int64_t b, int64_t j0, int64_t j1, int64_t j2) {
+    return ((b * A->N0 + TAB(A->ksrc, 0, j0)) * A->N1 + TAB(A->ksrc, 1, j1)) * A->N2 + TAB(A->ksrc, 2, j2);
+}
+
+/* Flat index of key (j0, j1, j2) on the key grid M (the rows of dk, dv). */
+static int64_t vtoken(const na_args *A, int64_t b, int64_t j0, int64_t j1, int64_t j2) {
     return ((b * A->M0 + TAB(A->kpos, 0, j0)) * A->M1 + TAB(A->kpos, 1, j1)) * A->M2 + TAB(A->kpos, 2, j2);
 }
 
@@ -720,10 +729,10 @@ static void max_slots(const na_args *A, const int64_t *lo, const int64_t *hi, co
  * (0 for u >= nu). (The key side's counterpart is key_template, cached per key pair.) */
 static void axis2_template(const na_args *A, scratch *S, int64_t ulo, int64_t nu, int64_t nub, int64_t heads,
                            int64_t head, const int64_t pair[2]) {
-    const int64_t *pos2 = A->kpos + 2 * A->lmax, *lo2 = A->lo + 2 * A->lmax, *hi2 = A->hi + 2 * A->lmax;
+    const int64_t *pos2 = A->ksrc + 2 * A->lmax, *lo2 = A->lo + 2 * A->lmax, *hi2 = A->hi + 2 * A->lmax;
     for (int64_t u = 0; u < nub; u++) {
         const int64_t a2 = ulo + (u < nu ? u : nu - 1);
-        CHECK(u < S->cap && 0 <= a2 && a2 < A->M2 && 0 <= pos2[a2] && pos2[a2] < A->M2);
+        CHECK(u < S->cap && 0 <= a2 && a2 < A->M2 && 0 <= pos2[a2] && pos2[a2] < A->N2);
         S->col[u] = pos2[a2] * heads + head;
         S->a2[u] = a2;
         for (int i = 0; i < 2; i++)
@@ -772,7 +781,7 @@ static void query_slots(const na_args *A, scratch *S, slots_t *T, int64_t b, int
     int64_t n = 0, nseg = 0;
     for (int64_t a0 = TAB(A->lo, 0, x0); a0 <= TAB(A->hi, 0, x0); a0++) {
         for (int64_t a1 = TAB(A->lo, 1, x1); a1 <= TAB(A->hi, 1, x1); a1++) {
-            const int64_t base = ((b * A->M0 + TAB(A->kpos, 0, a0)) * A->M1 + TAB(A->kpos, 1, a1)) * A->M2 * A->Hk;
+            const int64_t base = ((b * A->N0 + TAB(A->ksrc, 0, a0)) * A->N1 + TAB(A->ksrc, 1, a1)) * A->N2 * A->Hk;
             CHECK(0 <= a0 && a0 < A->M0 && 0 <= a1 && a1 < A->M1 && n + nub <= cap && nseg < T->segcap);
             const int64_t r01 = ((a0 - TAB(A->rof, 0, x0)) * A->R1 + a1 - TAB(A->rof, 1, x1)) * A->R2;
             const int64_t s01 = ((a0 - TAB(A->sof, 0, x0)) * A->K1 + a1 - TAB(A->sof, 1, x1)) * A->K2;
@@ -1525,6 +1534,8 @@ static inline __attribute__((always_inline)) void dkv_item_dt(const int dt, cons
     float *s0 = S->s, *s1 = S->s + cap, *p0 = S->dp, *p1 = S->dp + cap;
     const int two = y2[1] != y2[0];
     const int64_t r0 = krow(A, b, y0, y1, y2[0], A->Hk, hk), r1 = krow(A, b, y0, y1, y2[1], A->Hk, hk);
+    /* rows of dk, dv: on the key grid M (a periodic axis's copies of a key each get their own row) */
+    const int64_t w0 = vtoken(A, b, y0, y1, y2[0]) * A->Hk + hk, w1 = vtoken(A, b, y0, y1, y2[1]) * A->Hk + hk;
     float *gk0 = S->acc, *gk1 = S->acc + D, *gv0 = S->acc + 2 * D, *gv1 = S->acc + 2 * D + Dv;
     memset(S->acc, 0, sizeof(float) * 2 * (D + Dv));
     if (dt == BF16 && fused) { /* the key pair interleaved, for the dQ dot products */
@@ -1575,12 +1586,12 @@ static inline __attribute__((always_inline)) void dkv_item_dt(const int dt, cons
         if (A->dab) scatter_key_slots(A, T, 1 + two, S->dp);
     }
     for (int64_t c = 0; c < D; c += W) {
-        stt(A->dk, r0 * D + c, ld(gk0 + c), dt);
-        if (two) stt(A->dk, r1 * D + c, ld(gk1 + c), dt);
+        stt(A->dk, w0 * D + c, ld(gk0 + c), dt);
+        if (two) stt(A->dk, w1 * D + c, ld(gk1 + c), dt);
     }
     for (int64_t c = 0; c < Dv; c += W) {
-        stt(A->dv, r0 * Dv + c, ld(gv0 + c), dt);
-        if (two) stt(A->dv, r1 * Dv + c, ld(gv1 + c), dt);
+        stt(A->dv, w0 * Dv + c, ld(gv0 + c), dt);
+        if (two) stt(A->dv, w1 * Dv + c, ld(gv1 + c), dt);
     }
 }
 
@@ -1699,6 +1710,47 @@ static void delta_lines(const na_args *A, int64_t begin, int64_t end) {
     }
 }
 
+/* Periodic axes: dkf, dvf of the real keys (b, y0, y1, *) of lines [begin, end) as the sums of the rows
+ * of dk, dv of their copies on the key grid (v = y + kb + m N for m in -1, 0, 1 within 0 .. M - 1 on
+ * each axis; one copy on an axis that does not wrap), summed in float32. */
+static void fold_lines(const na_args *A, int64_t begin, int64_t end) {
+    const int64_t N[3] = {A->N0, A->N1, A->N2}, M[3] = {A->M0, A->M1, A->M2}, kb[3] = {A->kb0, A->kb1, A->kb2};
+    const int64_t Hk = A->Hk, nd[2] = {Hk * A->D, Hk * A->Dv};
+    const void *src[2] = {A->dk, A->dv};
+    void *dst[2] = {A->dkf, A->dvf};
+    float acc[2 * 4096];
+    for (int64_t line = begin; line < end; line++) {
+        const int64_t y1 = line % A->N1, y0 = line / A->N1 % A->N0, b = line / A->N1 / A->N0;
+        for (int64_t y2 = 0; y2 < A->N2; y2++) {
+            const int64_t y[3] = {y0, y1, y2};
+            int64_t v[3][3], nv[3];
+            for (int a = 0; a < 3; a++) {
+                nv[a] = 0;
+                for (int64_t m = -1; m <= 1; m++) {
+                    const int64_t c = y[a] + kb[a] + m * N[a];
+                    if (0 <= c && c < M[a] && (m == 0 || M[a] != N[a])) v[a][nv[a]++] = c;
+                }
+            }
+            const int64_t out = ((b * N[0] + y0) * N[1] + y1) * N[2] + y2;
+            for (int t = 0; t < 2; t++) {
+                for (int64_t c0 = 0; c0 < nd[t]; c0 += 4096) { /* a token's rows (all kv heads), in blocks */
+                    const int64_t n = min64(4096, nd[t] - c0);
+                    for (int64_t c = 0; c < n; c += W) st(acc + c, bc(0.0f));
+                    for (int64_t i0 = 0; i0 < nv[0]; i0++)
+                        for (int64_t i1 = 0; i1 < nv[1]; i1++)
+                            for (int64_t i2 = 0; i2 < nv[2]; i2++) {
+                                const int64_t row = ((b * M[0] + v[0][i0]) * M[1] + v[1][i1]) * M[2] + v[2][i2];
+                                CHECK(0 <= row && row < A->B * M[0] * M[1] * M[2]);
+                                for (int64_t c = 0; c < n; c += W)
+                                    st(acc + c, ld(acc + c) + ldt(src[t], row * nd[t] + c0 + c, A->dt));
+                            }
+                    for (int64_t c = 0; c < n; c += W) stt(dst[t], out * nd[t] + c0 + c, ld(acc + c), A->dt);
+                }
+            }
+        }
+    }
+}
+
 /* bf16: dq (float32, accumulated) into dq_out, rows [begin, end). */
 static void dq_out_rows(const na_args *A, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++)
@@ -1708,7 +1760,7 @@ static void dq_out_rows(const na_args *A, int64_t begin, int64_t end) {
 /* ------------------------------------------------------------------------------------------------
  * Phases and threads */
 
-enum { W_KT, W_VT, W_QT, W_DOT, W_KP, W_VP, W_QP, W_DOP, W_DELTA, W_FWD, W_DQ, W_DKV, W_DQOUT };
+enum { W_KT, W_VT, W_QT, W_DOT, W_KP, W_VP, W_QP, W_DOP, W_DELTA, W_FWD, W_DQ, W_DKV, W_DQOUT, W_FOLD };
 
 typedef struct {
     int kind;
@@ -1767,6 +1819,7 @@ static void do_work(const na_args *A, scratch *S, float *drpb, int kind, int64_t
         case W_DQ: backward_dq_items(A, S, drpb, begin, end); break;
         case W_DKV: backward_dkv_items(A, S, begin, end); break;
         case W_DQOUT: dq_out_rows(A, begin, end); break;
+        case W_FOLD: fold_lines(A, begin, end); break;
     }
 }
 
@@ -1838,9 +1891,9 @@ static void *run_job(void *arg) {
             run_phase(J, &S, two, 2);
             sync_threads(J);
         }
-        if (bf) {
-            const work_t out[] = {{W_DQOUT, ntokens(A) * H}};
-            run_phase(J, &S, out, 1);
+        if (bf || A->dkf) {
+            const work_t out[] = {{W_DQOUT, bf ? ntokens(A) * H : 0}, {W_FOLD, A->dkf ? A->B * A->N0 * A->N1 : 0}};
+            run_phase(J, &S, out, 2);
         }
     }
     scratch_free(&S);
