@@ -167,7 +167,7 @@ def refuse_unfused_features(p: Problem) -> Optional[str]:
 
 def refuse_general_geometry(p: Problem) -> Optional[str]:
     """The refusal of kernels that only walk same-grid, non-wrapping axes: keys on another grid than
-    the queries, or periodic axes (the ``torch`` backend serves both)."""
+    the queries, or periodic axes (the ``torch`` backend serves both, and on CPU the ``cpu`` one)."""
     if p.spec.cross_grid:
         return (f"keys on another grid ({p.spec.key_spatial}) than the queries ({p.spec.spatial}) are not supported "
                 f"by this kernel (the torch backend serves them)")

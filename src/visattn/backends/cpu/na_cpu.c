@@ -43,8 +43,12 @@
  * race-free by running chunks of one axis in two colours whose query sets are disjoint (fused); or,
  * when that leaves too little parallel work, a dQ pass over query runs plus the key-side pass
  * without dQ (two-pass). One na_run call runs a whole forward or backward; its phases (layout
- * copies and the delta prologue, colour 0, colour 1, bf16 output conversion) are separated by
- * barriers.
+ * copies and the delta prologue, colour 0, colour 1, bf16 output conversion and the fold of periodic
+ * copies) are separated by barriers.
+ *
+ * Periodic axes: the key grid M is the spec's virtual one (the axis padded circularly), whose keys are
+ * read from the real k, v and mask (grid N) through ksrc; dK and dV are written per virtual key (so
+ * the key pass needs no atomics) and the last phase sums each real key's copies (fold_lines).
  *
  * Vectors are GCC/Clang vector extensions of 8 floats (AVX2/AVX-512 on x86, NEON pairs on Arm);
  * AVX-512 and AVX512-BF16 intrinsics are used where the compiler targets them, with portable
