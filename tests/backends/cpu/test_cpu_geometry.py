@@ -40,7 +40,8 @@ def test_axis_tables_are_the_neighbourhoods_in_group_major_order() -> None:
     g = torch.Generator().manual_seed(1)
     for _ in range(200):
         (length, kernel, stride, dil, causal), = _random_axes(g, 1)
-        pos, lo, hi, _, qlo, qhi, sof, _ = axis_tables(length, kernel, stride, dil, causal, kernel)
+        pos, lo, hi, _, qlo, qhi, sof, kpos, ksrc = axis_tables(length, kernel, stride, dil, causal, kernel)
+        assert torch.equal(kpos, pos) and torch.equal(ksrc, pos)  # one grid: keys indexed like queries
         sees = _axis_sees(length, kernel, stride, dil, causal)[pos][:, pos]  # in index order
         idx = torch.arange(length)
         by_table = (idx[None, :] >= lo[:, None]) & (idx[None, :] <= hi[:, None])
@@ -60,9 +61,9 @@ def test_axis_tables_are_the_neighbourhoods_in_group_major_order() -> None:
 def test_axis_tables_on_another_key_grid_and_on_periodic_axes() -> None:
     """The same with queries and keys indexed separately: cross-grid keys (coarser and finer than the
     queries, kernel up to the key axis; keys no query sees have an empty run qlo > qhi) and periodic
-    axes, whose key indices run over the virtual grid (kpos) and stand for the real keys of
-    ``key_source``: query i's keys lo[i]..hi[i] fill slots key - sof[i] with the real keys of the
-    explicit neighbourhoods."""
+    axes, whose key indices run over the virtual grid (kpos) and stand for the real keys ksrc (the
+    spec's ``key_source``): query i's keys lo[i]..hi[i] fill slots key - sof[i] with the real keys of
+    the explicit neighbourhoods."""
     g = torch.Generator().manual_seed(2)
     rint = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
     for it in range(300):
@@ -74,11 +75,14 @@ def test_axis_tables_on_another_key_grid_and_on_periodic_axes() -> None:
         causal = False if periodic else bool(rint(0, 1))
         spec = make_spec("axis", (length,), kernel, stride, dil, causal, key_spatial=(key_length,), periodic=periodic)
         (k, s, d, c), = zip(spec.kernel_size, spec.stride, spec.dilation, spec.is_causal)
-        pos, lo, hi, _, qlo, qhi, sof, kpos = axis_tables(length, k, s, d, c, kernel, key_length, periodic)
+        pos, lo, hi, _, qlo, qhi, sof, kpos, ksrc = axis_tables(length, k, s, d, c, kernel, key_length, periodic)
         nk = key_grid(spec)[0]
-        assert len(pos) == len(lo) == len(hi) == len(sof) == length and len(qlo) == len(qhi) == len(kpos) == nk
+        assert len(pos) == len(lo) == len(hi) == len(sof) == length
+        assert len(qlo) == len(qhi) == len(kpos) == len(ksrc) == nk
         assert sorted(pos.tolist()) == list(range(length)) and sorted(kpos.tolist()) == list(range(nk))
-        real = axis_windows(length, k, s, d, c, key_length, periodic).key_coord(kpos)  # key index -> real key
+        # key index -> the real key the kernels read: the spec's key_source of its virtual coordinate
+        real = axis_windows(length, k, s, d, c, key_length, periodic).key_coord(kpos)
+        assert torch.equal(ksrc, real) and bool(((ksrc >= 0) & (ksrc < key_length)).all())
         index, valid, _ = neighbor_table(spec)
         for i in range(length):
             keys = torch.arange(int(lo[i]), int(hi[i]) + 1)

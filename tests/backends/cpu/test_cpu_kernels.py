@@ -147,6 +147,50 @@ def test_edge_geometries_match_reference(fn, shape, kw, backward_path) -> None:
         torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5)
 
 
+@pytest.mark.parametrize("shape,key_spatial,kw", [
+    ((2, 24, 20, 4, 16), None, dict(kernel_size=7, dilation=(1, 2), periodic=True)),
+    ((1, 9, 23, 2, 8), None, dict(kernel_size=(9, 5), periodic=(True, False), is_causal=(False, True))),
+    ((2, 20, 18, 4, 16), (9, 13), dict(kernel_size=7, dilation=(1, 2))),
+    ((1, 4, 30, 2, 8), (30, 11), dict(kernel_size=(3, 3), stride=(1, 2))),  # most key rows in no window
+    ((1, 12, 10, 2, 8), (12, 7), dict(kernel_size=(3, 7))),
+], ids=["periodic-both-dilated", "periodic-kernel-is-axis-causal-other", "coarser-keys-dilated",
+        "finer-and-coarser-keys-stride", "kernel-is-key-axis"])
+def test_cross_grid_and_periodic_at_larger_sizes_match_reference(shape, key_spatial, kw, backward_path) -> None:
+    """Beyond the small feature cases: several colour chunks and segments per line, periodic copies
+    on both axes (their gradients folded by the kernel), queries sharing a window (coarser keys) and
+    keys no window reaches (finer keys with stride), against the reference, with a bias table."""
+    torch.manual_seed(4)
+    q = torch.randn(shape)
+    kv_shape = (shape[0], *(key_spatial or shape[1:-2]), *shape[-2:])
+    k, v = torch.randn(kv_shape), torch.randn(kv_shape)
+    ks = kw["kernel_size"] if isinstance(kw["kernel_size"], tuple) else (kw["kernel_size"],) * 2
+    rpb = torch.randn(shape[-2], *[2 * x - 1 for x in ks])
+    got = _grads(na2d, q, k, v, "cpu", rpb=rpb, **kw)
+    ref = _grads(na2d, q, k, v, "reference", rpb=rpb, **kw)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_periodic_and_cross_grid_results_do_not_depend_on_thread_count(dtype, backward_path) -> None:
+    """The fold of a periodic key's copies sums them in a fixed order, and cross-grid chunks are cut
+    on the key grid: out, LSE, dQ, dK and dV are bitwise the same for 1 and 3 threads."""
+    torch.manual_seed(5)
+    q = torch.randn(2, 11, 13, 3, 16).to(dtype)
+    kc = torch.randn(2, 6, 19, 3, 16).to(dtype)
+    before = torch.get_num_threads()
+    for k, kw in ((q, dict(kernel_size=5, dilation=(2, 1), periodic=True)), (kc, dict(kernel_size=(3, 5)))):
+        results = []
+        try:
+            for n in (1, 3):
+                torch.set_num_threads(n)
+                results.append(_grads(na2d, q, k, k, "cpu", **kw))
+        finally:
+            torch.set_num_threads(before)
+        for a, b in zip(results[0], results[1]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_results_do_not_depend_on_thread_count(dtype, backward_path) -> None:
     """Work is split by rows, never by reductions, and the fused backward's dQ rows sum their terms
