@@ -117,5 +117,5 @@ def test_fused_cpu_backend_serves_cross_grid_and_periodic_calls() -> None:
                    (q, dict(periodic=(False, True), dilation=2))):
         assert why_not("cpu", problem_for(q, kk, kk, kernel_size=3, **kw)) is None
         assert select_backend(problem_for(q, kk, kk, kernel_size=3, **kw)).name == "cpu"
-        torch.testing.assert_close(na2d(q, kk, kk, 3, backend="cpu", **kw), na2d(q, kk, kk, 3, backend="reference", **kw),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(na2d(q, kk, kk, 3, backend="cpu", **kw),
+                                   na2d(q, kk, kk, 3, backend="reference", **kw), atol=1e-5, rtol=1e-5)

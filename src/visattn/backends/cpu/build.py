@@ -48,13 +48,13 @@ class Args(ctypes.Structure):
 
     _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "k", "v", "rpb", "ab", "kpm", "pos", "lo", "hi", "rof", "qlo",
                                                   "qhi", "sof", "kpos", "ksrc")]
-                + [(n, ctypes.c_int64) for n in ("lmax", "B", "L0", "L1", "L2", "M0", "M1", "M2", "N0", "N1", "N2", "kb0",
-                                                 "kb1", "kb2", "H", "Hk", "D", "Dv", "R0", "R1", "R2", "K0", "K1", "K2",
-                                                 "ab_sb", "ab_st", "ab_sh")]
+                + [(n, ctypes.c_int64) for n in ("lmax", "B", "L0", "L1", "L2", "M0", "M1", "M2", "N0", "N1", "N2",
+                                                 "kb0", "kb1", "kb2", "H", "Hk", "D", "Dv", "R0", "R1", "R2", "K0",
+                                                 "K1", "K2", "ab_sb", "ab_st", "ab_sh")]
                 + [("scale", ctypes.c_float), ("dt", ctypes.c_int32)]
                 + [(n, ctypes.c_void_p) for n in ("attn", "dattn", "dab", "out", "lse", "dout", "dlse", "dq", "dk", "dv",
-                                                  "dq_out", "dkf", "dvf", "drpb", "nlse_t", "delta_t", "kt", "vt", "qt", "dot", "kp",
-                                                  "vp", "qp", "dop")]
+                                                  "dq_out", "dkf", "dvf", "drpb", "nlse_t", "delta_t", "kt", "vt", "qt",
+                                                  "dot", "kp", "vp", "qp", "dop")]
                 + [(n, ctypes.c_int64) for n in ("l2p", "split", "chunk")]
                 + [("nthreads", ctypes.c_int32)])
 

@@ -522,7 +522,7 @@ typedef struct {
     const void *dout;                   /* [T*H, Dv] of type dt */
     const float *dlse;                  /* [T*H] or NULL (no gradient into the LSE) */
     float *dq;                          /* [T*H, D] float32: accumulated by the backward */
-    void *dk, *dv, *dq_out;             /* [Tk*Hk, D], [Tk*Hk, Dv] on the key grid M, and (bf16) dq converted: of type dt */
+    void *dk, *dv, *dq_out;             /* [Tk*Hk, D], [Tk*Hk, Dv] (key grid M), (bf16) dq converted: of type dt */
     void *dkf, *dvf;                    /* periodic: dk, dv on the real grid N (dk, dv folded), else NULL */
     float *drpb;                        /* [nthreads, H*R0*R1*R2]: one slice per thread, summed by the caller */
     float *nlse_t, *delta_t;            /* backward: -lse and delta at qt(...) (see qt), + 8 zeroed floats */
@@ -597,11 +597,13 @@ static int per_head_bias(const na_args *A) { return A->rpb || A->ab; }
 
 /* Offsets (elements of the copy) of a T layout chunk (64-bit quads) and of a P layout pair row. */
 static int64_t t_off(const na_args *A, int64_t line, int64_t heads, int64_t h, int64_t Q, int64_t start) {
-    CHECK(0 <= line && line < max64(nlines(A), nklines(A)) && 0 <= h && h < heads && 0 <= start && start + W <= A->l2p);
+    CHECK(0 <= line && line < max64(nlines(A), nklines(A)) && 0 <= h && h < heads && 0 <= start &&
+          start + W <= A->l2p);
     return ((line * heads + h) * Q) * A->l2p + start;
 }
 static int64_t p_off(const na_args *A, int64_t line, int64_t heads, int64_t h, int64_t dim, int64_t pair) {
-    CHECK(0 <= line && line < max64(nlines(A), nklines(A)) && 0 <= h && h < heads && 0 <= pair && 2 * pair + 2 <= A->l2p);
+    CHECK(0 <= line && line < max64(nlines(A), nklines(A)) && 0 <= h && h < heads && 0 <= pair &&
+          2 * pair + 2 <= A->l2p);
     return (((line * heads + h) * (A->l2p / 2) + pair) * dim) * 2;
 }
 
