@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..linear import Linear
+
 __all__ = ["Mlp"]
 
 
@@ -19,9 +21,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, act_layer: Callable[[], nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

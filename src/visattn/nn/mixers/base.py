@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...functional import na_av, neighborhood_attention
+from ..linear import Linear
 
 
 def check_input(module: nn.Module, x: torch.Tensor, dim: int) -> tuple[int, int, int]:
@@ -65,9 +66,9 @@ class QKVMixer(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.head_dim = check_heads(type(self).__name__, dim, num_heads, self.dim_arg)
         self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..linear import Linear
 from .base import check_input
 from ..registry import register_attn
 
@@ -34,13 +35,13 @@ class FocalModulation(nn.Module):
             raise ValueError(f"FocalModulation: focal_level={focal_level} and focal_window={focal_window} "
                              f"must be >= 1.")
         self.dim, self.focal_level, self.normalize_modulator = dim, focal_level, normalize_modulator
-        self.f = nn.Linear(dim, 2 * dim + focal_level + 1)
+        self.f = Linear(dim, 2 * dim + focal_level + 1)
         self.kernel_sizes = [focal_factor * level + focal_window for level in range(focal_level)]
         self.focal_layers = nn.ModuleList(
             nn.Sequential(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim, bias=False), nn.GELU())
             for k in self.kernel_sizes)
         self.h = nn.Conv2d(dim, dim, 1)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
