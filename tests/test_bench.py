@@ -6,7 +6,6 @@ No assertion here is about time: only about what the table/JSON/plot contain.
 from __future__ import annotations
 
 import json
-import time
 from typing import Optional
 
 import pytest
@@ -294,25 +293,36 @@ def test_zoo_times_backward_of_parameter_free_and_batchnorm_modules():
     assert rows[0].params == 0 and rows[0].fwd_bwd_ms > 0 and rows[1].fwd_bwd_ms > 0
 
 
-def test_implementations_are_timed_in_alternating_rounds():
+def test_implementations_are_timed_in_alternating_rounds(monkeypatch):
     """On a machine whose load changes over seconds, each implementation's median must cover the
     same periods as its peers': calls alternate between them in rounds, each still gets its own
-    budget's worth of calls, and one that raises while timed is reported without stopping the rest."""
+    budget's worth of calls, and one that raises while timed is reported without stopping the rest.
+    The clock is simulated (each call advances it by its nominal cost), so machine load cannot
+    change the call counts checked here."""
+    from visattn.bench import measure
     from visattn.bench.measure import Timing, time_interleaved
 
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(measure, "time", clock)
     log: list[str] = []
 
     def fast():
         log.append("fast")
+        clock.now += 1e-4
 
     def slow():
         log.append("slow")
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 0.004:
-            pass
+        clock.now += 4e-3
 
     def flaky():
         log.append("flaky")
+        clock.now += 1e-4
         if log.count("flaky") > 3:
             raise RuntimeError("broke while timed")
 
