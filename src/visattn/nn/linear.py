@@ -1,12 +1,13 @@
 """``nn.Linear`` for channels-last maps, routed around a slow CPU GEMM.
 
-The x86 builds of PyTorch run ``F.linear`` in float32 through MKL's sgemm, which is tuned for Intel's
-CPUs; on others it measured markedly slower than oneDNN, also in every x86 build. The same projection of a channels-last map ``[B, H, W, C]``, written as a 1x1
-convolution of its ``[B, C, H, W]`` view (no copy: the view is channels-last in memory), goes to
-oneDNN. On an AMD EPYC (Zen 4), 2 threads, it measured 1.3-2.3x faster in inference for the
-shapes of the backbones' MLPs and projections (e.g. 8x56x56, 96 -> 384: 17.5 ms vs 22.7 ms;
-8x14x14, 384 -> 1536: 4.4 ms vs 9.7 ms), but not always in training (1x7x7, 768 -> 3072: its
-backward was 2.5x slower), so the route is taken only where it was measured to win: eager inference.
+The x86 builds of PyTorch run ``F.linear`` in float32 through MKL's sgemm, which is tuned for
+Intel's CPUs; on others it measured markedly slower than oneDNN, which every x86 build also has.
+The same projection of a channels-last map ``[B, H, W, C]``, written as a 1x1 convolution of its
+``[B, C, H, W]`` view (no copy: the view is channels-last in memory), goes to oneDNN. On an AMD
+EPYC (Zen 4), 2 threads, it measured 1.3-2.3x faster in inference for the shapes of the
+backbones' MLPs and projections (e.g. 8x56x56, 96 -> 384: 17.5 ms vs 22.7 ms; 8x14x14,
+384 -> 1536: 4.4 ms vs 9.7 ms), but not always in training (1x7x7, 768 -> 3072: its backward was
+2.5x slower), so the route is taken only where it was measured to win: eager inference.
 """
 
 from __future__ import annotations
