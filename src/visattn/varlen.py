@@ -109,26 +109,20 @@ def na_varlen(
     groups: dict[tuple, list[int]] = {}
     for i, (size, a) in enumerate(zip(sizes, args)):
         groups.setdefault((size, a), []).append(i)
-    outs, lses, order = [], [], []
+    # Each group runs as one batch; its result is cut back into per-sample pieces, and one
+    # concatenation in sample order packs them (no index tensors, no permutation afterwards).
+    outs: list[Optional[torch.Tensor]] = [None] * n
+    lses: list[Optional[torch.Tensor]] = [None] * n
     for (size, (ks, st, dl, ca, pe)), members in groups.items():
-        if len(members) == 1:  # one sample: a view of its rows
-            rows = slice(offsets[members[0]], offsets[members[0] + 1])
-            take = lambda t: t[rows]  # noqa: E731
-        else:
-            index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members]).to(query.device)
-            take = lambda t: t.index_select(0, index)  # noqa: E731
-        batch = [take(t).reshape(len(members), *size, *t.shape[1:]) for t in (query, key, value)]
+        rows = [slice(offsets[i], offsets[i + 1]) for i in members]
+        batch = [t[rows[0]].view(1, *size, *t.shape[1:]) if len(members) == 1  # a view, no copy
+                 else torch.stack([t[r].view(*size, *t.shape[1:]) for r in rows])
+                 for t in (query, key, value)]
         out, lse = neighborhood_attention(*batch, ks, st, dl, ca, scale, rpb=rpb, backend=backend, periodic=pe,
                                           return_lse=True, _fn=fn)
-        outs.append(out.reshape(-1, *out.shape[-2:]))
-        lses.append(lse.reshape(-1, lse.shape[-1]))
-        order += members
-    out, lse = torch.cat(outs), torch.cat(lses)
-    if order != sorted(order):
-        # Row j of the concatenation holds packed row perm[j]: invert the permutation.
-        perm = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in order])
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(total)
-        inverse = inverse.to(out.device)
-        out, lse = out[inverse], lse[inverse]
+        for i, o, l_ in zip(members, out.unbind(0), lse.unbind(0)):
+            outs[i] = o.reshape(-1, *o.shape[-2:])
+            lses[i] = l_.reshape(-1, l_.shape[-1])
+    out = torch.cat(outs) if n > 1 else outs[0]
+    lse = (torch.cat(lses) if n > 1 else lses[0]) if return_lse else None
     return (out, lse) if return_lse else out
