@@ -4,7 +4,7 @@ forward and forward + backward, in one process.
 Usage: ``python benchmarks/scan.py [--lengths 3136 12544] [--dtypes float32 bfloat16] [--batch 2]
 [--dim 192] [--state 16] [--budget S] [--threads N] [--no-reference-above L] [--json PATH]``
 
-Problem (the issue's): ``u, delta [batch, dim, L]`` channels-last in memory (a mixer's layout),
+Problem: ``u, delta [batch, dim, L]`` channels-last in memory (a mixer's layout),
 ``A [dim, N] < 0``, ``B, C [batch, N, L]``, ``D`` and ``delta_bias [dim]``, ``delta_softplus=True``, no
 ``z`` (``mambapy``'s scan has no gate). Every implementation computes ``softplus(delta + bias)`` and the
 ``D`` skip inside its timed call. Rows:
