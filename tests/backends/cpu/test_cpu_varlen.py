@@ -175,13 +175,21 @@ def test_calls_the_cpu_backend_would_not_serve_take_the_per_group_path(launches)
     torch.testing.assert_close(big.double(), ref_big, atol=1e-5, rtol=1e-5)
 
 
-def test_transforms_take_the_per_group_path(launches) -> None:
+def test_transforms_compile_and_dispatch_modes_take_the_per_group_path(launches) -> None:
     sizes, q, k, v, kw, _ = _inputs("1d", torch.float32)
     batched = torch.func.vmap(lambda a, b, c: na_varlen(a, b, c, sizes, **kw))(q[None], k[None], v[None])
     assert launches["launches"] == 0
     with torch.no_grad():
-        torch.testing.assert_close(batched[0], na_varlen(q, k, v, sizes, **kw), atol=1e-5, rtol=1e-5)
+        want = na_varlen(q, k, v, sizes, **kw)
     assert launches["launches"] == 1
+    torch.testing.assert_close(batched[0], want, atol=1e-5, rtol=1e-5)
+    out, tangent = torch.func.jvp(lambda a, b, c: na_varlen(a, b, c, sizes, **kw), (q, k, v), (q, k, v))
+    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False):  # a dispatch mode
+        counted = na_varlen(q, k, v, sizes, **kw)
+        compiled = torch.compile(lambda a, b, c: na_varlen(a, b, c, sizes, **kw), backend="eager")(q, k, v)
+    assert launches["launches"] == 1
+    for got in (out, counted, compiled):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_requests_are_refused_by_the_entry_point() -> None:
