@@ -44,7 +44,8 @@
  * when that leaves too little parallel work, a dQ pass over query runs plus the key-side pass
  * without dQ (two-pass). One na_run call runs a whole forward or backward; its phases (layout
  * copies and the delta prologue, colour 0, colour 1, bf16 output conversion and the fold of periodic
- * copies) are separated by barriers.
+ * copies) are separated by barriers. One na_run_many call runs the forwards of several problems
+ * (na_varlen's samples, each with its own pointers, grids and tables) in one parallel region.
  *
  * Periodic axes: the key grid M is the spec's virtual one (the axis padded circularly), whose keys are
  * read from the real k, v and mask (grid N) through ksrc; dK and dV are written per virtual key (so
