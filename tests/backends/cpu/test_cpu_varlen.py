@@ -120,6 +120,20 @@ def test_float16_and_forced_cpu_backend(launches) -> None:
     torch.testing.assert_close(out.double(), ref, atol=TOLS[torch.float16][0], rtol=TOLS[torch.float16][1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_strided_views_of_one_qkv_tensor(dtype: torch.dtype, launches) -> None:
+    """q, k, v as views of one packed ``[T, 3, H, D]`` projection (not contiguous): one copy each."""
+    sizes = [(7, 9), (1, 1), (16, 5)]
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(sum(h * w for h, w in sizes), 3, 2, 16, generator=g).to(dtype)
+    q, k, v = qkv.unbind(1)
+    with torch.no_grad():
+        out = na_varlen(q, k, v, sizes, 3)
+    ref, _ = _one_by_one(q, k, v, sizes, dict(kernel_size=3), None)
+    assert launches["launches"] == 1
+    torch.testing.assert_close(out.double(), ref, atol=TOLS[dtype][0], rtol=TOLS[dtype][1])
+
+
 def test_results_do_not_depend_on_thread_count() -> None:
     """Forward items are handed out dynamically, but each writes only its own rows."""
     sizes, q, k, v, kw, _ = _inputs("2d-per-sample", torch.bfloat16)
