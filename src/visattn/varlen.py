@@ -106,8 +106,10 @@ def _single_launch(fn: str, query: torch.Tensor, key: torch.Tensor, value: torch
                    sizes: list[tuple[int, ...]], args: list[tuple], offsets: list[int], scale: Optional[float],
                    rpb: Optional[torch.Tensor], backend: Optional[str]
                    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``(out [T, H, D_v], lse [T, H])`` from one ``na_run_many`` launch over all samples, or ``None``
-    when some sample would not be served by the ``cpu`` backend (the caller then runs the groups).
+    """``(out [T, H, D_v], lse [T, H])`` from one packed launch over all samples
+    (:meth:`Backend.forward_packed`; the ``cpu`` backend's ``na_run_many``), or ``None`` when the
+    samples would not all be served by one backend that has such a launch (the caller then runs the
+    groups).
 
     Validation and backend selection are those of :func:`visattn.neighborhood_attention` on each group
     (same spec, scale and bias checks, same :func:`select_backend` on the group's problem), so the
@@ -119,16 +121,18 @@ def _single_launch(fn: str, query: torch.Tensor, key: torch.Tensor, value: torch
     for key_ in zip(sizes, args):
         counts[key_] = counts.get(key_, 0) + 1
     specs: dict[tuple, NASpec] = {}
+    chosen: set = set()
     for (size, a), members in counts.items():
         spec = _spec(fn, size, a)
         _check_extras(fn, query, spec, H, Extras(rpb=rpb))
         # The group's problem as the per-group path would build it (batch: the group's size).
         p = Problem(spec=spec, batch=members, heads=H, heads_kv=Hk, dim=D, dim_v=Dv, dtype=query.dtype,
                     device=query.device, scale=scale, has_rpb=rpb is not None)
-        if select_backend(p, backend, fn).name != "cpu":
-            return None
+        chosen.add(select_backend(p, backend, fn))
         specs[(size, a)] = spec
-    from .backends.cpu.backend import forward_packed
+    if len(chosen) != 1:  # samples on different backends: per group
+        return None
+    impl = chosen.pop()
 
     # One problem per run of consecutive samples of one size and window arguments (a batch: fewer
     # argument structs, and one item space the kernel walks in order).
@@ -142,7 +146,7 @@ def _single_launch(fn: str, query: torch.Tensor, key: torch.Tensor, value: torch
                 problems.append((p, offsets[run_start]))
             run_key, run_start = key_, i
     with torch.no_grad():
-        return forward_packed(query, key, value, problems, rpb)
+        return impl.forward_packed(query, key, value, problems, rpb)
 
 
 def na_varlen(

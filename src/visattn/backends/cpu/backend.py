@@ -223,7 +223,7 @@ def _mask_view(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.contiguous().view(torch.uint8)
 
 
-def forward_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problems: list[tuple[Problem, int]],
+def _forward_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problems: list[tuple[Problem, int]],
                    rpb: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of several problems on packed rows, in one kernel launch (``na_run_many``).
 
@@ -325,6 +325,11 @@ class CpuBackend(Backend):
 
     def priority(self, p: Problem) -> float:
         return 20.0 if p.spec.window_size <= _MAX_WINDOW else -1.0
+
+    def forward_packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       problems: list[tuple[Problem, int]], rpb: Optional[torch.Tensor] = None
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        return _forward_packed(q, k, v, problems, rpb)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras: Extras) -> Result:
         d, dv = _padded(p.dim), _padded(p.dim_v)
