@@ -6,7 +6,8 @@ so a row served by the portable torch backend is not mistaken for a fused-kernel
 
 * periodic 2-D vs plain NA: 2x56x56, 4 heads, head dim 32, kernel 7 (forward; forward + backward);
 * cross-grid: queries 112x112 on keys 56x56 vs same-grid NA at 112x112, kernel 7;
-* ``na_varlen`` on 32 images of sizes drawn between 8x8 and 40x40 vs a Python loop of ``na2d`` calls;
+* ``na_varlen`` on 32 images of sizes drawn between 8x8 and 40x40 vs a Python loop of ``na2d`` calls
+  (float32 and bfloat16, no gradient: the varlen call is one kernel launch on the cpu backend);
 * ``torch.func.jvp`` through ``na2d`` vs the forward alone.
 
 Usage: ``python benchmarks/beyond.py [--budget 2] [--json out.json]``.
@@ -73,19 +74,21 @@ def _pairs(gen: torch.Generator) -> dict[str, tuple[Callable[[], object], Callab
 
     sizes = [tuple(int(s) for s in torch.randint(8, 41, (2,), generator=gen)) for _ in range(32)]
     total = sum(h * w for h, w in sizes)
-    qv, kv, vv = (torch.randn(total, HEADS, DIM, generator=gen) for _ in range(3))
-    views = []
-    offset = 0
-    for h, w in sizes:
-        views.append(tuple(t[offset:offset + h * w].view(1, h, w, HEADS, DIM) for t in (qv, kv, vv)))
-        offset += h * w
+    packed = [torch.randn(total, HEADS, DIM, generator=gen) for _ in range(3)]
+    for dtype in (torch.float32, torch.bfloat16):
+        qv, kv, vv = (t.to(dtype) for t in packed)
+        views = []
+        offset = 0
+        for h, w in sizes:
+            views.append(tuple(t[offset:offset + h * w].view(1, h, w, HEADS, DIM) for t in (qv, kv, vv)))
+            offset += h * w
 
-    def loop() -> list[torch.Tensor]:
-        return [visattn.na2d(a, b, c, KERNEL) for a, b, c in views]
+        def loop(views=views) -> list[torch.Tensor]:
+            return [visattn.na2d(a, b, c, KERNEL) for a, b, c in views]
 
-    varlen = lambda: visattn.na_varlen(qv, kv, vv, sizes, KERNEL)  # noqa: E731
-    with torch.no_grad():
-        pairs[f"na_varlen / loop of na2d, fwd, 32 images 8..40 ({total} tokens)"] = (varlen, loop, "", "")
+        varlen = lambda qv=qv, kv=kv, vv=vv: visattn.na_varlen(qv, kv, vv, sizes, KERNEL)  # noqa: E731
+        dt = str(dtype).removeprefix("torch.")
+        pairs[f"na_varlen / loop of na2d, fwd, {dt}, 32 images 8..40 ({total} tokens)"] = (varlen, loop, "", "")
 
     def jvp() -> object:
         return torch.func.jvp(lambda q, k, v: plain(q, k, v), (q, k, v), (q, k, v))
@@ -102,18 +105,18 @@ def main() -> None:
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['threads']} torch threads, torch {info['torch']}, "
           f"visattn {visattn.__version__}")
-    print(f"{'case':<64} {'A ms':>8} {'B ms':>8} {'A/B':>6}  backends (A; B)")
+    print(f"{'case':<76} {'A ms':>8} {'B ms':>8} {'A/B':>6}  backends (A; B)")
     results = {}
     for name, (a, b, backend_a, backend_b) in _pairs(torch.Generator().manual_seed(0)).items():
         with torch.no_grad() if "bwd" not in name else torch.enable_grad():
             ta, tb = time_interleaved([a, b], "cpu", budget_s=args.budget, rounds=6)
         if not (isinstance(ta, Timing) and isinstance(tb, Timing)):
-            print(f"{name:<64} failed: {ta if not isinstance(ta, Timing) else tb}")
+            print(f"{name:<76} failed: {ta if not isinstance(ta, Timing) else tb}")
             continue
         ratio = ta.median / tb.median
         results[name] = dict(a_ms=ta.median * 1e3, b_ms=tb.median * 1e3, ratio=ratio, backends=[backend_a, backend_b])
         chosen = f"{backend_a}; {backend_b}" if backend_a else ""
-        print(f"{name:<64} {ta.median * 1e3:>8.2f} {tb.median * 1e3:>8.2f} {ratio:>6.2f}  {chosen}")
+        print(f"{name:<76} {ta.median * 1e3:>8.2f} {tb.median * 1e3:>8.2f} {ratio:>6.2f}  {chosen}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=info, results=results), f, indent=2)

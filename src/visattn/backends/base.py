@@ -131,6 +131,16 @@ class Backend(ABC):
         """Run the call. q/k/v as in :class:`Problem` (k/v already repeated to ``H`` heads unless
         ``supports_gqa``); returns a :class:`Result`."""
 
+    def forward_packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       problems: list[tuple[Problem, int]], rpb: Optional[torch.Tensor] = None
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The forward of several same-grid problems on packed rows in one launch (``na_varlen``'s
+        inference path), or ``None`` when this backend has no such launch (the caller then runs them
+        one by one). ``q [T, H, D]``, ``k [T, H_kv, D]``, ``v [T, H_kv, D_v]``; ``problems``:
+        ``(problem, first row)`` pairs covering every row once; returns ``(out [T, H, D_v], lse [T, H])``.
+        No autograd: callers use it only when no gradient is recorded."""
+        return None
+
     def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  dout: torch.Tensor, dlse: Optional[torch.Tensor], p: Problem, extras: Extras,
                  attn: Optional[torch.Tensor] = None, dattn: Optional[torch.Tensor] = None) -> Grads:

@@ -223,6 +223,74 @@ def _mask_view(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.contiguous().view(torch.uint8)
 
 
+def _forward_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, problems: list[tuple[Problem, int]],
+                   rpb: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of several problems on packed rows, in one kernel launch (``na_run_many``).
+
+    Shapes: ``q [T, H, D]``, ``k [T, H_kv, D]``, ``v [T, H_kv, D_v]`` (one dtype, CPU); ``problems``:
+    ``(problem, first row)`` pairs, problem ``i`` owning rows ``first .. first + batch * num_tokens``
+    of all three (same-grid problems, row-major per sample), together covering every row once. Every
+    problem must have ``H``, ``H_kv``, ``D``, ``D_v``, the dtype and the scale of the call and no
+    per-pair feature (``rpb [H, ...]``, the one bias table, is shared by all: so are their kernel
+    sizes). Returns ``out [T, H, D_v]`` in q's dtype and ``lse [T, H]`` float32.
+
+    The packed tensors are converted, padded and made contiguous once for all problems (no copy for
+    contiguous inputs of the compute dtype with head dims that are multiples of 8); each problem's
+    argument struct then points into them at its first row, and the kernel writes straight into the
+    packed output and LSE.
+    """
+    p0 = problems[0][0]
+    cdt = compute_dtype(q.dtype)
+    d, dv = _padded(p0.dim), _padded(p0.dim_v)
+
+    def packed(t: torch.Tensor, dim: int) -> torch.Tensor:
+        t = t if t.dtype == cdt else t.to(cdt)
+        t = t if t.shape[-1] == dim else F.pad(t, (0, dim - t.shape[-1]))
+        return t.contiguous()
+
+    q3, k3, v3 = packed(q, d), packed(k, d), packed(v, dv)
+    T, H, Hk = q3.shape[0], q3.shape[1], k3.shape[1]
+    out = q3.new_empty(T, H, dv)
+    lse = torch.empty(T, H, dtype=torch.float32)
+    bias = _bias_view(rpb, p0)
+    bf16 = cdt == torch.bfloat16
+    dt = build.Args.BF16 if bf16 else build.Args.F32
+    es, threads = q3.element_size(), _threads()
+    # bf16: every problem's key (T layout) and value (P layout) copies, on its own key grid, carved
+    # from one workspace in 64-byte aligned pieces (see _copies).
+    pieces: list[tuple[int, int]] = []
+    if bf16:
+        for p, _ in problems:
+            grid = (1,) * (3 - p.spec.rank) + key_grid(p.spec)
+            lines = p.batch * grid[0] * grid[1] * Hk * _l2p(p.spec)
+            pieces.append(tuple(-(-2 * lines * dim // 64) * 64 for dim in (d, dv)))
+    buf = _scratch(sum(map(sum, pieces))) if bf16 else None
+    at = buf.data_ptr() if buf is not None else 0
+    structs = []
+    for i, (p, row) in enumerate(problems):
+        pad = (1,) * (3 - p.spec.rank)
+        lead = (p.batch, *pad, *p.spec.spatial)
+        shapes = ((*lead, H, d), (p.batch, *pad, *p.spec.key_spatial, Hk, d), (p.batch, *pad, *p.spec.key_spatial, Hk, dv))
+        template = _template(p.spec, shapes, dt, p.scale, tuple(bias.shape) if bias is not None else None, (0, 0),
+                             threads)
+        args = build.Args.from_buffer_copy(template)
+        args.q, args.out = q3.data_ptr() + row * H * d * es, out.data_ptr() + row * H * dv * es
+        args.k, args.v = k3.data_ptr() + row * Hk * d * es, v3.data_ptr() + row * Hk * dv * es
+        args.lse = lse.data_ptr() + row * H * 4
+        if bias is not None:
+            args.rpb = bias.data_ptr()
+        if bf16:
+            args.kt, args.vp = at, at + pieces[i][0]
+            at += sum(pieces[i])
+        args.keepalive = template.keepalive  # the tables the struct points to
+        structs.append(args)
+    build.run_many(structs, build.FORWARD)
+    del q3, k3, v3, bias, buf  # alive (the kernel's inputs and scratch) until the launch returned
+    if dv != p0.dim_v:  # one copy of the whole packed output drops the padding
+        out = out[..., : p0.dim_v].contiguous()
+    return out.to(q.dtype), lse
+
+
 class CpuBackend(Backend):
     name = "cpu"
     supports_gqa = True
@@ -257,6 +325,11 @@ class CpuBackend(Backend):
 
     def priority(self, p: Problem) -> float:
         return 20.0 if p.spec.window_size <= _MAX_WINDOW else -1.0
+
+    def forward_packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       problems: list[tuple[Problem, int]], rpb: Optional[torch.Tensor] = None
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        return _forward_packed(q, k, v, problems, rpb)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, extras: Extras) -> Result:
         d, dv = _padded(p.dim), _padded(p.dim_v)

@@ -198,6 +198,8 @@ def load(source: Path, declare: Callable[[ctypes.CDLL], None], fallback: str) ->
 def _declare_na(lib: ctypes.CDLL) -> None:
     lib.na_run.argtypes = [ctypes.POINTER(Args), ctypes.c_int]
     lib.na_run.restype = ctypes.c_int
+    lib.na_run_many.argtypes = [ctypes.POINTER(ctypes.POINTER(Args)), ctypes.c_int, ctypes.c_int]
+    lib.na_run_many.restype = ctypes.c_int
     lib.na_features.argtypes = []
     lib.na_features.restype = ctypes.c_int
 
@@ -263,6 +265,19 @@ def run(args: Args, pass_: int) -> None:
     if code == 1:
         raise MemoryError("cpu backend: the kernel could not allocate its per-thread scratch memory")
     assert code == 0, f"cpu backend: na_run(pass={pass_}) returned {code}"
+
+
+def run_many(problems: list[Args], pass_: int = FORWARD) -> None:
+    """Run the ``FORWARD`` pass of several problems in one parallel region (one ``na_run_many`` call):
+    each ``Args`` is complete, as :func:`run` takes it (its own pointers, grid, tables and window
+    arguments); ``nthreads`` is taken from the first. The library must be loaded."""
+    lib = _LIB
+    assert lib is not None, "cpu backend: run_many() before the kernel was loaded"
+    array = (ctypes.POINTER(Args) * len(problems))(*(ctypes.pointer(a) for a in problems))
+    code = lib.na_run_many(array, len(problems), pass_)
+    if code == 1:
+        raise MemoryError("cpu backend: the kernel could not allocate its per-thread scratch memory")
+    assert code == 0, f"cpu backend: na_run_many(pass={pass_}, n={len(problems)}) returned {code}"
 
 
 def features() -> dict[str, bool]:

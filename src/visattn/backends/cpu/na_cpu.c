@@ -44,7 +44,8 @@
  * when that leaves too little parallel work, a dQ pass over query runs plus the key-side pass
  * without dQ (two-pass). One na_run call runs a whole forward or backward; its phases (layout
  * copies and the delta prologue, colour 0, colour 1, bf16 output conversion and the fold of periodic
- * copies) are separated by barriers.
+ * copies) are separated by barriers. One na_run_many call runs the forwards of several problems
+ * (na_varlen's samples, each with its own pointers, grids and tables) in one parallel region.
  *
  * Periodic axes: the key grid M is the spec's virtual one (the axis padded circularly), whose keys are
  * read from the real k, v and mask (grid N) through ksrc; dK and dV are written per virtual key (so
@@ -1784,6 +1785,11 @@ typedef struct {
     int pass, tid, nt;
     int status;
     barrier_t *bar;
+    /* na_run_many: the problems (A is the first), their count, and the shared counter of forward
+     * items handed out so far (dynamic scheduling: see run_many_job); NULL, 0, NULL for na_run. */
+    const na_args *const *many;
+    int nmany;
+    int64_t *next;
 } job;
 
 static void sync_threads(job *J) {
@@ -1851,8 +1857,11 @@ static int64_t key_template_cap(const na_args *A) {
     return round8(m);
 }
 
+static void *run_many_job(job *J);
+
 static void *run_job(void *arg) {
     job *J = arg;
+    if (J->many) return run_many_job(J);
     const na_args *A = J->A;
     const int64_t lines = nlines(A), klines = nklines(A), bf = A->dt == BF16, fused = A->chunk > 0;
     const int64_t qext[3] = {A->L0, A->L1, A->L2}, kext[3] = {A->M0, A->M1, A->M2};
@@ -1924,16 +1933,23 @@ static void *thread_main(void *arg) {
  * PyTorch's own OpenMP pool, whose workers are usually still spinning after the previous torch op
  * (a Linear, a copy): a separate pool would share the cores with them for the next ~ms (measured:
  * 2.4 ms lost per call at 56x56). Otherwise, one pthread per share. */
-int na_run(const na_args *A, int pass) {
-    if (pass < 0 || pass > 1 || (pass == 1 && A->chunk > 0 && (A->split < 0 || A->split > 2))) return 2;
-    if (A->dt != F32 && A->dt != BF16) return 2;
-    /* drpb has one slice per thread: the caller allocates A->nthreads slices, in [1, MAX_THREADS] */
-    const int nt = A->nthreads < 1 ? 1 : A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads;
+/* Runs run_job on nt threads, each with a copy of `proto` (its own tid and team size); returns the OR
+ * of their statuses.
+ *
+ * Threads: built with -fopenmp against the libgomp that PyTorch itself loaded, the work runs on
+ * PyTorch's own OpenMP pool, whose workers are usually still spinning after the previous torch op
+ * (a Linear, a copy): a separate pool would share the cores with them for the next ~ms (measured:
+ * 2.4 ms lost per call at 56x56). Otherwise, one pthread per share. */
+static int launch(job proto, int nt) {
 #ifdef _OPENMP
     int status = 0;
 #pragma omp parallel num_threads(nt) reduction(| : status)
     {
-        job J = {A, pass, omp_get_thread_num(), omp_get_num_threads(), 0, NULL};
+        job J = proto;
+        J.tid = omp_get_thread_num();
+        J.nt = omp_get_num_threads();
+        J.status = 0;
+        J.bar = NULL;
         run_job(&J);
         status |= J.status;
     }
@@ -1950,12 +1966,20 @@ int na_run(const na_args *A, int pass) {
     pthread_mutex_lock(&bar.m);
     int n = 1;
     for (int t = 1; t < nt; t++) {
-        jobs[n] = (job){A, pass, n, 0, 0, &bar};
+        jobs[n] = proto;
+        jobs[n].tid = n;
+        jobs[n].nt = 0;
+        jobs[n].status = 0;
+        jobs[n].bar = &bar;
         if (pthread_create(&threads[n], NULL, thread_main, &jobs[n]) == 0) n++;
     }
     bar.n = n;
     pthread_mutex_unlock(&bar.m);
-    jobs[0] = (job){A, pass, 0, n, 0, &bar};
+    jobs[0] = proto;
+    jobs[0].tid = 0;
+    jobs[0].nt = n;
+    jobs[0].status = 0;
+    jobs[0].bar = &bar;
     run_job(&jobs[0]);
     int status = jobs[0].status;
     for (int t = 1; t < n; t++) {
@@ -1966,6 +1990,99 @@ int na_run(const na_args *A, int pass) {
     pthread_cond_destroy(&bar.c);
     return status;
 #endif
+}
+
+/* pass 0: forward (out, lse, and the weights); pass 1: backward (dq, dk, dv, drpb, dattn_bias): the
+ * fused one when chunk > 0, else two-pass. Returns 0, 1 when scratch memory could not be allocated,
+ * 2 for a bad request. */
+int na_run(const na_args *A, int pass) {
+    if (pass < 0 || pass > 1 || (pass == 1 && A->chunk > 0 && (A->split < 0 || A->split > 2))) return 2;
+    if (A->dt != F32 && A->dt != BF16) return 2;
+    /* drpb has one slice per thread: the caller allocates A->nthreads slices, in [1, MAX_THREADS] */
+    const int nt = A->nthreads < 1 ? 1 : A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads;
+    return launch((job){A, pass, 0, 0, 0, NULL, NULL, 0, NULL}, nt);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Several problems in one launch (a batch of samples of different sizes, each its own problem:
+ * its own pointers into packed tensors, grid, tables and window arguments) */
+
+/* Forward items of the problems handed out per grab of the shared counter: enough grabs per thread
+ * that problems of very different cost even out, few enough that a thread keeps neighbouring lines
+ * (which share most of their keys) together. */
+#define MANY_GRABS_PER_THREAD 16
+
+/* This thread's part of a multi-problem forward. One scratch block sized for the largest problem
+ * serves all of them (slot lists depend on a problem's windows only through their extents). Phase 1
+ * (bf16 problems): every problem's key and value layout copies, split evenly over the threads by
+ * item count; a barrier, since any forward item may read any copy of its problem. Phase 2: the query
+ * items of all problems, one index space in problem order, grabbed in chunks from a shared atomic
+ * counter: items differ in cost between problems (line lengths, windows), so a static split by item
+ * count would leave threads idle. Which thread runs an item never changes what it writes (each item
+ * writes its own rows of out, lse and attn), so results do not depend on the schedule. */
+static void *run_many_job(job *J) {
+    const na_args *const *P = J->many;
+    const int n = J->nmany;
+    int64_t cap = 0, segcap = 0, D = 0, Dv = 0, nprep = 0, nfwd = 0;
+    for (int p = 0; p < n; p++) {
+        const na_args *A = P[p];
+        const int64_t qext[3] = {A->L0, A->L1, A->L2};
+        int64_t c, sc;
+        max_slots(A, A->lo, A->hi, qext, &c, &sc);
+        cap = max64(cap, c);
+        segcap = max64(segcap, sc);
+        D = max64(D, A->D);
+        Dv = max64(Dv, A->Dv);
+        if (A->dt == BF16) nprep += 2 * nklines(A) * A->Hk;
+        nfwd += query_items(A);
+    }
+    scratch S;
+    J->status = scratch_init(&S, cap, segcap, D, Dv, 0, 0) ? 0 : 1;
+    if (J->status) S.block = NULL;
+    if (nprep) {
+        const int64_t begin = nprep * J->tid / J->nt, end = nprep * (J->tid + 1) / J->nt;
+        int64_t off = 0;
+        for (int p = 0; p < n && off < end; p++) {
+            const na_args *A = P[p];
+            if (A->dt != BF16) continue;
+            const int64_t m = nklines(A) * A->Hk;
+            for (int kind = 0; kind < 2; kind++, off += m) {
+                const int64_t lo = max64(begin, off) - off, hi = min64(end, off + m) - off;
+                if (lo < hi && J->status == 0) do_work(A, &S, NULL, kind ? W_VP : W_KT, lo, hi);
+            }
+        }
+        sync_threads(J);
+    }
+    const int64_t grab = max64(1, nfwd / ((int64_t)J->nt * MANY_GRABS_PER_THREAD));
+    int p = 0;
+    int64_t first = 0; /* first item of problem p in the joint index space */
+    for (;;) {
+        const int64_t begin = __atomic_fetch_add(J->next, grab, __ATOMIC_RELAXED);
+        if (begin >= nfwd) break;
+        const int64_t end = min64(begin + grab, nfwd);
+        /* grabs only grow, so the problem cursor only moves forward */
+        for (int64_t at = begin; at < end;) {
+            while (first + query_items(P[p]) <= at) first += query_items(P[p++]);
+            const int64_t hi = min64(end, first + query_items(P[p]));
+            if (J->status == 0) forward_items(P[p], &S, at - first, hi - first);
+            at = hi;
+        }
+    }
+    scratch_free(&S);
+    return NULL;
+}
+
+/* The forward (pass 0, the only one) of n problems in one parallel region: problems[i] is a complete
+ * na_args as na_run takes it (same element type not required; nthreads is taken from problems[0]).
+ * Returns 0, 1 when scratch memory could not be allocated, 2 for a bad request. */
+int na_run_many(const na_args *const *problems, int n, int pass) {
+    if (pass != 0 || n < 1 || !problems) return 2;
+    for (int i = 0; i < n; i++)
+        if (!problems[i] || (problems[i]->dt != F32 && problems[i]->dt != BF16)) return 2;
+    const int nt = problems[0]->nthreads < 1 ? 1 : problems[0]->nthreads > MAX_THREADS ? MAX_THREADS
+                                                                                       : problems[0]->nthreads;
+    int64_t next = 0;
+    return launch((job){problems[0], pass, 0, 0, 0, NULL, problems, n, &next}, nt);
 }
 
 /* What this build computes with (build.py reports it): bit 0: vdpbf16ps (AVX512-BF16) for bf16 dot
