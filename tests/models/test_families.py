@@ -22,6 +22,7 @@ TINY = {
     "maxvit_tiny": dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 128, 256), stem_width=32, head_hidden_size=64),
     "convit_tiny": dict(depth=4, local_up_to_layer=2, num_heads=2),
     "halonet26t": dict(widths=(64, 128, 256, 512), stem_width=32),
+    "mambaout_femto": dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64)),
 }
 WINDOWED = ["swin_tiny", "davit_tiny", "maxvit_tiny"]
 
@@ -47,7 +48,7 @@ def _gmacs_by_op(model: torch.nn.Module) -> dict[str, float]:
 
 def test_every_family_is_registered_with_its_variants() -> None:
     assert set(TINY) <= set(MODELS) and set(WINDOWED) <= set(TINY)
-    assert len(MODELS) == 3 + 6 + 3 + 3 + 3 + 1
+    assert len(MODELS) == 3 + 6 + 3 + 3 + 3 + 1 + 5
     for name in MODELS:
         info = model_info(name)
         assert info["from_timm"] is not None and info["timm_name"] and info["paper"]
@@ -149,7 +150,7 @@ def test_classifier_from_features_and_batch_independence(tiny_models, name) -> N
         torch.testing.assert_close(model(x)[1:2], model(x[1:2]), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["swin_tiny", "davit_tiny", "convit_tiny"])
+@pytest.mark.parametrize("name", ["swin_tiny", "davit_tiny", "convit_tiny", "mambaout_femto"])
 def test_every_parameter_gets_a_gradient(name) -> None:
     model = _small(name, num_classes=3, drop_path_rate=0.0).train()  # no branch dropped for the whole batch
     model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()

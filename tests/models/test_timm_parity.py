@@ -29,6 +29,8 @@ OTHER_SIZES = [
     ("davit_tiny", 448, {}, {}),
     ("maxvit_tiny", 448, dict(img_size=448), dict(img_size=448)),  # 14x14 partitions, as timm at 448
     ("halonet26t", 512, {}, {}),
+    ("mambaout_tiny", 288, {}, {}),  # timm's test size
+    ("mambaout_femto", 250, {}, {}),  # no stride divides it: both round up (63, 32, 16, 8)
 ]
 
 

@@ -22,6 +22,7 @@ from .davit import DaViT
 from .focalnet import FocalNet
 from .halonet import HaloNet
 from .hornet import HorNet
+from .mambaout import MambaOut
 from .maxvit import MaxViT
 from .moat import MOAT
 from .nat import NAT, NAT_CONFIGS, NATConfig, dinat_dilations
@@ -40,6 +41,7 @@ __all__ = [
     "HaloNet",
     "HorNet",
     "MOAT",
+    "MambaOut",
     "MaxViT",
     "NAT",
     "NAT_CONFIGS",

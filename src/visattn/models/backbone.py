@@ -15,7 +15,7 @@ A backbone is a stem, stages and a head::
 * the **head**: ``norm`` (per token, on the last map), global average pooling, ``head_norm``
   (on the pooled vector), an optional ``pre_logits`` ``Linear + tanh`` and the classifier ``head``.
   Each piece is optional, which covers NAT/Swin/FocalNet (norm, pool, linear), DaViT (pool, norm,
-  linear) and MaxViT (pool, norm, MLP, linear).
+  linear), MaxViT (pool, norm, MLP, linear) and MambaOut (pool, norm, MLP with a norm, linear).
 
 With ``features_only=True`` the model returns the channels-first maps of the stages in
 ``out_indices`` (optionally through per-output norms ``out_norms``, as detection backbones have),
@@ -93,7 +93,8 @@ class Backbone(nn.Module):
         dims, reductions: each stage's output width and stride with respect to the image.
         in_chans: image channels (for the input check).
         norm_layer / head_norm_layer: norm on the last map before pooling / on the pooled vector.
-        head_hidden_size: width of a ``Linear + head_act_layer`` pre-logits layer (MaxViT), or ``None``.
+        head_hidden_size: width of a ``Linear + head_act_layer`` pre-logits layer (MaxViT), or ``None``;
+            ``head_hidden_norm_layer`` adds a norm after it (MambaOut's MLP head).
         pos_drop_rate: dropout after the stem; head_drop_rate: dropout before the classifier.
         out_norm_layer: norm per returned map in ``features_only`` mode (``out_norms``), or ``None``.
         init_weights: applied to every module once built (default :func:`init_trunc_normal`).
@@ -106,7 +107,8 @@ class Backbone(nn.Module):
                  reductions: Sequence[int], *, in_chans: int = 3, num_classes: int = 1000, features_only: bool = False,
                  out_indices: Optional[Sequence[int]] = None, norm_layer: Optional[NormLayer] = None,
                  head_norm_layer: Optional[NormLayer] = None, head_hidden_size: Optional[int] = None,
-                 head_act_layer: Callable[[], nn.Module] = nn.Tanh, pos_drop_rate: float = 0.0,
+                 head_act_layer: Callable[[], nn.Module] = nn.Tanh,
+                 head_hidden_norm_layer: Optional[NormLayer] = None, pos_drop_rate: float = 0.0,
                  head_drop_rate: float = 0.0, out_norm_layer: Optional[NormLayer] = None,
                  init_weights: Optional[Callable[[nn.Module], None]] = init_trunc_normal) -> None:
         super().__init__()
@@ -144,6 +146,8 @@ class Backbone(nn.Module):
                 self.pre_logits = nn.Sequential()
                 self.pre_logits.add_module("fc", nn.Linear(self.num_features, head_hidden_size))
                 self.pre_logits.add_module("act", head_act_layer())
+                if head_hidden_norm_layer is not None:
+                    self.pre_logits.add_module("norm", head_hidden_norm_layer(head_hidden_size))
             else:
                 self.pre_logits = nn.Identity()
             self.head_drop = nn.Dropout(head_drop_rate)

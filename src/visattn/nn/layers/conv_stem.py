@@ -3,7 +3,8 @@
 All of them end channels-last (``[B, H, W, C]``), the layout the token mixers work in, and round
 odd sizes up: an ``H x W`` map becomes ``ceil(H / s) x ceil(W / s)`` for stride ``s``.
 
-* :class:`ConvStem`: NAT/DiNAT's two overlapping 3x3 stride-2 convolutions + LayerNorm;
+* :class:`ConvStem`: NAT/DiNAT's two overlapping 3x3 stride-2 convolutions + LayerNorm (MambaOut's
+  with a norm and an activation between them);
 * :class:`ConvDownsample`: one strided convolution and a norm after it (NAT, FocalNet, CSWin) or
   before it (DaViT), between stages;
 * :class:`PatchEmbed`: the same on the input image (Swin, FocalNet, DaViT, ViT stems).
@@ -30,17 +31,28 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 class ConvStem(nn.Module):
-    """Two 3x3 stride-2 convs (no activation between them, as in NAT) + LayerNorm:
-    ``[B, C_in, H, W] -> [B, ceil(H/4), ceil(W/4), C]`` (channels-first in, channels-last out)."""
+    """Two 3x3 stride-2 convs + a norm: ``[B, C_in, H, W] -> [B, ceil(H/4), ceil(W/4), C]``
+    (channels-first in, channels-last out).
 
-    def __init__(self, in_chans: int, dim: int) -> None:
+    Defaults are NAT's: nothing between the convolutions, ``nn.LayerNorm`` after them. MambaOut's
+    (InternImage's) stem puts a norm (``mid_norm=True``: ``norm1``, on the ``C/2`` channels) and an
+    activation (``act_layer``) between them.
+    """
+
+    def __init__(self, in_chans: int, dim: int, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 mid_norm: bool = False, act_layer: Optional[Callable[[], nn.Module]] = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
+        self.norm1 = norm_layer(dim // 2) if mid_norm else None
+        self.act = act_layer() if act_layer is not None else nn.Identity()
         self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = norm_layer(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv2(self.conv1(x)).permute(0, 2, 3, 1))
+        x = self.conv1(x)
+        if self.norm1 is not None:  # a channels-last norm on the channels-first map, and back (views)
+            x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.norm(self.conv2(self.act(x)).permute(0, 2, 3, 1))
 
 
 class ConvDownsample(nn.Module):

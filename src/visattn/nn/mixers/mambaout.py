@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..linear import Linear
 from ..registry import register_attn
 from .base import check_input
 
@@ -38,10 +39,10 @@ class GatedCNN(nn.Module):
                              f"they must be between 1 and the hidden width int(expansion_ratio * dim) = {hidden}.")
         self.dim, self.kernel_size = dim, kernel_size
         self.split_indices = (hidden, hidden - conv_channels, conv_channels)
-        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc1 = Linear(dim, 2 * hidden)
         self.act = act_layer()
         self.conv = nn.Conv2d(conv_channels, conv_channels, kernel_size, padding=kernel_size // 2, groups=conv_channels)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
