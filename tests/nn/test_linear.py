@@ -34,7 +34,8 @@ def test_is_an_nn_linear_with_the_same_state_dict() -> None:
 
 
 @needs_onednn
-@pytest.mark.parametrize("shape,bias", [((2, 9, 7, 12), True), ((1, 1, 1, 12), False), ((3, 5, 13, 12), True)])
+@pytest.mark.parametrize("shape,bias", [((2, 9, 7, 12), True), ((2, 1, 1, 12), False), ((3, 5, 13, 12), True),
+                                        ((1, 41, 42, 12), True)])
 def test_onednn_route_equals_linear(route, shape, bias) -> None:
     route("1")
     torch.manual_seed(0)
@@ -67,3 +68,25 @@ def test_switched_off_by_the_environment(route) -> None:
     route("0")
     with torch.no_grad():
         assert not onednn_projection(torch.randn(1, 2, 2, 8), Linear(8, 4))
+
+
+@needs_onednn
+def test_single_small_images_keep_f_linear_because_torch_would_not_use_onednn(route) -> None:
+    """PyTorch runs a 1x1 float32 convolution of one image with at most 20480 input elements with its
+    own im2col + GEMM instead of oneDNN (slower than F.linear): the route skips exactly those."""
+    from torch.profiler import profile
+
+    route("1")
+    layer = Linear(288, 64)
+
+    def conv_kernels(x: torch.Tensor) -> set[str]:
+        with torch.no_grad(), profile() as prof:
+            F.conv2d(x.permute(0, 3, 1, 2), layer.weight[:, :, None, None], layer.bias)
+        return {e.name for e in prof.events()} & {"aten::mkldnn_convolution", "aten::_slow_conv2d_forward"}
+
+    small, large, batched = torch.randn(1, 7, 7, 288), torch.randn(1, 9, 8, 288), torch.randn(2, 7, 7, 288)
+    with torch.no_grad():
+        assert not onednn_projection(small, layer) and conv_kernels(small) == {"aten::_slow_conv2d_forward"}
+        for x in (large, batched):
+            assert onednn_projection(x, layer) and conv_kernels(x) == {"aten::mkldnn_convolution"}
+        torch.testing.assert_close(layer(small), F.linear(small, layer.weight, layer.bias))

@@ -46,12 +46,18 @@ def _cpu_prefers_onednn() -> bool:
     return False
 
 
+#: PyTorch gives a 1x1 float32 convolution of a single image to oneDNN only above this many input
+#: elements (``ConvParams::use_mkldnn``); below it runs its own im2col + GEMM, slower than ``F.linear``.
+_ONEDNN_MIN_SINGLE_IMAGE_NUMEL = 20480
+
+
 def onednn_projection(x: torch.Tensor, layer: nn.Linear) -> bool:
     """Whether ``layer(x)`` should run as a 1x1 convolution: a contiguous float32 ``[B, H, W, C]``
-    CPU map, eager, without autograd, no ``TorchDispatchMode`` active (FLOP counters and profilers
-    then see the ``addmm`` they expect of a linear layer), on a CPU where :func:`_cpu_prefers_onednn`
-    holds."""
+    CPU map that PyTorch's convolution hands to oneDNN (``B > 1`` or more than 20480 elements), eager,
+    without autograd, no ``TorchDispatchMode`` active (FLOP counters and profilers then see the
+    ``addmm`` they expect of a linear layer), on a CPU where :func:`_cpu_prefers_onednn` holds."""
     return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and (x.shape[0] > 1 or x.numel() > _ONEDNN_MIN_SINGLE_IMAGE_NUMEL)
             and layer.weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
