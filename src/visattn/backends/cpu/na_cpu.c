@@ -42,7 +42,7 @@
  * the queries that see it): dK and dV in registers, dQ scattered into the queries' fp32 rows, made
  * race-free by running chunks of one axis in two colours whose query sets are disjoint (fused); or,
  * when that leaves too little parallel work, a dQ pass over query runs plus the key-side pass
- * without dQ (two-pass). One na_run call runs a whole forward or backward; its phases (layout
+ * without dQ (two-pass). One na_forward or na_backward call runs a whole forward or backward; its phases (layout
  * copies and the delta prologue, colour 0, colour 1, bf16 output conversion and the fold of periodic
  * copies) are separated by barriers. One na_run_many call runs the forwards of several problems
  * (na_varlen's samples, each with its own pointers, grids and tables) in one parallel region.
@@ -73,6 +73,18 @@
 #else
 #define NA_DPBF16 0
 #endif
+/* Which entry points this translation unit defines. build.py compiles the file twice, concurrently,
+ * into two libraries, so that the first forward of a process waits only for the forward's compile
+ * (about 60% of the whole) while the backward's builds on another core: NA_PART=1: the forward
+ * (na_forward, na_run_many, na_features); NA_PART=2: the backward (na_backward). Unset (0): all of
+ * them and na_run, one unit (C drivers). The static helpers are in both; those a part does not reach
+ * are dropped by the compiler before it optimises anything, so they cost it little. */
+#ifndef NA_PART
+#define NA_PART 0
+#endif
+#define NA_FWD (NA_PART != 2)
+#define NA_BWD (NA_PART != 1)
+
 #if defined(__AVX512F__) && defined(__AVX512VL__)
 #define NA_AVX512 1 /* 32 vector registers, masked loads/stores, vscalefps */
 #else
@@ -1786,7 +1798,7 @@ typedef struct {
     int status;
     barrier_t *bar;
     /* na_run_many: the problems (A is the first), their count, and the shared counter of forward
-     * items handed out so far (dynamic scheduling: see run_many_job); NULL, 0, NULL for na_run. */
+     * items handed out so far (dynamic scheduling: see run_many_job); NULL, 0, NULL for one problem. */
     const na_args *const *many;
     int nmany;
     int64_t *next;
@@ -1817,21 +1829,27 @@ static float *drpb_slice(const na_args *A, int tid) {
 
 static void do_work(const na_args *A, scratch *S, float *drpb, int kind, int64_t begin, int64_t end) {
     const int64_t D = A->D, Dv = A->Dv;
+    (void)S, (void)drpb, (void)D, (void)Dv;
     switch (kind) {
+        /* the key and value copies the bf16 forward reads: in both parts */
         case W_KT: t_copy(A, 1, A->k, A->Hk, D, A->kt, begin, end); break;
+        case W_VP: p_copy(A, 1, A->v, A->Hk, Dv, A->vp, begin, end); break;
+#if NA_FWD
+        case W_FWD: forward_items(A, S, begin, end); break;
+#endif
+#if NA_BWD
         case W_VT: t_copy(A, 1, A->v, A->Hk, Dv, A->vt, begin, end); break;
         case W_QT: t_copy(A, 0, A->q, A->H, D, A->qt, begin, end); break;
         case W_DOT: t_copy(A, 0, A->dout, A->H, Dv, A->dot, begin, end); break;
         case W_KP: p_copy(A, 1, A->k, A->Hk, D, A->kp, begin, end); break;
-        case W_VP: p_copy(A, 1, A->v, A->Hk, Dv, A->vp, begin, end); break;
         case W_QP: p_copy(A, 0, A->q, A->H, D, A->qp, begin, end); break;
         case W_DOP: p_copy(A, 0, A->dout, A->H, Dv, A->dop, begin, end); break;
         case W_DELTA: delta_lines(A, begin, end); break;
-        case W_FWD: forward_items(A, S, begin, end); break;
         case W_DQ: backward_dq_items(A, S, drpb, begin, end); break;
         case W_DKV: backward_dkv_items(A, S, begin, end); break;
         case W_DQOUT: dq_out_rows(A, begin, end); break;
         case W_FOLD: fold_lines(A, begin, end); break;
+#endif
     }
 }
 
@@ -1857,11 +1875,15 @@ static int64_t key_template_cap(const na_args *A) {
     return round8(m);
 }
 
+#if NA_FWD
 static void *run_many_job(job *J);
+#endif
 
 static void *run_job(void *arg) {
     job *J = arg;
+#if NA_FWD
     if (J->many) return run_many_job(J);
+#endif
     const na_args *A = J->A;
     const int64_t lines = nlines(A), klines = nklines(A), bf = A->dt == BF16, fused = A->chunk > 0;
     const int64_t qext[3] = {A->L0, A->L1, A->L2}, kext[3] = {A->M0, A->M1, A->M2};
@@ -1878,6 +1900,7 @@ static void *run_job(void *arg) {
     J->status = scratch_init(&S, cap, segcap, A->D, A->Dv, npair, tcap) ? 0 : 1;
     if (J->status) S.block = NULL;
     if (J->pass == 0) {
+#if NA_FWD
         if (bf) {
             const work_t prep[] = {{W_KT, klines * A->Hk}, {W_VP, klines * A->Hk}};
             run_phase(J, &S, prep, 2);
@@ -1885,7 +1908,9 @@ static void *run_job(void *arg) {
         }
         const work_t fwd[] = {{W_FWD, query_items(A)}};
         run_phase(J, &S, fwd, 1);
+#endif
     } else {
+#if NA_BWD
         const int64_t H = A->H, Hk = A->Hk;
         const work_t pro[] = {{W_DELTA, lines * H},
                               {W_QT, bf ? lines * H : 0}, {W_DOT, bf ? lines * H : 0},
@@ -1910,7 +1935,9 @@ static void *run_job(void *arg) {
             const work_t out[] = {{W_DQOUT, bf ? ntokens(A) * H : 0}, {W_FOLD, A->dkf ? A->B * A->N0 * A->N1 : 0}};
             run_phase(J, &S, out, 2);
         }
+#endif
     }
+    (void)lines, (void)klines, (void)bf, (void)fused;
     scratch_free(&S);
     return NULL;
 }
@@ -1925,14 +1952,6 @@ static void *thread_main(void *arg) {
 }
 #endif
 
-/* pass 0: forward (out, lse, and the weights); pass 1: backward (dq, dk, dv, drpb, dattn_bias): the
- * fused one when chunk > 0, else two-pass. Returns 0, 1 when scratch memory could not be allocated,
- * 2 for a bad request.
- *
- * Threads: built with -fopenmp against the libgomp that PyTorch itself loaded, the work runs on
- * PyTorch's own OpenMP pool, whose workers are usually still spinning after the previous torch op
- * (a Linear, a copy): a separate pool would share the cores with them for the next ~ms (measured:
- * 2.4 ms lost per call at 56x56). Otherwise, one pthread per share. */
 /* Runs run_job on nt threads, each with a copy of `proto` (its own tid and team size); returns the OR
  * of their statuses.
  *
@@ -1992,16 +2011,35 @@ static int launch(job proto, int nt) {
 #endif
 }
 
-/* pass 0: forward (out, lse, and the weights); pass 1: backward (dq, dk, dv, drpb, dattn_bias): the
- * fused one when chunk > 0, else two-pass. Returns 0, 1 when scratch memory could not be allocated,
- * 2 for a bad request. */
-int na_run(const na_args *A, int pass) {
-    if (pass < 0 || pass > 1 || (pass == 1 && A->chunk > 0 && (A->split < 0 || A->split > 2))) return 2;
+/* A pass of one problem on A->nthreads threads (clamped to [1, MAX_THREADS]); 2 for a bad element type. */
+static int run_pass(const na_args *A, int pass) {
     if (A->dt != F32 && A->dt != BF16) return 2;
     /* drpb has one slice per thread: the caller allocates A->nthreads slices, in [1, MAX_THREADS] */
     const int nt = A->nthreads < 1 ? 1 : A->nthreads > MAX_THREADS ? MAX_THREADS : A->nthreads;
     return launch((job){A, pass, 0, 0, 0, NULL, NULL, 0, NULL}, nt);
 }
+
+#if NA_FWD
+/* The forward: out, lse, and the weights. Returns 0, 1 when scratch memory could not be allocated, 2
+ * for a bad request. */
+int na_forward(const na_args *A) { return run_pass(A, 0); }
+#endif
+
+#if NA_BWD
+/* The backward: dq, dk, dv, drpb, dattn_bias; the fused one when chunk > 0, else two-pass. Returns as
+ * na_forward. */
+int na_backward(const na_args *A) {
+    if (A->chunk > 0 && (A->split < 0 || A->split > 2)) return 2;
+    return run_pass(A, 1);
+}
+#endif
+
+#if NA_PART == 0
+/* pass 0: na_forward; pass 1: na_backward; else 2 (for C drivers that build the whole file as one). */
+int na_run(const na_args *A, int pass) { return pass == 0 ? na_forward(A) : pass == 1 ? na_backward(A) : 2; }
+#endif
+
+#if NA_FWD
 
 /* ------------------------------------------------------------------------------------------------
  * Several problems in one launch (a batch of samples of different sizes, each its own problem:
@@ -2073,7 +2111,7 @@ static void *run_many_job(job *J) {
 }
 
 /* The forward (pass 0, the only one) of n problems in one parallel region: problems[i] is a complete
- * na_args as na_run takes it (same element type not required; nthreads is taken from problems[0]).
+ * na_args as na_forward takes it (same element type not required; nthreads is taken from problems[0]).
  * Returns 0, 1 when scratch memory could not be allocated, 2 for a bad request. */
 int na_run_many(const na_args *const *problems, int n, int pass) {
     if (pass != 0 || n < 1 || !problems) return 2;
@@ -2088,3 +2126,4 @@ int na_run_many(const na_args *const *problems, int n, int pass) {
 /* What this build computes with (build.py reports it): bit 0: vdpbf16ps (AVX512-BF16) for bf16 dot
  * products, else widened to fp32; bit 1: AVX-512 (32 registers, masked stores, vscalefps exp). */
 int na_features(void) { return NA_DPBF16 | (NA_AVX512 << 1); }
+#endif /* NA_FWD */
