@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -261,3 +262,18 @@ def _no_compile(run):
         assert "--version" in cmd, f"compiled again: {cmd}"
         return run(cmd, *a, **kw)
     return guarded
+
+
+def test_a_background_build_without_a_result_is_run_in_the_caller() -> None:
+    """A child forked while the backward's build ran has the object but not the thread (and a thread
+    that raised has no result): ``result()`` then loads in the calling thread instead of failing."""
+    calls = []
+
+    def load():
+        calls.append(threading.current_thread().name)
+        return None, f"attempt {len(calls)}"
+
+    pending = build.Background(load)
+    assert pending.result() == (None, "attempt 1") and calls == ["visattn-cc"]
+    pending._result = None  # what a forked child (or a raising thread) is left with
+    assert pending.result() == (None, "attempt 2") and calls[1] == threading.current_thread().name

@@ -173,20 +173,24 @@ class Background:
 
     The thread is not a daemon: a process that ends while the compiler is still running waits for it,
     so that what it compiled lands in the cache instead of being thrown away and paid again by the
-    next process.
+    next process. If the thread ended without a result (it raised, or this is a child forked while it
+    ran, where the thread does not exist), :meth:`result` runs ``load`` itself.
     """
 
     def __init__(self, load: Callable[[], tuple[Optional[ctypes.CDLL], Optional[str]]]) -> None:
-        self._result: tuple[Optional[ctypes.CDLL], Optional[str]] = (None, "the build did not finish")
-        self._thread = threading.Thread(target=self._run, args=(load,), name="visattn-cc")
+        self._load = load
+        self._result: Optional[tuple[Optional[ctypes.CDLL], Optional[str]]] = None
+        self._thread = threading.Thread(target=self._run, name="visattn-cc")
         self._thread.start()
 
-    def _run(self, load: Callable[[], tuple[Optional[ctypes.CDLL], Optional[str]]]) -> None:
-        self._result = load()
+    def _run(self) -> None:
+        self._result = self._load()
 
     def result(self) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         """``(library, None)`` or ``(None, why not)``, once the thread is done (waits for it)."""
         self._thread.join()
+        if self._result is None:
+            self._result = self._load()
         return self._result
 
 
