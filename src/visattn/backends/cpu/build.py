@@ -118,12 +118,6 @@ def _texts(source: Path) -> list[str]:
 FORWARD_PART, BACKWARD_PART = ("fwd", ["-DNA_PART=1"]), ("bwd", ["-DNA_PART=2"])
 
 
-def build(cc: str) -> tuple[Path, Path]:
-    """Compile the neighborhood-attention kernel for this CPU (or find it in the cache), its forward
-    and backward libraries one after the other; returns their paths (see :func:`compile_source`)."""
-    return compile_source(cc, SOURCE, *FORWARD_PART), compile_source(cc, SOURCE, *BACKWARD_PART)
-
-
 def compile_source(cc: str, source: Path, part: str = "", defines: Sequence[str] = ()) -> Path:
     """Compile the self-contained C file ``source`` for this CPU (or find it in the cache); returns the
     shared library's path, ``<cache>/<source stem>-<key>.so``, or ``<cache>/<source stem>-<key>-<part>.so``
