@@ -79,6 +79,7 @@ def cold_first_call() -> dict:
         print(json.dumps(dict(import_s=t1 - t0, first_call_s=t2 - t1, second_call_s=t3 - t2)))
     """)
     with tempfile.TemporaryDirectory() as cache:
+        # NUMBA_CACHE_DIR: an older checkout measured with this script (PYTHONPATH) still had numba kernels
         env = {**os.environ, "VISATTN_CACHE_DIR": cache, "NUMBA_CACHE_DIR": cache}
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:

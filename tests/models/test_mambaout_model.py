@@ -83,7 +83,8 @@ def test_official_checkpoint_layout_loads_and_reproduces_the_model() -> None:
     official = check_loads_official_layout("mambaout_femto", _official_layout, "model", (40, 36),
                                            depths=(1, 2, 1, 1))
     assert {"downsample_layers.0.norm1.weight", "downsample_layers.2.conv.weight", "stages.1.1.conv.weight",
-            "stages.0.0.norm.bias", "norm.weight", "head.fc1.weight", "head.norm.bias", "head.fc2.weight"} <= set(official)
+            "stages.0.0.norm.bias", "norm.weight", "head.fc1.weight", "head.norm.bias",
+            "head.fc2.weight"} <= set(official)
     assert len(official) == len(create_model("mambaout_femto", depths=(1, 2, 1, 1)).state_dict())
     with pytest.raises(KeyError, match="mambaout_from_official: keys not in the official MambaOut layout: extra"):
         model_info("mambaout_femto")["from_official"]({**official, "extra": torch.zeros(1)})

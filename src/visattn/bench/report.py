@@ -124,7 +124,7 @@ def footnotes(result: BenchResult) -> list[str]:
         "* best visattn is: this row's median / the fastest correct visattn backend's median.",
         "* peak extra MB: the peak of memory allocated during one call above what was live before it (inputs "
         "excluded; output, gradients and temporaries included): torch.profiler allocation events on CPU, "
-        "torch.cuda.max_memory_allocated on CUDA. Memory allocated outside torch (e.g. a numba kernel's "
+        "torch.cuda.max_memory_allocated on CUDA. Memory allocated outside torch (e.g. the C kernels' per-thread "
         "scratch) is not seen.",
         "* visattn reference is the oracle (explicit neighbour gather, O(tokens * K * H * D) memory): it runs once "
         "in float64 to check the others and is not timed unless named in --only (then in the input dtype, "
