@@ -194,6 +194,8 @@ _LIB_ERROR: Optional[str] = None
 #: The backward library (``na_backward``), built alongside the forward's by :func:`library`.
 _BACKWARD: Optional[Background] = None
 _LOCK = threading.Lock()
+#: What serves CPU calls when the kernel cannot be built (the end of the reason given).
+_FALLBACK = "CPU calls use the torch backend"
 
 
 def status() -> Optional[str]:
@@ -203,7 +205,7 @@ def status() -> Optional[str]:
         return None
     if _LIB_ERROR is not None:
         return _LIB_ERROR
-    return no_compiler("CPU calls use the torch backend")
+    return no_compiler(_FALLBACK)
 
 
 def no_compiler(fallback: str) -> Optional[str]:
@@ -242,9 +244,6 @@ def _declare_forward(lib: ctypes.CDLL) -> None:
 def _declare_backward(lib: ctypes.CDLL) -> None:
     lib.na_backward.argtypes = [ctypes.POINTER(Args)]
     lib.na_backward.restype = ctypes.c_int
-
-
-_FALLBACK = "CPU calls use the torch backend"
 
 
 def library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
