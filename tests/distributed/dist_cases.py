@@ -167,9 +167,10 @@ def random_cases(seed: int, count: int, grid: bool) -> list[dict]:
             case["axes"], case["grid"] = tuple(sorted(rng.sample(range(r), 2))), (2, 2)
         else:
             case["axes"] = (rng.randrange(r),)
-        unsharded = [a for a in range(r) if a not in case["axes"]]
-        if unsharded and rng.random() < 0.2:  # a periodic axis: stride 1, not causal there
-            a = rng.choice(unsharded)
+        # a periodic axis (stride 1, not causal there); a sharded one needs a kernel no longer than the ring
+        ring = [a for a in range(r) if a not in case["axes"] or kernel[a] <= case["shape"][a]]
+        if ring and rng.random() < 0.3:
+            a = rng.choice(ring)
             case["periodic"] = tuple(i == a for i in range(r))
             case["stride"] = tuple(1 if i == a else s for i, s in enumerate(case["stride"]))
             case["causal"] = tuple(False if i == a else c for i, c in enumerate(case["causal"]))
@@ -205,7 +206,7 @@ def dtensor_sweep(rank: int, world: int, cases: list[dict]) -> dict:
         placements = [Shard(d) if d is not None else Replicate() for d in case["placements"]]
         x = _global_inputs(case, seed=2000 + i)
         args = dict(kernel_size=case["kernel"], stride=case.get("stride", 1), dilation=case.get("dilation", 1),
-                    is_causal=case.get("causal", False))
+                    is_causal=case.get("causal", False), periodic=case.get("periodic", False))
         ref_in = {k: x[k].clone().requires_grad_() for k in ("query", "key", "value")}
         ref = visattn.neighborhood_attention(**ref_in, **args)
         (ref * x["grad_out"]).sum().backward()
@@ -265,6 +266,9 @@ def _bad_call(rank: int, world: int, what: str) -> str:
         kwargs["stride"] = 4  # > kernel: rank 0's own argument check fails
     if what == "shape" and rank == 0:
         q = torch.randn(1, q.shape[1], 5, 2, 4, dtype=torch.float64)
+    if what == "ring":  # the sharded first axis wraps and is 6 long: a kernel of 7 would be the whole ring
+        q = torch.tensor_split(x[:, :6], world, dim=1)[rank]
+        kwargs.update(kernel_size=7, periodic=(True, False))
     try:
         vd.na2d(q, q, q, **kwargs)
     except Exception as e:  # noqa: BLE001  (the test reads the type and text)
@@ -274,7 +278,7 @@ def _bad_call(rank: int, world: int, what: str) -> str:
 
 def bad_calls(rank: int, world: int) -> list[str]:
     """Each bad call in turn, then a good one: the texts of what this rank raised."""
-    return [_bad_call(rank, world, what) for what in ("size", "kernel", "local", "shape", "none")]
+    return [_bad_call(rank, world, what) for what in ("size", "kernel", "local", "shape", "ring", "none")]
 
 
 def not_initialized() -> str:

@@ -100,3 +100,26 @@ def test_shards_narrower_than_the_halo_reach_several_ranks() -> None:
     assert [p for p in range(10) if plan.recv_index(0, p).numel()] == [1, 2, 3]
     assert plan.shards[4].needed.tolist() == list(range(5, 13))
     assert [p for p in range(10) if plan.recv_index(4, p).numel()] == [2, 3, 5, 6]
+
+
+def test_periodic_slabs_wrap_around_the_ring() -> None:
+    """A ring of 6 in two shards, kernel 5: each slab is its shard plus 2 keys either side, modulo 6, so
+    key 4 (rank 0) and key 1 (rank 1) sit at both ends of a slab; everything else comes from the peer."""
+    plan = plan_axis((3, 3), 5, 1, 1, False, True)
+    assert plan.periodic and [(s.slab_start, s.slab_stop) for s in plan.shards] == [(-2, 5), (1, 8)]
+    assert [s.slab_keys.tolist() for s in plan.shards] == [[4, 5, 0, 1, 2, 3, 4], [1, 2, 3, 4, 5, 0, 1]]
+    assert plan.recv_index(0, 1).tolist() == [3, 4, 5] and plan.recv_index(1, 0).tolist() == [0, 1, 2]
+
+
+def test_periodic_dilation_fits_the_ring_and_the_slab_keeps_it() -> None:
+    plan = plan_axis((4, 4), 3, 1, 3, False, True)  # 3 * 3 > 8: dilation 8 // 3 = 2, as unsharded
+    assert plan.dilation == 2
+    for s in plan.shards:
+        assert s.slab_length >= 3 * 2 and set(s.needed.tolist()) == {(x + 2 * j) % 8 for x in range(s.start, s.stop)
+                                                                      for j in (-1, 0, 1)}
+
+
+@pytest.mark.parametrize("stride, causal, kernel", [(2, False, 3), (1, True, 3), (1, False, 7)])
+def test_periodic_plans_refuse_what_a_ring_cannot_shard(stride: int, causal: bool, kernel: int) -> None:
+    with pytest.raises(ValueError, match="sharded periodic axis needs stride 1, no causal mask and kernel_size"):
+        plan_axis((3, 3), kernel, stride, 1, causal, True)

@@ -4,7 +4,8 @@ Every rank compares its output shard and the gradients of its input shards with 
 result in float64 (replicated inputs: the sum of the ranks' gradients). The sweeps cover 1-D/2-D/3-D
 inputs, uneven shards, shards narrower than the halo and empty ones, dilation, stride, causal on the
 sharded axis and on others, even kernels, kernels longer than the axis, RPB, GQA, extra KV tokens,
-attention bias, key padding masks, LSE and attention weights, periodic unsharded axes, and 2x2
+attention bias, key padding masks, LSE and attention weights, periodic axes (sharded too: rings whose
+shards are narrower than the halo, a ring shorter than a slab, dilation reduced to fit), and 2x2
 process grids. Each group is spawned once per test, with a timeout.
 """
 
@@ -26,6 +27,9 @@ SWEEPS = {
         dict(shape=(5, 4, 6), kernel=3, stride=(1, 1, 2), axes=(2,), lse=True, attn=True, dim_v=3),
         dict(shape=(6, 8), kernel=7, dilation=(1, 2), rpb=True, batch=2),
         dict(shape=(8, 6), kernel=3, attn_bias=True, mask=True, lse=True),
+        dict(shape=(13,), kernel=5, periodic=True, rpb=True, lse=True),
+        dict(shape=(9, 7), kernel=3, dilation=2, periodic=(True, False), attn=True, attn_bias=True, mask=True),
+        dict(shape=(6,), kernel=5, periodic=True, rpb=True, attn=True),  # each slab holds a key twice
     ],
     3: [
         dict(shape=(7,), kernel=5, rpb=True),
@@ -35,6 +39,9 @@ SWEEPS = {
         dict(shape=(6, 6, 5), kernel=3, causal=(True, True, False), axes=(0,), lse=True),
         dict(shape=(4, 9, 5), kernel=(3, 4, 3), causal=(True, False, False), axes=(1,), rpb=True),
         dict(shape=(7, 6), kernel=3, periodic=(False, True), axes=(0,), attn=True),
+        dict(shape=(7,), kernel=7, periodic=True, rpb=True, lse=True),  # shards of 3, 2, 2 keys, halo 3
+        dict(shape=(8, 5), kernel=(3, 5), dilation=(3, 1), periodic=(True, True), heads=4, kv_heads=2, extra=2,
+             rpb=True),  # 3 * 3 > 8: dilation 2 on the ring
     ],
     4: [
         dict(shape=(9,), kernel=7, lse=True),
@@ -44,6 +51,8 @@ SWEEPS = {
         dict(shape=(5, 6, 4), kernel=3, stride=(1, 2, 1), causal=(True, False, False), axes=(0, 1), grid=(2, 2),
              heads=4, kv_heads=2, extra=2),
         dict(shape=(3, 7, 5), kernel=(3, 5, 3), dilation=(1, 1, 2), axes=(1, 2), grid=(2, 2), attn=True),
+        dict(shape=(9, 7), kernel=3, periodic=(True, True), axes=(0, 1), grid=(2, 2), rpb=True, lse=True),
+        dict(shape=(5,), kernel=4, periodic=True, attn=True, mask=True),  # even kernel, shards 2, 1, 1, 1
     ],
 }
 
@@ -77,6 +86,7 @@ def test_dtensor_inputs_on_1d_and_2d_meshes() -> None:
         dict(shape=(3, 6, 5), kernel=3, stride=(1, 2, 1), mesh=(2, 2), placements=(3, 2)),
         dict(shape=(9, 7), kernel=5, batch=2, mesh=(2, 2), placements=(0, 1)),
         dict(shape=(9, 7), kernel=5, mesh=(2, 2), placements=(None, 1)),
+        dict(shape=(8, 10), kernel=5, periodic=(False, True), mesh=(2, 2), placements=(1, 2)),  # a sharded ring
     ]
     _no_errors(dist_harness.run(4, dist_cases.dtensor_sweep, mesh_cases))
 
@@ -91,7 +101,7 @@ def test_module_matches_single_process_layer(world: int, rank3: bool) -> None:
 def test_bad_calls_raise_on_every_rank_and_leave_the_group_usable() -> None:
     results = dist_harness.run(3, dist_cases.bad_calls)
     for rank, found in enumerate(results):
-        size, kernel, local, shape, after = found
+        size, kernel, local, shape, ring, after = found
         assert size.startswith("ValueError") and "tensor_split" in size and "[4, 2, 4]" in size
         assert kernel.startswith("ValueError") and "kernel_size" in kernel and "(5, 5)" in kernel
         if rank == 0:
@@ -99,6 +109,7 @@ def test_bad_calls_raise_on_every_rank_and_leave_the_group_usable() -> None:
         else:
             assert local.startswith("ValueError") and "rank(s) [0] rejected their arguments" in local
         assert "spatial shape off the sharded axis" in shape and "rank 0: (5,)" in shape
+        assert ring.startswith("ValueError") and "sharded and periodic" in ring and "kernel_size <= 6" in ring
         assert after == ""  # a good call afterwards: no rank was left behind in a collective
 
 

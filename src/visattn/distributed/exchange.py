@@ -1,9 +1,11 @@
 """The halo exchange along one sharded axis, as an autograd function.
 
 Forward: every rank sends each peer the keys/values that peer's queries need (one packed message per
-peer and direction, point-to-point) and assembles its slab: own shard, received halo, zeros elsewhere.
+peer and direction, point-to-point) and assembles its slab: own keys and received ones where the plan's
+``slab_keys`` put them (on a periodic axis a key may sit at two positions), zeros elsewhere.
 Backward: the slab's gradient at the received positions goes back to the owners (the same messages,
-reversed), who add it to the gradient of their shard. Nothing else is communicated.
+reversed, each key's gradient summed over its positions), who add it to the gradient of their shard.
+Nothing else is communicated.
 """
 
 from __future__ import annotations
@@ -56,12 +58,8 @@ def _p2p(group: Optional[dist.ProcessGroup], sends: dict[int, torch.Tensor], rec
     _record(direction, list(sends.values()))
 
 
-def _pack(tensors: Sequence[torch.Tensor], dim: int, index: torch.Tensor) -> torch.Tensor:
-    return torch.cat([t.index_select(dim, index).reshape(-1) for t in tensors])
-
-
 def _unpack(buffer: torch.Tensor, shapes: Sequence[torch.Size], dim: int, count: int) -> list[torch.Tensor]:
-    """Split a buffer packed by :func:`_pack` from tensors of ``shapes`` with ``count`` rows on ``dim``."""
+    """Split a buffer packed by :func:`_trade` from tensors of ``shapes`` with ``count`` rows on ``dim``."""
     shapes = [s[:dim] + (count,) + s[dim + 1:] for s in shapes]
     pieces = buffer.split([torch.Size(s).numel() for s in shapes])
     return [p.view(s) for p, s in zip(pieces, shapes)]
@@ -77,46 +75,68 @@ def _peers(index_of, world: int, rank: int) -> dict[int, torch.Tensor]:
     return {p: i for p in range(world) if p != rank and (i := index_of(p)).numel()}
 
 
-def _trade(tensors: Sequence[torch.Tensor], dim: int, send: dict[int, torch.Tensor], receive: dict[int, int],
+def _trade(send: dict[int, list[torch.Tensor]], like: Sequence[torch.Tensor], dim: int, receive: dict[int, int],
            group: Optional[dist.ProcessGroup], direction: str) -> dict[int, list[torch.Tensor]]:
-    """Send peer ``p`` the rows ``send[p]`` (indices along ``dim``) of every tensor, packed in one message;
-    receive ``receive[p]`` rows of each from peer ``p``. Returns the received pieces, per peer and tensor."""
-    shapes = [t.shape for t in tensors]
-    device = tensors[0].device
-    sends = {p: _pack(tensors, dim, i.to(device)) for p, i in send.items()}
-    recvs = {p: tensors[0].new_empty(_row_numel(shapes, dim) * n) for p, n in receive.items()}
+    """Send peer ``p`` the tensors ``send[p]`` (shaped as ``like`` but for their length on ``dim``), packed
+    in one message; receive ``receive[p]`` rows of each from peer ``p``. Returns the received pieces, per
+    peer and tensor."""
+    shapes = [t.shape for t in like]
+    sends = {p: torch.cat([t.reshape(-1) for t in ts]) for p, ts in send.items()}
+    recvs = {p: like[0].new_empty(_row_numel(shapes, dim) * n) for p, n in receive.items()}
     _p2p(group, sends, recvs, direction)
     return {p: _unpack(recvs[p], shapes, dim, n) for p, n in receive.items()}
 
 
+def _slots(plan: AxisPlan, rank: int, keys: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slab positions of ``rank`` that hold one of the sorted global ``keys``, and the index in ``keys``
+    of the key each holds."""
+    slab_keys = plan.shards[rank].slab_keys
+    where = torch.isin(slab_keys, keys).nonzero().squeeze(1)
+    return where.to(device), torch.searchsorted(keys, slab_keys[where]).to(device)
+
+
 def _assemble(tensors: Sequence[torch.Tensor], plan: AxisPlan, rank: int, group: Optional[dist.ProcessGroup],
               dim: int) -> list[torch.Tensor]:
-    """Slabs of ``tensors`` (all sharded alike on ``dim``, one dtype): own shard plus the received halo."""
+    """Slabs of ``tensors`` (all sharded alike on ``dim``, one dtype): own keys plus the received halo."""
     shard = plan.shards[rank]
     send = _peers(lambda p: plan.send_index(rank, p), plan.world, rank)
     recv = _peers(lambda p: plan.recv_index(rank, p), plan.world, rank)
-    pieces = _trade(tensors, dim, {p: i - shard.start for p, i in send.items()},
-                    {p: i.numel() for p, i in recv.items()}, group, "forward")
+    device = tensors[0].device
+    rows = {p: [t.index_select(dim, (i - shard.start).to(device)) for t in tensors] for p, i in send.items()}
+    pieces = _trade(rows, tensors, dim, {p: i.numel() for p, i in recv.items()}, group, "forward")
+    own_pos, own_row = _slots(plan, rank, torch.arange(shard.start, shard.stop), device)
     slabs = []
     for t in tensors:
         slab = t.new_zeros(t.shape[:dim] + (shard.slab_length,) + t.shape[dim + 1:])
-        slab.narrow(dim, shard.pad_before, shard.stop - shard.start).copy_(t)
+        slab.index_copy_(dim, own_pos, t.index_select(dim, own_row))
         slabs.append(slab)
     for p, i in recv.items():
+        pos, row = _slots(plan, rank, i, device)
         for slab, piece in zip(slabs, pieces[p]):
-            slab.index_copy_(dim, (i - shard.slab_start).to(slab.device), piece)
+            slab.index_copy_(dim, pos, piece.index_select(dim, row))
     return slabs
 
 
 def _return_grads(grads: Sequence[torch.Tensor], plan: AxisPlan, rank: int, group: Optional[dist.ProcessGroup],
                   dim: int) -> list[torch.Tensor]:
-    """Gradients of the shards from gradients of the slabs: the halo's part goes back to its owners."""
+    """Gradients of the shards from gradients of the slabs: the halo's part goes back to its owners, each
+    key's gradient summed over the slab positions that held it."""
     shard = plan.shards[rank]
     send = _peers(lambda p: plan.recv_index(rank, p), plan.world, rank)  # the forward's messages, reversed
     recv = _peers(lambda p: plan.send_index(rank, p), plan.world, rank)
-    pieces = _trade(grads, dim, {p: i - shard.slab_start for p, i in send.items()},
-                    {p: i.numel() for p, i in recv.items()}, group, "backward")
-    out = [g.narrow(dim, shard.pad_before, shard.stop - shard.start).clone() for g in grads]
+    device = grads[0].device
+
+    def fold(keys: torch.Tensor) -> list[torch.Tensor]:
+        """One row per key of ``keys``: the sum of the slab gradient over the positions holding it."""
+        pos, row = _slots(plan, rank, keys, device)
+        out = [g.new_zeros(g.shape[:dim] + (keys.numel(),) + g.shape[dim + 1:]) for g in grads]
+        for o, g in zip(out, grads):
+            o.index_add_(dim, row, g.index_select(dim, pos))
+        return out
+
+    pieces = _trade({p: fold(i) for p, i in send.items()}, grads, dim, {p: i.numel() for p, i in recv.items()},
+                    group, "backward")
+    out = fold(torch.arange(shard.start, shard.stop))
     for p, i in recv.items():
         for o, piece in zip(out, pieces[p]):
             o.index_add_(dim, (i - shard.start).to(o.device), piece)

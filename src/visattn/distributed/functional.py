@@ -96,9 +96,6 @@ def _check_local(fn: str, rank: Optional[int], q: torch.Tensor, k: torch.Tensor,
         if not 0 <= a < r:
             raise ValueError(f"{fn}: shard_axis={tuple(axes)} names axis {a}, but the input has {r} spatial axes "
                              f"(0..{r - 1}; spatial axis i is tensor dim i + 1).")
-        if periodic[a]:
-            raise ValueError(f"{fn}: spatial axis {a} is sharded and periodic; a wrapping axis is not supported on a "
-                             f"sharded axis. Shard another axis, or drop periodic there.")
     _check_scale(fn, scale, q.shape[-1])
     for name, value in flags.items():
         if not isinstance(value, bool):
@@ -193,6 +190,11 @@ def sharded_attention(fn: str, query: torch.Tensor, key: torch.Tensor, value: to
     for a, s in zip(axes, sizes):
         spatial[a] = sum(s)
     spec = make_spec(fn, tuple(spatial), kernel, stride, dilation, causal, periodic=periodic)
+    for a, s in zip(axes, sizes):
+        if periodic[a] and kernel[a] > sum(s):  # the same sizes on every rank: all of them raise
+            raise ValueError(f"{fn}: spatial axis {a} is sharded and periodic, and its kernel_size={kernel[a]} is "
+                             f"longer than the axis ({sum(s)}): such a window is the whole ring, which the sharded "
+                             f"call does not build. Use kernel_size <= {sum(s)} or shard another axis.")
     window = spec.window_size
     if extras.attn_bias is not None and extras.attn_bias.shape[-1] != window:
         raise ValueError(f"{fn}: attn_bias has {extras.attn_bias.shape[-1]} entries per query; the global spatial "
@@ -210,7 +212,7 @@ def sharded_attention(fn: str, query: torch.Tensor, key: torch.Tensor, value: to
         return tuple(t + link for t in result) if isinstance(result, tuple) else result + link
 
     ranks = [dist.get_rank(g) for g in groups]
-    plans = [plan_axis(s, kernel[a], stride[a], dilation[a], causal[a]) for a, s in zip(axes, sizes)]
+    plans = [plan_axis(s, kernel[a], stride[a], dilation[a], causal[a], periodic[a]) for a, s in zip(axes, sizes)]
     mask = extras.key_padding_mask
     for plan, rk, a, g in zip(plans, ranks, axes, groups):
         key, value = halo_exchange([key, value], plan, rk, g, a + 1)
@@ -223,7 +225,8 @@ def sharded_attention(fn: str, query: torch.Tensor, key: torch.Tensor, value: to
     result = single.neighborhood_attention(
         _pad(query, plans, ranks, axes), key, value, kernel, stride, tuple(local_dilation), causal, scale,
         additional_keys, additional_values, backend=backend, return_lse=return_lse, return_attn=return_attn,
-        rpb=extras.rpb, attn_bias=attn_bias, key_padding_mask=mask, periodic=periodic, _fn=fn)
+        rpb=extras.rpb, attn_bias=attn_bias, key_padding_mask=mask,
+        periodic=tuple(p and a not in axes for a, p in enumerate(periodic)), _fn=fn)  # sharded: the slab wraps
     if isinstance(result, tuple):
         return tuple(_crop(t, plans, ranks, axes) for t in result)
     return _crop(result, plans, ranks, axes)
@@ -300,7 +303,7 @@ def neighborhood_attention(
 
     Arguments and features are those of :func:`visattn.neighborhood_attention` (kernel, stride,
     dilation, causal per axis; GQA; extra KV tokens, replicated on every rank; ``rpb``; ``attn_bias``
-    and ``key_padding_mask`` as this rank's shards; ``periodic`` on unsharded axes). Returns this
+    and ``key_padding_mask`` as this rank's shards; ``periodic``, sharded axes too). Returns this
     rank's shard of the single-process result (``out``, and ``lse`` / ``attn`` when asked), equal to
     the same slice of it, forward and backward. Replicated inputs get this rank's partial gradient
     (sum it over the group, as DDP does for parameters; module docstring).

@@ -27,6 +27,15 @@ local call reproduces the global windows of the rank's queries exactly:
 
 The local call receives ``kernel_size`` as requested (so the relative positional bias keeps its
 ``2k - 1`` table), ``stride`` as requested, and the *effective* global dilation.
+
+**A periodic axis** (stride 1, not causal: the only periodic windows) wraps: query ``x`` attends keys
+``(x + d*j) mod L``, ``j`` in ``[-(k//2), k-1-k//2]``. Its slab is taken in *unwrapped* coordinates,
+``[start - d*(k//2), stop + d*(k-1-k//2))`` (longer if the local call needs ``k*d`` positions), where
+slab position ``u`` holds global key ``u mod L``: the circular padding that periodic NA equals, built
+from the neighbours' keys. Every window then lies inside the slab and never shifts, so the local call
+is ordinary (non-periodic) NA with the effective dilation; the same global key may sit at two slab
+positions (a ring shorter than the slab), and its gradients from both are summed on the way back.
+:attr:`AxisShard.slab_keys` says which global key each slab position holds, for both kinds of axis.
 """
 
 from __future__ import annotations
@@ -61,8 +70,10 @@ def split_sizes(length: int, parts: int, rule: str = "tensor_split") -> tuple[in
 class AxisShard:
     """One rank's part of a sharded axis, in global coordinates.
 
-    Queries (and own keys) ``[start, stop)``; the local call's grid ``[slab_start, slab_stop)``;
-    ``needed``: sorted global key coordinates its queries' windows touch (``[n]`` int64).
+    Queries (and own keys) ``[start, stop)``; the local call's grid ``[slab_start, slab_stop)`` (on a
+    periodic axis in unwrapped coordinates, which may lie outside ``[0, L)``); ``needed``: sorted
+    global key coordinates its queries' windows touch (``[n]`` int64); ``slab_keys``: the global key
+    held at each slab position (``[slab_length]`` int64), ``-1`` where no query reads one (zeros there).
     """
 
     start: int
@@ -70,6 +81,7 @@ class AxisShard:
     slab_start: int
     slab_stop: int
     needed: torch.Tensor
+    slab_keys: torch.Tensor
 
     @property
     def slab_length(self) -> int:
@@ -91,9 +103,9 @@ class AxisPlan:
     """The halo plan of one axis for every rank of its group.
 
     ``kernel``, ``stride``, ``dilation``: the per-axis arguments of the local call (see the module
-    docstring); ``shards[r]``: rank ``r``'s :class:`AxisShard`; ``recv[r][p]``: the global key
-    coordinates rank ``r`` receives from rank ``p`` (its needed keys that ``p`` holds; empty for
-    ``p == r``).
+    docstring; the local call is never periodic, ``periodic`` says whether the global axis is);
+    ``shards[r]``: rank ``r``'s :class:`AxisShard`; ``recv[r][p]``: the global key coordinates rank
+    ``r`` receives from rank ``p`` (its needed keys that ``p`` holds; empty for ``p == r``).
     """
 
     length: int
@@ -101,6 +113,7 @@ class AxisPlan:
     stride: int
     dilation: int
     causal: bool
+    periodic: bool
     shards: tuple[AxisShard, ...]
     recv: tuple[tuple[torch.Tensor, ...], ...]
 
@@ -151,14 +164,27 @@ def _needed(glob: AxisWindows, start: int, stop: int) -> torch.Tensor:
     return torch.unique((glob.group[x, None] + glob.dilation * t)[ok])
 
 
+def _empty(start: int) -> AxisShard:
+    none = torch.zeros(0, dtype=torch.int64)
+    return AxisShard(start, start, start, start, none, none)
+
+
+def _slab_keys(slab_start: int, slab_stop: int, read: torch.Tensor, own: tuple[int, int], length: int) -> torch.Tensor:
+    """Global key of each slab position: ``u mod length`` where ``u`` is one of the own queries'
+    positions or a key position ``read`` (unwrapped) by their windows, else ``-1``."""
+    u = torch.arange(slab_start, slab_stop)
+    used = torch.isin(u, read) | ((u >= own[0]) & (u < own[1]))
+    return torch.where(used, u % length, -1)
+
+
 def _shard(glob: AxisWindows, length: int, effective: tuple[int, int, int], call: tuple[int, int, int],
            causal: bool, start: int, stop: int) -> AxisShard:
     if stop == start:
-        return AxisShard(start, stop, start, stop, torch.zeros(0, dtype=torch.int64))
+        return _empty(start)
     needed = _needed(glob, start, stop)
     kernel, stride, dilation = effective
     if call[0] > length:  # the window is the whole axis: so is every slab
-        return AxisShard(start, stop, 0, length, needed)
+        return AxisShard(start, stop, 0, length, needed, _slab_keys(0, length, needed, (start, stop), length))
     align = dilation * stride
     lo = min(int(needed[0]), start)
     slab_start, slab_stop = lo - lo % align, max(int(needed[-1]) + 1, stop)
@@ -173,25 +199,54 @@ def _shard(glob: AxisWindows, length: int, effective: tuple[int, int, int], call
             slab_start = max(0, slab_start - align)
         else:  # unreachable: on the whole axis the local call is the global one
             raise AssertionError(f"plan_axis: no slab reproduces the windows of [{start}, {stop}) of {length}")
-    return AxisShard(start, stop, slab_start, slab_stop, needed)
+    return AxisShard(start, stop, slab_start, slab_stop, needed,
+                     _slab_keys(slab_start, slab_stop, needed, (start, stop), length))
+
+
+def _periodic_shard(length: int, kernel: int, dilation: int, start: int, stop: int) -> AxisShard:
+    """The unwrapped slab of queries ``[start, stop)`` of a periodic axis (module docstring)."""
+    if stop == start:
+        return _empty(start)
+    before = kernel // 2
+    offsets = dilation * (torch.arange(kernel) - before)
+    x = torch.arange(start, stop)
+    read = torch.unique((x[:, None] + offsets[None, :]).reshape(-1))  # unwrapped key positions
+    slab_start, slab_stop = start - dilation * before, stop + dilation * (kernel - 1 - before)
+    slab_stop = max(slab_stop, slab_start + kernel * dilation)  # the local call keeps dilation `dilation`
+    # Checked, not assumed: on the slab, ordinary NA gives every query its k keys x + d*j, unshifted.
+    loc = axis_windows(slab_stop - slab_start, kernel, 1, dilation, False)
+    xl = x - slab_start
+    t = loc.base[xl, None] + torch.arange(kernel)[None, :]
+    if not (torch.equal(_coords(loc, loc.base, xl)[:, None] + dilation * torch.arange(kernel)[None, :],
+                        xl[:, None] + offsets[None, :])
+            and bool(((t >= loc.lo[xl, None]) & (t <= loc.hi[xl, None])).all())):
+        raise AssertionError(f"plan_axis: the periodic slab of [{start}, {stop}) of {length} shifts a window")
+    return AxisShard(start, stop, slab_start, slab_stop, torch.unique(read % length),
+                     _slab_keys(slab_start, slab_stop, read, (start, stop), length))
 
 
 @lru_cache(maxsize=256)
-def plan_axis(sizes: tuple[int, ...], kernel: int, stride: int, dilation: int, causal: bool) -> AxisPlan:
+def plan_axis(sizes: tuple[int, ...], kernel: int, stride: int, dilation: int, causal: bool,
+              periodic: bool = False) -> AxisPlan:
     """Halo plan of an axis split into shards of lengths ``sizes`` (in rank order).
 
     ``kernel``, ``stride``, ``dilation`` are the values the caller requested (validated:
     ``stride <= kernel``); the global variable-resolution rule is applied here, from the global length
-    ``sum(sizes)``. Cached per geometry.
+    ``sum(sizes)``. A ``periodic`` axis needs ``stride == 1``, ``causal`` False and a kernel no longer
+    than the axis (``ValueError`` otherwise). Cached per geometry.
     """
     length = sum(sizes)
+    if periodic and (stride != 1 or causal or kernel > length):
+        raise ValueError(f"plan_axis: a sharded periodic axis needs stride 1, no causal mask and kernel_size <= its "
+                         f"length; got kernel_size={kernel}, stride={stride}, is_causal={causal}, length={length}.")
     effective = fit_axis(length, kernel, stride, dilation) if length > 0 else (kernel, stride, dilation)
     call = (kernel, stride, effective[2])
-    glob = axis_windows(length, *effective, causal) if length > 0 else None
+    glob = axis_windows(length, *effective, causal) if length > 0 and not periodic else None
     shards, start = [], 0
     for size in sizes:
-        shards.append(_shard(glob, length, effective, call, causal, start, start + size))
+        shards.append(_periodic_shard(length, kernel, effective[2], start, start + size) if periodic else
+                      _shard(glob, length, effective, call, causal, start, start + size))
         start += size
     recv = tuple(tuple(r.needed[(r.needed >= p.start) & (r.needed < p.stop)] if r is not p else r.needed[:0]
                        for p in shards) for r in shards)
-    return AxisPlan(length, *call, causal, tuple(shards), recv)
+    return AxisPlan(length, *call, causal, periodic, tuple(shards), recv)
