@@ -291,17 +291,18 @@ def not_initialized() -> str:
     return ""
 
 
-def traffic(rank: int, world: int, shape: tuple, kernel: int, dilation: int) -> dict:
-    """Bytes this rank sends in one forward and backward, counted, next to the cost model's prediction."""
+def traffic(rank: int, world: int, shape: tuple, kernel: int, dilation: int, periodic: bool = False) -> dict:
+    """Bytes this rank sends in one forward and backward, counted, next to the cost model's prediction
+    (``periodic``: every axis wraps)."""
     from visattn.distributed.cost import halo_bytes
 
     B, H, D = 1, 2, 4
     x = torch.randn(B, *shape, H, D, dtype=torch.float64)
     q = torch.tensor_split(x, world, dim=1)[rank].clone().requires_grad_()
     with vd.count_traffic() as stats:
-        out = vd.neighborhood_attention(q, q, q, kernel, dilation=dilation)
+        out = vd.neighborhood_attention(q, q, q, kernel, dilation=dilation, periodic=periodic)
         out.sum().backward()
     r = len(shape)
     predicted = halo_bytes(shape, (kernel,) * r, (1,) * r, (dilation,) * r, (False,) * r, 0, world, batch=B,
-                           heads_kv=H, dim=D, dim_v=D, itemsize=8, rank=rank)
+                           heads_kv=H, dim=D, dim_v=D, itemsize=8, rank=rank, periodic=(periodic,) * r)
     return {"counted": dict(stats), "predicted_sent": predicted.forward, "predicted_received": predicted.backward}

@@ -119,9 +119,10 @@ def test_uninitialized_process_group_is_a_clear_error() -> None:
     assert message.startswith("RuntimeError") and "init_process_group" in message
 
 
-@pytest.mark.parametrize("world, dilation", [(2, 1), (3, 2)])
-def test_counted_bytes_match_the_plan(world: int, dilation: int) -> None:
-    """Forward sends what the plan says each rank's peers need; backward returns what each rank received."""
-    for r, found in enumerate(dist_harness.run(world, dist_cases.traffic, (16, 8), 5, dilation)):
+@pytest.mark.parametrize("world, dilation, periodic", [(2, 1, False), (3, 2, False), (3, 1, True)])
+def test_counted_bytes_match_the_plan(world: int, dilation: int, periodic: bool) -> None:
+    """Forward sends what the plan says each rank's peers need; backward returns what each rank received
+    (on a ring too, where every rank has two neighbours)."""
+    for r, found in enumerate(dist_harness.run(world, dist_cases.traffic, (16, 8), 5, dilation, periodic)):
         assert found["counted"]["forward"] == found["predicted_sent"] > 0, (r, found)
         assert found["counted"]["backward"] == found["predicted_received"] > 0, (r, found)

@@ -47,16 +47,17 @@ def _row_bytes(shape: Sequence[int], axis: int, batch: int, heads_kv: int, dim: 
 
 
 def halo_plan(shape: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
-              causal: Sequence[bool], axis: int, world: int) -> AxisPlan:
+              causal: Sequence[bool], axis: int, world: int, periodic: Sequence[bool] | None = None) -> AxisPlan:
     """The :func:`plan_axis` of spatial ``axis`` of ``shape`` split over ``world`` ranks (``tensor_split``)."""
-    return plan_axis(split_sizes(shape[axis], world), kernel[axis], stride[axis], dilation[axis], causal[axis])
+    ring = bool(periodic[axis]) if periodic is not None else False
+    return plan_axis(split_sizes(shape[axis], world), kernel[axis], stride[axis], dilation[axis], causal[axis], ring)
 
 
 def halo_bytes(shape: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
                causal: Sequence[bool], axis: int, world: int, *, batch: int, heads_kv: int, dim: int, dim_v: int,
-               itemsize: int, rank: int | None = None) -> Traffic:
+               itemsize: int, rank: int | None = None, periodic: Sequence[bool] | None = None) -> Traffic:
     """Halo-exchange bytes of ``rank`` (default: the busiest rank) per forward and backward."""
-    plan = halo_plan(shape, kernel, stride, dilation, causal, axis, world)
+    plan = halo_plan(shape, kernel, stride, dilation, causal, axis, world, periodic)
     row = _row_bytes(shape, axis, batch, heads_kv, dim, dim_v, itemsize)
     ranks = range(world) if rank is None else [rank]
     return Traffic(max(plan.sent(r) for r in ranks) * row, max(plan.received(r) for r in ranks) * row)
