@@ -169,7 +169,8 @@ def _empty(start: int) -> AxisShard:
     return AxisShard(start, start, start, start, none, none)
 
 
-def _slab_keys(slab_start: int, slab_stop: int, read: torch.Tensor, own: tuple[int, int], length: int) -> torch.Tensor:
+def _slab_keys(slab_start: int, slab_stop: int, read: torch.Tensor, own: tuple[int, int],
+               length: int) -> torch.Tensor:
     """Global key of each slab position: ``u mod length`` where ``u`` is one of the own queries'
     positions or a key position ``read`` (unwrapped) by their windows, else ``-1``."""
     u = torch.arange(slab_start, slab_stop)
