@@ -144,20 +144,23 @@ def _coords(w: AxisWindows, field: torch.Tensor, x: torch.Tensor) -> torch.Tenso
 
 
 def _reproduces(glob: AxisWindows, effective: tuple[int, int, int], call: tuple[int, int, int], causal: bool,
-                start: int, stop: int, slab_start: int, slab_stop: int) -> bool:
-    """Does the local call on ``[slab_start, slab_stop)`` give queries ``[start, stop)`` their global windows?"""
+                start: int, stop: int, slab_start: int, slab_stop: int, shift: int = 0) -> bool:
+    """Does the local call on ``[slab_start, slab_stop)`` give queries ``[start, stop)`` their global windows?
+    ``shift``: the global key grid's coordinate of axis position 0 (a periodic axis's virtual grid starts
+    ``shift`` positions before it; the slab is then in unwrapped coordinates)."""
     length = slab_stop - slab_start
     if fit_axis(length, *call) != effective:
         return False
     loc = axis_windows(length, *effective, causal)
     x = torch.arange(start, stop)
     xl = x - slab_start
-    return all(torch.equal(_coords(glob, getattr(glob, f), x), _coords(loc, getattr(loc, f), xl) + slab_start)
+    return all(torch.equal(_coords(glob, getattr(glob, f), x) - shift, _coords(loc, getattr(loc, f), xl) + slab_start)
                for f in ("lo", "hi", "base", "pos"))
 
 
 def _needed(glob: AxisWindows, start: int, stop: int) -> torch.Tensor:
-    """Sorted global key coordinates the windows of queries ``[start, stop)`` touch."""
+    """Sorted key-grid coordinates the windows of queries ``[start, stop)`` touch (on a periodic axis:
+    coordinates of its virtual grid, see :func:`~visattn.spec.axis_windows`)."""
     x = torch.arange(start, stop)
     t = glob.base[x, None] + torch.arange(glob.kernel)[None, :]
     ok = (t >= glob.lo[x, None]) & (t <= glob.hi[x, None])
@@ -169,13 +172,13 @@ def _empty(start: int) -> AxisShard:
     return AxisShard(start, start, start, start, none, none)
 
 
-def _slab_keys(slab_start: int, slab_stop: int, read: torch.Tensor, own: tuple[int, int],
-               length: int) -> torch.Tensor:
-    """Global key of each slab position: ``u mod length`` where ``u`` is one of the own queries'
-    positions or a key position ``read`` (unwrapped) by their windows, else ``-1``."""
+def _slab_keys(glob: AxisWindows, shift: int, slab_start: int, slab_stop: int, read: torch.Tensor,
+               own: tuple[int, int]) -> torch.Tensor:
+    """Global key of each slab position ``u`` that is one of the own queries' positions or a key position
+    ``read`` by their windows (the key at key-grid coordinate ``u + shift``), else ``-1``."""
     u = torch.arange(slab_start, slab_stop)
     used = torch.isin(u, read) | ((u >= own[0]) & (u < own[1]))
-    return torch.where(used, u % length, -1)
+    return torch.where(used, glob.key_coord((u + shift).clamp(0, glob.key_length - 1)), -1)
 
 
 def _shard(glob: AxisWindows, length: int, effective: tuple[int, int, int], call: tuple[int, int, int],
@@ -185,7 +188,7 @@ def _shard(glob: AxisWindows, length: int, effective: tuple[int, int, int], call
     needed = _needed(glob, start, stop)
     kernel, stride, dilation = effective
     if call[0] > length:  # the window is the whole axis: so is every slab
-        return AxisShard(start, stop, 0, length, needed, _slab_keys(0, length, needed, (start, stop), length))
+        return AxisShard(start, stop, 0, length, needed, _slab_keys(glob, 0, 0, length, needed, (start, stop)))
     align = dilation * stride
     lo = min(int(needed[0]), start)
     slab_start, slab_stop = lo - lo % align, max(int(needed[-1]) + 1, stop)
@@ -201,29 +204,23 @@ def _shard(glob: AxisWindows, length: int, effective: tuple[int, int, int], call
         else:  # unreachable: on the whole axis the local call is the global one
             raise AssertionError(f"plan_axis: no slab reproduces the windows of [{start}, {stop}) of {length}")
     return AxisShard(start, stop, slab_start, slab_stop, needed,
-                     _slab_keys(slab_start, slab_stop, needed, (start, stop), length))
+                     _slab_keys(glob, 0, slab_start, slab_stop, needed, (start, stop)))
 
 
-def _periodic_shard(length: int, kernel: int, dilation: int, start: int, stop: int) -> AxisShard:
-    """The unwrapped slab of queries ``[start, stop)`` of a periodic axis (module docstring)."""
+def _periodic_shard(glob: AxisWindows, length: int, effective: tuple[int, int, int], call: tuple[int, int, int],
+                    start: int, stop: int) -> AxisShard:
+    """The unwrapped slab of queries ``[start, stop)`` of a periodic axis (module docstring), from the
+    global windows ``glob`` on the axis's virtual key grid."""
     if stop == start:
         return _empty(start)
-    before = kernel // 2
-    offsets = dilation * (torch.arange(kernel) - before)
-    x = torch.arange(start, stop)
-    read = torch.unique((x[:, None] + offsets[None, :]).reshape(-1))  # unwrapped key positions
-    slab_start, slab_stop = start - dilation * before, stop + dilation * (kernel - 1 - before)
-    slab_stop = max(slab_stop, slab_start + kernel * dilation)  # the local call keeps dilation `dilation`
-    # Checked, not assumed: on the slab, ordinary NA gives every query its k keys x + d*j, unshifted.
-    loc = axis_windows(slab_stop - slab_start, kernel, 1, dilation, False)
-    xl = x - slab_start
-    t = loc.base[xl, None] + torch.arange(kernel)[None, :]
-    if not (torch.equal(_coords(loc, loc.base, xl)[:, None] + dilation * torch.arange(kernel)[None, :],
-                        xl[:, None] + offsets[None, :])
-            and bool(((t >= loc.lo[xl, None]) & (t <= loc.hi[xl, None])).all())):
+    shift = int(_coords(glob, glob.pos, torch.tensor([0])))  # where axis position 0 sits on the virtual grid
+    read = _needed(glob, start, stop) - shift  # unwrapped key positions
+    slab_start, slab_stop = min(int(read[0]), start), max(int(read[-1]) + 1, stop)
+    slab_stop = max(slab_stop, slab_start + effective[0] * effective[2])  # the local call keeps the dilation
+    if not _reproduces(glob, effective, call, False, start, stop, slab_start, slab_stop, shift):
         raise AssertionError(f"plan_axis: the periodic slab of [{start}, {stop}) of {length} shifts a window")
-    return AxisShard(start, stop, slab_start, slab_stop, torch.unique(read % length),
-                     _slab_keys(slab_start, slab_stop, read, (start, stop), length))
+    return AxisShard(start, stop, slab_start, slab_stop, torch.unique(glob.key_coord(read + shift)),
+                     _slab_keys(glob, shift, slab_start, slab_stop, read, (start, stop)))
 
 
 @lru_cache(maxsize=256)
@@ -242,10 +239,10 @@ def plan_axis(sizes: tuple[int, ...], kernel: int, stride: int, dilation: int, c
                          f"length; got kernel_size={kernel}, stride={stride}, is_causal={causal}, length={length}.")
     effective = fit_axis(length, kernel, stride, dilation) if length > 0 else (kernel, stride, dilation)
     call = (kernel, stride, effective[2])
-    glob = axis_windows(length, *effective, causal) if length > 0 and not periodic else None
+    glob = axis_windows(length, *effective, causal, periodic=periodic) if length > 0 else None
     shards, start = [], 0
     for size in sizes:
-        shards.append(_periodic_shard(length, kernel, effective[2], start, start + size) if periodic else
+        shards.append(_periodic_shard(glob, length, effective, call, start, start + size) if periodic else
                       _shard(glob, length, effective, call, causal, start, start + size))
         start += size
     recv = tuple(tuple(r.needed[(r.needed >= p.start) & (r.needed < p.stop)] if r is not p else r.needed[:0]
