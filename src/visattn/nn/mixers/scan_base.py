@@ -119,7 +119,10 @@ class VisualScanMixer(nn.Module):
         self.dropout = nn.Dropout(proj_drop)
 
     def routes(self, H: int, W: int) -> Sequence[Route]:
-        raise NotImplementedError
+        """The :attr:`num_routes` routes over an ``H x W`` map: the one hook every subclass defines (SS2D's
+        cross-scan, ES2D's atrous sub-grids, ...); the base class has no routes of its own."""
+        raise NotImplementedError(f"{type(self).__name__} defines no routes(H, W): VisualScanMixer is a base class; "
+                                  f"use a registered mixer such as 'ss2d', or subclass it and define routes().")
 
     def merge(self, ys: torch.Tensor, routes: Sequence[Route], size: tuple[int, int]) -> torch.Tensor:
         """The routes' outputs ``ys [B, L, K, d_inner]`` on the map, ``[B, H, W, d_inner]``."""
