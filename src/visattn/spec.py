@@ -249,7 +249,9 @@ class AxisWindows:
     is the group position of the query's centre on the key grid (relative positions are
     ``t - pos[x]``). The key grid has ``key_length`` coordinates; ``key_source`` (``[key_length]``,
     ``None`` for the identity) maps them to real key coordinates (a periodic axis's virtual grid
-    repeats the axis around its seam).
+    repeats the axis around its seam); ``key_offset`` is the key-grid coordinate of the axis's position
+    0 (``d * (k // 2)`` on a periodic axis, whose virtual coordinate ``v`` is the unwrapped position
+    ``v - key_offset``; 0 elsewhere).
     """
 
     length: int
@@ -262,6 +264,7 @@ class AxisWindows:
     hi: torch.Tensor
     key_length: int = 0
     key_source: Optional[torch.Tensor] = None
+    key_offset: int = 0
 
     def group_size(self) -> torch.Tensor:
         """``[L]``: number of key-grid coordinates in each query's dilation group."""
@@ -321,7 +324,7 @@ def axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: b
 def _axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: bool, key_length: int,
                   periodic: bool) -> AxisWindows:
     x = torch.arange(length, dtype=torch.int64)
-    source = None
+    source, before = None, 0
     if periodic:
         before = dilation * (kernel // 2)
         virtual = key_length + dilation * (kernel - 1)
@@ -346,7 +349,7 @@ def _axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: 
         base = centre - left
         lo = base
         hi = centre + right
-    return AxisWindows(length, kernel, dilation, g, p, base, lo, hi, key_length, source)
+    return AxisWindows(length, kernel, dilation, g, p, base, lo, hi, key_length, source, before)
 
 
 _axis_windows_cached = _cached(_axis_windows)

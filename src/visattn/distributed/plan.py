@@ -213,7 +213,7 @@ def _periodic_shard(glob: AxisWindows, length: int, effective: tuple[int, int, i
     global windows ``glob`` on the axis's virtual key grid."""
     if stop == start:
         return _empty(start)
-    shift = int(_coords(glob, glob.pos, torch.tensor([0])))  # where axis position 0 sits on the virtual grid
+    shift = glob.key_offset  # where axis position 0 sits on the virtual grid
     read = _needed(glob, start, stop) - shift  # unwrapped key positions
     slab_start, slab_stop = min(int(read[0]), start), max(int(read[-1]) + 1, stop)
     slab_stop = max(slab_stop, slab_start + effective[0] * effective[2])  # the local call keeps the dilation

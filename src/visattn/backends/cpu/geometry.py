@@ -25,16 +25,15 @@ __all__ = ["axis_tables", "colour_chunks", "key_grid", "periodic_offsets", "tabl
 
 
 def key_grid(spec: NASpec) -> tuple[int, ...]:
-    """The key grid the kernels walk: ``spec.key_spatial``, except that a periodic axis of length
-    ``L`` becomes its virtual grid of ``L + d * (k - 1)`` coordinates (``d``, ``k``: effective)."""
-    return tuple(Lk + d * (k - 1) if p else Lk for Lk, k, d, p in
-                 zip(spec.key_spatial, spec.kernel_size, spec.dilation, spec.periodic))
+    """The key grid the kernels walk: ``spec.key_spatial``, except that a periodic axis becomes the
+    virtual grid of :func:`~visattn.spec.axis_windows` (the axis padded circularly)."""
+    return tuple(w.key_length for w in spec.windows())
 
 
 def periodic_offsets(spec: NASpec) -> tuple[int, ...]:
-    """Per axis, the virtual key-grid coordinate of real key 0: ``d * (k // 2)`` on a periodic axis
-    (virtual coordinate ``v`` stands for real key ``(v - offset) mod L``), 0 elsewhere."""
-    return tuple(d * (k // 2) if p else 0 for k, d, p in zip(spec.kernel_size, spec.dilation, spec.periodic))
+    """Per axis, the virtual key-grid coordinate of real key 0 (``AxisWindows.key_offset``: virtual
+    coordinate ``v`` stands for real key ``(v - offset) mod L`` on a periodic axis), 0 elsewhere."""
+    return tuple(w.key_offset for w in spec.windows())
 
 
 @lru_cache(maxsize=256)
