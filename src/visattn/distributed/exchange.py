@@ -11,6 +11,7 @@ Nothing else is communicated.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -87,12 +88,15 @@ def _trade(send: dict[int, list[torch.Tensor]], like: Sequence[torch.Tensor], di
     return {p: _unpack(recvs[p], shapes, dim, n) for p, n in receive.items()}
 
 
-def _slots(plan: AxisPlan, rank: int, keys: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slab positions of ``rank`` that hold one of the sorted global ``keys``, and the index in ``keys``
-    of the key each holds."""
-    slab_keys = plan.shards[rank].slab_keys
-    where = torch.isin(slab_keys, keys).nonzero().squeeze(1)
-    return where.to(device), torch.searchsorted(keys, slab_keys[where]).to(device)
+@functools.lru_cache(maxsize=1024)
+def _slots(plan: AxisPlan, rank: int, peer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slab positions of ``rank`` holding a key of ``peer`` (``peer == rank``: its own keys), and each
+    one's row among those keys (own: the shard's rows; a peer's: the rows of its message). Depends on the
+    plan alone, so it is built once per plan, rank, peer and device (plans are cached too)."""
+    shard = plan.shards[rank]
+    keys = torch.arange(shard.start, shard.stop) if peer == rank else plan.recv_index(rank, peer)
+    where = torch.isin(shard.slab_keys, keys).nonzero().squeeze(1)
+    return where.to(device), torch.searchsorted(keys, shard.slab_keys[where]).to(device)
 
 
 def _assemble(tensors: Sequence[torch.Tensor], plan: AxisPlan, rank: int, group: Optional[dist.ProcessGroup],
@@ -104,14 +108,14 @@ def _assemble(tensors: Sequence[torch.Tensor], plan: AxisPlan, rank: int, group:
     device = tensors[0].device
     rows = {p: [t.index_select(dim, (i - shard.start).to(device)) for t in tensors] for p, i in send.items()}
     pieces = _trade(rows, tensors, dim, {p: i.numel() for p, i in recv.items()}, group, "forward")
-    own_pos, own_row = _slots(plan, rank, torch.arange(shard.start, shard.stop), device)
+    own_pos, own_row = _slots(plan, rank, rank, device)
     slabs = []
     for t in tensors:
         slab = t.new_zeros(t.shape[:dim] + (shard.slab_length,) + t.shape[dim + 1:])
         slab.index_copy_(dim, own_pos, t.index_select(dim, own_row))
         slabs.append(slab)
-    for p, i in recv.items():
-        pos, row = _slots(plan, rank, i, device)
+    for p in recv:
+        pos, row = _slots(plan, rank, p, device)
         for slab, piece in zip(slabs, pieces[p]):
             slab.index_copy_(dim, pos, piece.index_select(dim, row))
     return slabs
@@ -126,17 +130,17 @@ def _return_grads(grads: Sequence[torch.Tensor], plan: AxisPlan, rank: int, grou
     recv = _peers(lambda p: plan.send_index(rank, p), plan.world, rank)
     device = grads[0].device
 
-    def fold(keys: torch.Tensor) -> list[torch.Tensor]:
-        """One row per key of ``keys``: the sum of the slab gradient over the positions holding it."""
-        pos, row = _slots(plan, rank, keys, device)
-        out = [g.new_zeros(g.shape[:dim] + (keys.numel(),) + g.shape[dim + 1:]) for g in grads]
+    def fold(peer: int, rows: int) -> list[torch.Tensor]:
+        """One row per key ``rank`` holds of ``peer``: the sum of the slab gradient over its positions."""
+        pos, row = _slots(plan, rank, peer, device)
+        out = [g.new_zeros(g.shape[:dim] + (rows,) + g.shape[dim + 1:]) for g in grads]
         for o, g in zip(out, grads):
             o.index_add_(dim, row, g.index_select(dim, pos))
         return out
 
-    pieces = _trade({p: fold(i) for p, i in send.items()}, grads, dim, {p: i.numel() for p, i in recv.items()},
-                    group, "backward")
-    out = fold(torch.arange(shard.start, shard.stop))
+    pieces = _trade({p: fold(p, i.numel()) for p, i in send.items()}, grads, dim,
+                    {p: i.numel() for p, i in recv.items()}, group, "backward")
+    out = fold(rank, shard.stop - shard.start)
     for p, i in recv.items():
         for o, piece in zip(out, pieces[p]):
             o.index_add_(dim, (i - shard.start).to(o.device), piece)
