@@ -34,6 +34,14 @@ def test_rich_table_aligns_columns_and_wraps_only_the_last():
     assert " ".join(line[notes_at:] for line in lines[3:]).split() == ROWS[1][2].split()
 
 
+def test_rich_table_prints_square_brackets_as_text():
+    """Notes name install extras (``pip install 'visattn[triton]'``): rich must not read them as markup."""
+    pytest.importorskip("rich")
+    table = render_table(("name", "notes"), [["triton", "install it with pip install 'visattn[triton]'"],
+                                              ["x", "[bold]not bold[/bold]"]])
+    assert "'visattn[triton]'" in table and "[bold]not bold[/bold]" in table
+
+
 def test_plain_table_without_rich(without_rich):
     lines = render_table(COLUMNS, ROWS, right={1}).splitlines()
     assert lines[:2] == ["name               ms  notes", "-------------  ------  -----"]

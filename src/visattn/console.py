@@ -31,6 +31,7 @@ def _rich() -> Optional[ModuleType]:
         import rich.console
         import rich.progress
         import rich.table
+        import rich.text
     except ImportError:
         return None
     return rich
@@ -112,8 +113,8 @@ def render_table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: C
     for i, name in enumerate(columns):
         table.add_column(name, justify="right" if i in right else "left", no_wrap=i != last, overflow="fold",
                          max_width=LAST_COLUMN_WIDTH if i == last else None)
-    for row in rows:
-        table.add_row(*row)
+    for row in rows:  # as Text: a cell's square brackets ("visattn[triton]") are text, not rich markup
+        table.add_row(*(rich.text.Text(cell) for cell in row))
     # Wide enough that only the last column ever wraps; rendered without a terminal or colours.
     width = sum(max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns))
     out = io.StringIO()
